@@ -1,0 +1,481 @@
+"""Self-supervised pretraining of a [CLS]-free SimPool ViT by DINO/iBOT self-distillation
+with SimPool-guided AttMask masking.
+
+    python main_dino.py                       # CPU demo: Fashion-MNIST, ~10 min, k-NN before/after
+    torchrun --nproc_per_node 8 main_dino.py --arch vit_small --data_path /imagenet --output_dir out
+
+One training step: multi-crop (2 global + N local crops) -> teacher on the global
+crops gives pooled logits, patch tokens and SimPool's attention map -> that map picks
+the patches to mask (AttMask) -> student on masked globals + unmasked locals -> DINO
+loss (cross-view) + iBOT loss (masked tokens) -> backward, clip, step -> teacher EMA.
+"""
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+import utils
+import vision_transformer as vits
+from simpool.augment import MultiCropAugmentation
+from simpool.data import FASHION_MNIST, DataError, build_dataset, eval_transform, skip_bad_collate
+from simpool.knn import extract_features, knn_classify
+from simpool.losses import DINOLoss, PatchLoss
+from simpool.masking import PRED_SHAPES, make_masks
+from simpool.optim import (build_optimizer, cancel_last_layer_gradients, clip_gradients, ema_update,
+                           param_groups)
+
+logger = logging.getLogger("simpool")
+
+# Zero-config demo (no --data_path): a small ViT on 28x28 Fashion-MNIST that finishes on a
+# 2-core CPU in about 10 minutes. Flags given on the command line still override these.
+DEMO_RECIPE = dict(
+    data_path=FASHION_MNIST, arch="vit_nano", patch_size=4, global_crops_size=28, local_crops_size=12,
+    global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4), local_crops_number=4,
+    out_dim=4096, patch_out_dim=4096, shared_head=True, batch_size_per_gpu=256, epochs=3, lr=1e-3,
+    warmup_epochs=1, min_lr=1e-5, weight_decay=0.04, weight_decay_end=0.1, momentum_teacher=0.99,
+    warmup_teacher_temp=0.04, teacher_temp=0.05, warmup_teacher_temp_epochs=1, freeze_last_layer=1,
+    drop_path_rate=0.0, gamma=None, eval_every=3, num_workers=0, output_dir="output/demo", blur_sigma=(0.1, 1.0),
+)
+
+
+def gamma_type(s):
+    return None if str(s).lower() == "none" else float(s)
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("SimPool-SSL pretraining (DINO/iBOT with SimPool and AttMask)", add_help=True,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b = utils.bool_flag
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="vit_small", choices=list(vits.ARCHS), help="Backbone architecture.")
+    g.add_argument("--patch_size", default=16, type=int, help="Side of the square patches, in pixels. Smaller "
+                   "patches give more tokens: better features, quadratically more attention cost.")
+    g.add_argument("--mode", default="simpool", choices=vits.MODES, help="'simpool': no [CLS] token, the image "
+                   "vector is SimPool over patch tokens and SimPool's map guides masking; 'official': the DINO "
+                   "[CLS] baseline, masking guided by the last block's [CLS] attention.")
+    g.add_argument("--gamma", default=None, type=gamma_type, help="SimPool's generalised-mean exponent; 'None' "
+                   "pools with the plain attention average (1.25 in the SimPool ViT-S recipe).")
+    g.add_argument("--use_beta", default=False, type=b, help="Learned scalar offset added to SimPool's output.")
+    g.add_argument("--out_dim", default=65536, type=int, help="Output width of the DINO head (number of "
+                   "prototypes). Large values need a long run to fill; small data wants small values.")
+    g.add_argument("--patch_out_dim", default=8192, type=int, help="Output width of the iBOT patch head "
+                   "(ignored with --shared_head True, which uses --out_dim).")
+    g.add_argument("--shared_head", default=False, type=b, help="Project patch tokens with the same last "
+                   "layer as the pooled vector (AttMask/iBOT option) instead of a separate one.")
+    g.add_argument("--norm_last_layer", default=True, type=b, help="Keep the head's last layer "
+                   "weight-normalised with fixed unit norm: more stable; False trains better small models.")
+    g.add_argument("--use_bn_in_head", default=False, type=b, help="BatchNorm in the projection head MLP.")
+    g.add_argument("--momentum_teacher", default=0.996, type=float, help="Base EMA momentum of the teacher, "
+                   "raised to 1 by a cosine over training. Use 0.99-0.996; higher for small batches.")
+    g.add_argument("--drop_path_rate", default=0.1, type=float, help="Stochastic depth rate of the student.")
+
+    g = p.add_argument_group("temperatures and losses")
+    g.add_argument("--warmup_teacher_temp", default=0.04, type=float, help="Teacher temperature at the start "
+                   "of its linear warm-up. Lower it if training is unstable.")
+    g.add_argument("--teacher_temp", default=0.04, type=float, help="Teacher temperature after warm-up; above "
+                   "0.07 tends to be unstable.")
+    g.add_argument("--warmup_teacher_temp_epochs", default=0, type=float, help="Epochs of the linear "
+                   "teacher-temperature warm-up.")
+    g.add_argument("--warmup_teacher_patch_temp", default=0.04, type=float, help="Patch-head teacher "
+                   "temperature at the start of warm-up.")
+    g.add_argument("--teacher_patch_temp", default=0.07, type=float, help="Patch-head teacher temperature "
+                   "after warm-up.")
+    g.add_argument("--lambda1", default=1.0, type=float, help="Weight of the DINO loss on pooled vectors.")
+    g.add_argument("--lambda2", default=1.0, type=float, help="Weight of the iBOT loss on masked patches.")
+
+    g = p.add_argument_group("masking (iBOT / AttMask)")
+    g.add_argument("--pred_shape", default="attmask_high", choices=PRED_SHAPES, help="How to choose masked "
+                   "patches: by the teacher's SimPool attention (attmask_high/low/hint), at random, or in blocks.")
+    g.add_argument("--pred_ratio", default=0.3, type=float, help="Fraction of patches masked; 0 turns masking "
+                   "and the iBOT loss off (plain DINO).")
+    g.add_argument("--pred_ratio_var", default=0.0, type=float, help="Each sample's ratio is "
+                   "uniform in pred_ratio +- pred_ratio_var.")
+    g.add_argument("--masking_prob", default=0.5, type=float, help="Probability that a global crop is masked "
+                   "at all.")
+    g.add_argument("--pred_start_epoch", default=0, type=int, help="Epoch from which masking starts.")
+    g.add_argument("--show_max", default=0.1, type=float, help="attmask_hint: fraction of most-attended "
+                   "patches among which hints are revealed.")
+    g.add_argument("--show_ratio", default=0.1, type=float, help="attmask_hint: fraction of all patches "
+                   "revealed as hints (taken among the top --show_max).")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--use_fp16", default=False, type=b, help="On CUDA: fp16 autocast with a gradient scaler "
+                   "(DINO's flag). Ignored on CPU, where --precision applies.")
+    g.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="Autocast precision for "
+                   "forward passes on CPU and CUDA; losses and softmaxes stay fp32.")
+    g.add_argument("--weight_decay", default=0.04, type=float, help="Initial weight decay (biases and norms "
+                   "excluded).")
+    g.add_argument("--weight_decay_end", default=0.4, type=float, help="Final weight decay (cosine schedule).")
+    g.add_argument("--clip_grad", default=3.0, type=float, help="Per-parameter gradient norm clip; 0 disables.")
+    g.add_argument("--batch_size_per_gpu", default=64, type=int, help="Images per process per step.")
+    g.add_argument("--epochs", default=100, type=int, help="Training epochs.")
+    g.add_argument("--freeze_last_layer", default=1, type=int, help="Epochs during which the head's last layer "
+                   "is not updated.")
+    g.add_argument("--lr", default=0.0005, type=float, help="Peak learning rate for a global batch of 256; "
+                   "scaled linearly by (batch_size_per_gpu * world_size) / 256.")
+    g.add_argument("--warmup_epochs", default=10, type=float, help="Epochs of linear learning-rate warm-up.")
+    g.add_argument("--min_lr", default=1e-6, type=float, help="Learning rate at the end of the cosine.")
+    g.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "lars"], help="adamw for ViTs; "
+                   "lars for convnets.")
+
+    g = p.add_argument_group("multi-crop augmentation")
+    g.add_argument("--global_crops_scale", default=(0.4, 1.0), type=float, nargs=2, help="Area range of the "
+                   "2 global crops, as fractions of the image.")
+    g.add_argument("--local_crops_number", default=8, type=int, help="Number of local crops; 0 disables them.")
+    g.add_argument("--local_crops_scale", default=(0.05, 0.4), type=float, nargs=2, help="Area range of the "
+                   "local crops.")
+    g.add_argument("--global_crops_size", default=224, type=int, help="Side of global crops in pixels (also "
+                   "the evaluation image size).")
+    g.add_argument("--local_crops_size", default=96, type=int, help="Side of local crops in pixels.")
+    g.add_argument("--blur_sigma", default=(0.1, 2.0), type=float, nargs=2, help="Range of the Gaussian blur "
+                   "sigma, in output pixels.")
+
+    g = p.add_argument_group("data, evaluation and run")
+    g.add_argument("--data_path", default=None, type=str, help="ImageFolder root holding train/<class>/* (and "
+                   "val/ for k-NN), or 'fashion-mnist'. Omitted: the CPU demo recipe.")
+    g.add_argument("--subset", default=-1, type=int, help="Keep this many images per class (-1: all).")
+    g.add_argument("--output_dir", default="output", type=str, help="Where checkpoint.pth, log.txt and "
+                   "TensorBoard events go; a run there resumes from its checkpoint.")
+    g.add_argument("--saveckp_freq", default=20, type=int, help="Also keep checkpoint{epoch:04}.pth every this "
+                   "many epochs (0: never).")
+    g.add_argument("--seed", default=0, type=int, help="Random seed.")
+    g.add_argument("--num_workers", default=10, type=int, help="Data-loading processes per rank (ImageFolder).")
+    g.add_argument("--dist_url", default="env://", type=str, help="Process-group rendezvous URL.")
+    g.add_argument("--local_rank", "--local-rank", default=0, type=int, help="Set by torch.distributed.launch; "
+                   "ignored (LOCAL_RANK is read from the environment).")
+    g.add_argument("--eval_every", default=0, type=int, help="Online k-NN of the teacher every this many epochs "
+                   "and before training (0: never).")
+    g.add_argument("--nb_knn", default=[20], type=int, nargs="+", help="k values for the online k-NN; the first "
+                   "is logged as knn_top1/knn_top5.")
+    g.add_argument("--temperature", default=0.07, type=float, help="k-NN vote temperature.")
+    g.add_argument("--cpu", action="store_true", help="Run on CPU even when CUDA is available.")
+    return p
+
+
+def parse_args(argv=None):
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.data_path is None:
+        parser.set_defaults(**DEMO_RECIPE)
+        args = parser.parse_args(argv)
+        args.demo = True
+    else:
+        args.demo = False
+    return args
+
+
+class MultiCropNetwork(nn.Module):
+    """Backbone + head over view-major crop batches: the global crops (optionally
+    masked) and the local crops run as two backbone calls, the head sees all pooled
+    vectors at once, and masked patch tokens go through the patch head."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, globals_, locals_=None, masks=None):
+        out = self.backbone.forward_features(globals_, mask=masks)
+        pooled = out["pooled"]
+        if locals_ is not None:
+            pooled = torch.cat([pooled, self.backbone(locals_)])
+        patch_logits = self.head.forward_patches(out["patch_tokens"][masks]) if masks is not None else None
+        return self.head(pooled), patch_logits
+
+
+def build_network(args, drop_path_rate):
+    backbone = vits.build_vit(args.arch, patch_size=args.patch_size, img_size=args.global_crops_size,
+                              mode=args.mode, gamma=args.gamma, use_beta=args.use_beta,
+                              drop_path_rate=drop_path_rate)
+    head = vits.DINOHead(backbone.embed_dim, args.out_dim, use_bn=args.use_bn_in_head,
+                         norm_last_layer=args.norm_last_layer,
+                         patch_out_dim=args.out_dim if args.shared_head else args.patch_out_dim,
+                         shared_head=args.shared_head)
+    return MultiCropNetwork(backbone, head)
+
+
+class Diverged(RuntimeError):
+    pass
+
+
+def train_dino(args):
+    utils.init_distributed_mode(args)
+    utils.fix_random_seeds(args.seed, args.rank)
+    device = args.device
+    os.makedirs(args.output_dir, exist_ok=True)
+    if args.demo:
+        logger.info("No --data_path given: running the CPU demo recipe on Fashion-MNIST "
+                    f"(output in {args.output_dir}; flags you pass override the recipe).")
+    logger.info("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+
+    # ---- data: uint8 images in, multi-crop views out (photometry runs on the device)
+    augment = MultiCropAugmentation(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
+                                    args.global_crops_size, args.local_crops_size, blur_sigma=args.blur_sigma)
+    dataset = build_dataset(args.data_path, "train", args.subset, transform=augment.crop_image, seed=args.seed)
+    augment.mean, augment.std = (torch.tensor(v).view(1, 3, 1, 1) for v in (dataset.mean, dataset.std))
+    in_memory = not hasattr(dataset, "samples")
+    sampler = DistributedSampler(dataset, num_replicas=args.world_size, rank=args.rank, shuffle=True,
+                                 seed=args.seed, drop_last=True)
+    loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu, drop_last=True,
+                        num_workers=0 if in_memory else args.num_workers, pin_memory=device.type == "cuda",
+                        collate_fn=(lambda b: (b, [])) if in_memory else skip_bad_collate(augment.collate),
+                        persistent_workers=not in_memory and args.num_workers > 0)
+    if len(loader) == 0:
+        raise DataError(f"{len(dataset)} training images are fewer than one batch of "
+                        f"{args.batch_size_per_gpu * args.world_size}; lower --batch_size_per_gpu")
+    logger.info(f"Data: {len(dataset)} training images from {args.data_path}, {len(loader)} steps per epoch.")
+
+    # ---- student, teacher (EMA of the student, no gradients), losses, optimizer
+    student = build_network(args, args.drop_path_rate).to(device)
+    teacher = build_network(args, 0.0).to(device)
+    if args.world_size > 1 and any(isinstance(m, nn.BatchNorm1d) for m in student.modules()):
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    student_ddp = student
+    if args.world_size > 1:
+        student_ddp = nn.parallel.DistributedDataParallel(
+            student, device_ids=[args.gpu] if device.type == "cuda" else None, find_unused_parameters=True)
+    logger.info(f"Student and teacher: {args.arch}/{args.patch_size} ({args.mode}), "
+                f"{sum(p.numel() for p in student.backbone.parameters()) / 1e6:.2f}M backbone parameters.")
+
+    ncrops = 2 + args.local_crops_number
+    dino_loss = DINOLoss(args.out_dim, ncrops).to(device)
+    patch_loss = PatchLoss(args.out_dim if args.shared_head else args.patch_out_dim).to(device)
+    masking = args.pred_ratio > 0 and args.masking_prob > 0 and args.lambda2 > 0
+    optimizer = build_optimizer(args.optimizer, param_groups(student))
+    fp16 = args.use_fp16 and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if fp16 else None
+    amp_dtype = torch.float16 if fp16 else (torch.bfloat16 if args.precision == "bf16" else None)
+
+    # ---- per-iteration schedules
+    niter = len(loader)
+    global_batch = args.batch_size_per_gpu * args.world_size
+    lr_schedule = utils.cosine_scheduler(args.lr * global_batch / 256, args.min_lr, args.epochs, niter,
+                                         warmup_epochs=args.warmup_epochs)
+    wd_schedule = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter)
+    momentum_schedule = utils.cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, niter)
+    temp_schedule = utils.linear_warmup_constant(args.warmup_teacher_temp, args.teacher_temp, args.epochs, niter,
+                                                 args.warmup_teacher_temp_epochs)
+    patch_temp_schedule = utils.linear_warmup_constant(args.warmup_teacher_patch_temp, args.teacher_patch_temp,
+                                                       args.epochs, niter, args.warmup_teacher_temp_epochs)
+
+    # ---- resume from output_dir/checkpoint.pth when present
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
+    start_epoch = 0
+    if os.path.exists(ckpt_path):
+        ckpt = utils.load_checkpoint(ckpt_path)
+        check_compatible(ckpt.get("args", {}), args, ckpt_path)
+        utils.restore_modules(ckpt, student=student, teacher=teacher, optimizer=optimizer, scaler=scaler,
+                              dino_loss=dino_loss, patch_loss=patch_loss)
+        start_epoch = ckpt["epoch"]
+        restore_rng(ckpt.get("rng"))
+        logger.info(f"Resumed from {ckpt_path} at epoch {start_epoch}.")
+
+    writer = None
+    if utils.is_main_process():
+        from tensorboardX import SummaryWriter
+        writer = SummaryWriter(args.output_dir)
+    log_path = os.path.join(args.output_dir, "log.txt")
+    knn_data = build_knn_data(args) if args.eval_every > 0 else None
+    if knn_data is not None and start_epoch == 0:
+        record = {"epoch": -1, **online_knn(teacher.backbone, knn_data, args, amp_dtype)}
+        log_epoch(record, log_path, writer)
+
+    logger.info(f"Training for {args.epochs - start_epoch} epochs.")
+    start_time = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        stats = train_one_epoch(student, student_ddp, teacher, dino_loss, patch_loss, loader, augment, optimizer,
+                                scaler, amp_dtype, epoch, masking and epoch >= args.pred_start_epoch,
+                                (lr_schedule, wd_schedule, momentum_schedule, temp_schedule, patch_temp_schedule),
+                                writer, args)
+        state = {"student": student.state_dict(), "teacher": teacher.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                 "dino_loss": dino_loss.state_dict(), "patch_loss": patch_loss.state_dict(),
+                 "epoch": epoch + 1, "iteration": (epoch + 1) * niter, "args": serializable_args(args),
+                 "rng": rng_state()}
+        if utils.is_main_process():
+            utils.save_checkpoint(state, ckpt_path)
+            if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
+                utils.save_checkpoint(state, os.path.join(args.output_dir, f"checkpoint{epoch + 1:04}.pth"))
+        record = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
+        if knn_data is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+            record.update(online_knn(teacher.backbone, knn_data, args, amp_dtype))
+        log_epoch(record, log_path, writer)
+    total = datetime.timedelta(seconds=int(time.time() - start_time))
+    logger.info(f"Training time {total}.")
+    if writer is not None:
+        writer.close()
+    if args.demo:
+        print_demo_summary(log_path)
+
+
+def train_one_epoch(student, student_ddp, teacher, dino_loss, patch_loss, loader, augment, optimizer, scaler,
+                    amp_dtype, epoch, masking, schedules, writer, args):
+    lr_schedule, wd_schedule, momentum_schedule, temp_schedule, patch_temp_schedule = schedules
+    device = args.device
+    metrics = utils.MetricLogger()
+    header = f"Epoch [{epoch + 1}/{args.epochs}]"
+    for i, (batch, bad_files) in enumerate(metrics.log_every(loader, 10, header)):
+        it = len(loader) * epoch + i  # global iteration
+        for path in bad_files:
+            logger.warning(f"skipped unreadable image {path}")
+        if batch is None:
+            continue
+        images = batch[0]
+        for j, group in enumerate(optimizer.param_groups):
+            group["lr"] = lr_schedule[it]
+            if j == 0:  # the decayed group; biases and norms stay at 0
+                group["weight_decay"] = wd_schedule[it]
+
+        # multi-crop views, view-major: globals (2B, 3, g, g), locals (nB, 3, l, l)
+        images = images.to(device, non_blocking=True) if torch.is_tensor(images) else \
+            tuple(x.to(device, non_blocking=True) if x is not None else None for x in images)
+        globals_, locals_ = augment(images)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            # teacher: pooled logits and the pooling attention on the unmasked global crops
+            with torch.no_grad():
+                t_out = teacher.backbone.forward_features(globals_, return_attention=masking)
+                t_logits = teacher.head(t_out["pooled"])
+                masks = None
+                if masking:  # AttMask: the teacher's map on this very crop picks the patches
+                    grid = teacher.backbone.grid_size(*globals_.shape[-2:])
+                    masks = make_masks(t_out["attention"], grid, args.pred_shape, args.pred_ratio,
+                                       args.pred_ratio_var, args.masking_prob, args.show_max, args.show_ratio)
+                    t_patch = teacher.head.forward_patches(t_out["patch_tokens"][masks])
+            # student: masked globals and unmasked locals
+            s_logits, s_patch = student_ddp(globals_, locals_, masks)
+            loss_dino = dino_loss(s_logits, t_logits, temp_schedule[it])
+            loss = args.lambda1 * loss_dino
+            if masking:
+                loss_patch = patch_loss(s_patch, t_patch, masks.nonzero()[:, 0], masks.shape[0],
+                                        patch_temp_schedule[it])
+                loss = loss + args.lambda2 * loss_patch
+
+        # a non-finite loss on any rank stops every rank; the last checkpoint stays as it was
+        if utils.all_reduce_sum(not math.isfinite(loss.item()), device) > 0:
+            raise Diverged(f"loss is {loss.item()} at iteration {it} (epoch {epoch}); stopping. "
+                           f"The last checkpoint in {args.output_dir} is intact.")
+
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if args.clip_grad:
+            clip_gradients(student, args.clip_grad)
+        cancel_last_layer_gradients(student, epoch, args.freeze_last_layer)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        ema_update(teacher, student, momentum_schedule[it])
+
+        values = {"loss": loss.item(), "dino_loss": loss_dino.item(), "lr": lr_schedule[it],
+                  "wd": wd_schedule[it]}
+        if masking:
+            values["patch_loss"] = loss_patch.item()
+        metrics.update(**values)
+        if writer is not None and it % 10 == 0:
+            for k, v in values.items():
+                writer.add_scalar(f"iter/{k}", v, it)
+    return metrics.averages()
+
+
+def build_knn_data(args):
+    """Train (memory) and evaluation splits for the online k-NN; None if there is no
+    evaluation split."""
+    eval_split = "test" if args.data_path == FASHION_MNIST else "val"
+    if args.data_path != FASHION_MNIST and not os.path.isdir(os.path.join(args.data_path, eval_split)):
+        logger.warning(f"No {eval_split}/ folder in {args.data_path}: online k-NN is off.")
+        return None
+    transform = eval_transform(args.global_crops_size)
+    train = build_dataset(args.data_path, "train", args.subset, transform=transform, seed=args.seed)
+    test = build_dataset(args.data_path, eval_split, -1, transform=transform)
+    return train, test
+
+
+def online_knn(backbone, knn_data, args, amp_dtype):
+    train, test = knn_data
+    kw = dict(batch_size=max(args.batch_size_per_gpu, 256), device=args.device, image_size=args.global_crops_size,
+              amp_dtype=amp_dtype, num_workers=0 if not hasattr(train, "samples") else args.num_workers)
+    train_f, train_y = extract_features(backbone, train, header="k-NN train features", **kw)
+    test_f, test_y = extract_features(backbone, test, header="k-NN test features", **kw)
+    results = knn_classify(train_f, train_y, test_f, test_y, ks=args.nb_knn, temperature=args.temperature,
+                           num_classes=len(train.classes))
+    for k, r in results.items():
+        logger.info(f"k-NN (k={k}): top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%")
+    first = results[min(results, key=lambda k: abs(k - args.nb_knn[0]))]
+    return {"knn_top1": first["top1"], "knn_top5": first["top5"]}
+
+
+def log_epoch(record, log_path, writer):
+    if not utils.is_main_process():
+        return
+    utils.append_json_line(log_path, record)
+    for k, v in record.items():
+        if k != "epoch" and isinstance(v, (int, float)):
+            writer.add_scalar(f"epoch/{k}", v, record["epoch"])
+    writer.flush()
+
+
+def serializable_args(args):
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
+            if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+
+
+def restore_rng(state):
+    if state:
+        torch.set_rng_state(state["torch"])
+        random.setstate((3, tuple(state["python"]), None))
+
+
+def check_compatible(saved, args, path):
+    """A resume whose model differs from the checkpoint's is a one-line error."""
+    for key in ("arch", "patch_size", "out_dim", "mode", "patch_out_dim", "shared_head", "gamma"):
+        if key in saved and saved[key] != getattr(args, key):
+            raise utils.CheckpointError(f"{path} was trained with --{key} {saved[key]} but this run asks for "
+                                        f"--{key} {getattr(args, key)}; use another --output_dir or the same flags")
+
+
+def print_demo_summary(log_path):
+    with open(log_path) as f:
+        records = [json.loads(line) for line in f]
+    knn = [r for r in records if "knn_top1" in r]
+    if len(knn) >= 2:
+        before, after = knn[0]["knn_top1"], knn[-1]["knn_top1"]
+        logger.info(f"Teacher k-NN top-1 on the Fashion-MNIST test split: before training {before:.2f}%, "
+                    f"after {after:.2f}% ({after - before:+.2f} points). Raw-pixel k-NN on the same split: 85.5%.")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train_dino(args)
+    except (DataError, utils.CheckpointError, Diverged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Datasets: the built-in Fashion-MNIST (in memory) and ImageFolder trees that skip bad files.
+
+Every dataset yields uint8 images; normalisation happens in batches on the device.
+``--data_path fashion-mnist`` reads the Debian package ``dataset-fashion-mnist``
+(``/usr/share/datasets/fashion-mnist``) when present, else downloads it with
+torchvision. Any other ``--data_path DIR`` must hold ``DIR/train/<class>/<image>``
+(and ``DIR/val/...`` for evaluation).
+
+Example:
+    >>> train = build_dataset("fashion-mnist", "train", subset=10)
+    >>> len(train), train.classes[:2]
+    (100, ['T-shirt/top', 'Trouser'])
+"""
+import gzip
+import logging
+import os
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, default_collate
+from torchvision.datasets import ImageFolder
+from torchvision.transforms import v2
+
+from simpool.augment import IMAGENET_MEAN, IMAGENET_STD
+
+FASHION_MNIST = "fashion-mnist"
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_MEAN = (0.2860,) * 3
+FASHION_MNIST_STD = (0.3530,) * 3
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot"]
+_BAD_IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+logger = logging.getLogger("simpool")
+
+__all__ = ["DataError", "build_dataset", "load_fashion_mnist", "InMemoryImages", "SafeImageFolder",
+           "skip_bad_collate", "normalize_batch"]
+
+
+class DataError(ValueError):
+    """A user-facing problem with the data path; its message is one line."""
+
+
+def _read_idx(path):
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fashion_mnist(split, root=FASHION_MNIST_DIR):
+    """(images uint8 (N, 1, 28, 28), labels int64 (N,)) for ``split`` 'train' or 'test'."""
+    prefix = {"train": "train", "test": "t10k", "val": "t10k"}[split]
+    images_gz = os.path.join(root, f"{prefix}-images-idx3-ubyte.gz")
+    labels_gz = os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz")
+    if os.path.exists(images_gz) and os.path.exists(labels_gz):
+        images = torch.from_numpy(_read_idx(images_gz).copy()).unsqueeze(1)
+        labels = torch.from_numpy(_read_idx(labels_gz).astype(np.int64))
+        return images, labels
+    from torchvision.datasets import FashionMNIST
+    cache = os.path.join(os.path.expanduser("~"), ".cache", "simpool")
+    try:
+        ds = FashionMNIST(cache, train=split == "train", download=True)
+    except Exception as e:  # no network and no Debian package: say what to install
+        raise DataError(f"Fashion-MNIST not found in {root} and could not be downloaded ({e}); "
+                        "install it with: apt-get install -y dataset-fashion-mnist") from None
+    return ds.data.unsqueeze(1).clone(), ds.targets.clone()
+
+
+class InMemoryImages(Dataset):
+    """Equal-size uint8 images held in one tensor; ``__getitems__`` serves a whole
+    batch with one index, so a DataLoader with ``collate_fn=tuple`` costs nothing
+    per sample."""
+
+    def __init__(self, images, labels, classes, mean, std):
+        self.images, self.labels, self.classes = images, labels, classes
+        self.mean, self.std = mean, std
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices):
+        indices = torch.as_tensor(indices)
+        return self.images[indices], self.labels[indices]
+
+    def subset(self, indices):
+        return InMemoryImages(self.images[indices], self.labels[indices], self.classes, self.mean, self.std)
+
+
+class SafeImageFolder(ImageFolder):
+    """ImageFolder that returns ``None`` for unreadable, truncated or non-image files
+    instead of raising; ``skip_bad_collate`` drops them and reports their paths."""
+
+    def __init__(self, root, transform=None):
+        super().__init__(root, transform=transform, is_valid_file=lambda p: not os.path.basename(p).startswith("."),
+                         allow_empty=True)
+        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+
+    def __getitem__(self, index):
+        path, target = self.samples[index]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with open(path, "rb") as f:
+                    image = Image.open(f)
+                    image.load()
+                    image = image.convert("RGB")
+            if self.transform is not None:
+                image = self.transform(image)
+        except _BAD_IMAGE_ERRORS + (Image.DecompressionBombWarning,):
+            return _BadSample(path)
+        return image, target
+
+    def subset(self, indices):
+        out = SafeImageFolder.__new__(SafeImageFolder)
+        out.__dict__.update(self.__dict__)
+        out.samples = [self.samples[i] for i in indices]
+        out.targets = [s[1] for s in out.samples]
+        out.imgs = out.samples
+        return out
+
+    @property
+    def labels(self):
+        return torch.as_tensor(self.targets)
+
+
+class _BadSample(str):
+    """Path of a sample that could not be read (a str, so it crosses worker queues)."""
+
+
+def skip_bad_collate(inner=default_collate):
+    """Wrap a collate function: drop unreadable samples; return (batch, bad_paths)."""
+    def collate(samples):
+        good = [s for s in samples if not isinstance(s, _BadSample)]
+        bad = [str(s) for s in samples if isinstance(s, _BadSample)]
+        return (inner(good) if good else None), bad
+    return collate
+
+
+def subset_per_class(labels, per_class, seed=0):
+    """Indices of the first ``per_class`` samples of each class in a seeded shuffle."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=g)
+    labels = torch.as_tensor(labels)[order]
+    keep = []
+    for c in labels.unique().tolist():
+        keep.append(order[labels == c][:per_class])
+    return torch.cat(keep).sort().values
+
+
+def build_dataset(data_path, split, subset=-1, transform=None, seed=0):
+    """The ``split`` of ``data_path`` ('fashion-mnist' or an ImageFolder root).
+
+    ``transform`` applies per image to ImageFolder samples (ignored for in-memory
+    data); ``subset`` > 0 keeps that many images per class.
+    """
+    if data_path == FASHION_MNIST:
+        images, labels = load_fashion_mnist(split)
+        ds = InMemoryImages(images, labels, FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    else:
+        root = os.path.join(data_path, split)
+        if not os.path.isdir(data_path):
+            raise DataError(f"--data_path {data_path!r} does not exist (expected a folder with {split}/<class>/<images>, "
+                            f"or '{FASHION_MNIST}')")
+        if not os.path.isdir(root):
+            raise DataError(f"--data_path {data_path!r} has no '{split}/' folder (expected {root}/<class>/<images>)")
+        try:
+            ds = SafeImageFolder(root, transform=transform)
+        except FileNotFoundError as e:
+            raise DataError(f"{root}: {e}") from None
+        if len(ds) == 0:
+            raise DataError(f"{root} holds no images (expected {root}/<class>/<images>)")
+    if subset is not None and subset > 0:
+        ds = ds.subset(subset_per_class(ds.labels, subset, seed))
+    return ds
+
+
+def eval_transform(image_size):
+    """Per-image transform for ImageFolder evaluation: resize the short side to
+    image_size * 256/224, centre-crop image_size, keep uint8."""
+    return v2.Compose([v2.ToImage(), v2.Resize(int(round(image_size * 256 / 224)), antialias=True),
+                       v2.CenterCrop(image_size)])
+
+
+def normalize_batch(images, mean, std, image_size=None):
+    """uint8 (B, C, H, W) -> float normalised (B, 3, s, s); resizes in-memory images
+    to ``image_size`` when it differs from theirs."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    x = images.float().div_(255)
+    if image_size is not None and tuple(x.shape[-2:]) != (image_size, image_size):
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std

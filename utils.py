@@ -1,0 +1,221 @@
+"""Distributed set-up, schedules, checkpoint I/O and logging for SimPool-SSL."""
+import datetime
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections import defaultdict, deque
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("simpool")
+
+
+# ---------------------------------------------------------------- distributed
+def init_distributed_mode(args):
+    """Join the process group when launched by torchrun/SLURM, else run alone.
+
+    Sets ``args.rank``, ``args.world_size``, ``args.gpu`` and ``args.device``; the
+    backend is nccl on CUDA, gloo on CPU. CPU threads are split between the local
+    processes so two ranks on one machine do not oversubscribe its cores.
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        args.rank, args.world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+        args.gpu = int(env.get("LOCAL_RANK", 0))
+        local_world = int(env.get("LOCAL_WORLD_SIZE", 1))
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        args.rank, args.world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        args.gpu = int(env.get("SLURM_LOCALID", 0))
+        local_world = int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+    else:
+        args.rank, args.world_size, args.gpu, local_world = 0, 1, 0, 1
+    use_cuda = torch.cuda.is_available() and not getattr(args, "cpu", False)
+    args.device = torch.device("cuda", args.gpu) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(args.gpu)
+    elif local_world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if args.world_size > 1:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method=args.dist_url,
+                                world_size=args.world_size, rank=args.rank,
+                                timeout=datetime.timedelta(minutes=30))
+        dist.barrier()
+    setup_logging(args.rank)
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_sum(value, device="cpu"):
+    """Sum a python number over ranks."""
+    t = torch.tensor(float(value), device=device, dtype=torch.float64)
+    if get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.item()
+
+
+def fix_random_seeds(seed, rank=0):
+    torch.manual_seed(seed + rank)
+    np.random.seed(seed + rank)
+    random.seed(seed + rank)
+
+
+# ---------------------------------------------------------------- schedules
+def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0.0):
+    """Per-iteration values: linear warm-up from ``start_warmup_value`` to ``base_value``
+    over ``warmup_epochs``, then a cosine from ``base_value`` to ``final_value``."""
+    warmup_iters = int(warmup_epochs * niter_per_ep)
+    total = int(epochs * niter_per_ep)
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters, endpoint=False) if warmup_iters > 0 else np.array([])
+    iters = np.arange(total - warmup_iters)
+    denom = max(len(iters) - 1, 1)
+    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / denom))
+    return np.concatenate((warmup, cosine))[:total]
+
+
+def linear_warmup_constant(start_value, final_value, epochs, niter_per_ep, warmup_epochs):
+    """Per-iteration values: linear from ``start_value`` to ``final_value`` over
+    ``warmup_epochs``, then constant (the teacher-temperature schedule)."""
+    warmup_iters = min(int(warmup_epochs * niter_per_ep), int(epochs * niter_per_ep))
+    ramp = np.linspace(start_value, final_value, warmup_iters) if warmup_iters > 0 else np.array([])
+    return np.concatenate((ramp, np.full(int(epochs * niter_per_ep) - warmup_iters, final_value)))
+
+
+# ---------------------------------------------------------------- checkpoints
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read; the message is one line."""
+
+
+def save_checkpoint(state, path):
+    """Write ``state`` to ``path`` atomically: temp file in the same folder, fsync,
+    rename. A crash mid-write leaves the previous file untouched."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """``torch.load(weights_only=True)`` with one-line errors for non-checkpoints."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except Exception as e:  # truncated zip, random bytes, pickled code: all unreadable
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint ({reason[:200]})") from None
+
+
+def restore_modules(checkpoint, **modules):
+    """Load each named module/optimizer state from ``checkpoint`` strictly."""
+    for name, module in modules.items():
+        if module is None or name not in checkpoint or checkpoint[name] is None:
+            continue
+        module.load_state_dict(checkpoint[name])
+
+
+# ---------------------------------------------------------------- logging
+def setup_logging(rank=0):
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(message)s", stream=sys.stdout, force=True)
+
+
+class SmoothedValue:
+    """Track a series of values; report the median over a window and the global average."""
+
+    def __init__(self, window_size=20, fmt="{median:.4f} ({global_avg:.4f})"):
+        self.deque = deque(maxlen=window_size)
+        self.total, self.count, self.fmt = 0.0, 0, fmt
+
+    def update(self, value, n=1):
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    @property
+    def median(self):
+        return float(np.median(self.deque)) if self.deque else 0.0
+
+    @property
+    def global_avg(self):
+        return self.total / max(self.count, 1)
+
+    @property
+    def value(self):
+        return self.deque[-1] if self.deque else 0.0
+
+    def __str__(self):
+        return self.fmt.format(median=self.median, global_avg=self.global_avg, value=self.value)
+
+
+class MetricLogger:
+    """Collect per-iteration metrics and print progress lines with ETA."""
+
+    def __init__(self, delimiter="  "):
+        self.meters = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **kwargs):
+        for k, v in kwargs.items():
+            self.meters[k].update(float(v.item() if torch.is_tensor(v) else v))
+
+    def averages(self):
+        return {k: m.global_avg for k, m in self.meters.items()}
+
+    def log_every(self, iterable, print_freq, header="", start=0, total=None):
+        """Yield from ``iterable``; every ``print_freq`` items (and at the end) log
+        progress, ETA from the mean iteration time, and the meters."""
+        total = total if total is not None else len(iterable)
+        width = len(str(total))
+        iter_time = SmoothedValue(fmt="{global_avg:.3f}")
+        t0 = end = time.time()
+        i = start
+        for obj in iterable:
+            yield obj
+            iter_time.update(time.time() - end)
+            end = time.time()
+            i += 1
+            if i % print_freq == 0 or i == total:
+                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i)))
+                meters = self.delimiter.join(f"{k}: {m}" for k, m in self.meters.items())
+                logger.info(f"{header} [{i:{width}d}/{total}]  eta: {eta}  {meters}  time/it: {iter_time}s")
+        elapsed = datetime.timedelta(seconds=int(time.time() - t0))
+        logger.info(f"{header} done in {elapsed} ({(time.time() - t0) / max(i - start, 1):.3f} s/it)")
+
+
+def append_json_line(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def bool_flag(s):
+    """argparse type for True/False flags as the official scripts spell them."""
+    if str(s).lower() in {"true", "1", "yes", "on"}:
+        return True
+    if str(s).lower() in {"false", "0", "no", "off"}:
+        return False
+    import argparse
+    raise argparse.ArgumentTypeError(f"expected True or False, got {s!r}")

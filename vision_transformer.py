@@ -1,0 +1,242 @@
+"""Vision Transformers without a [CLS] token, pooled by SimPool, and the DINO/iBOT heads.
+
+Built from timm's layers (``Block`` with fused scaled-dot-product attention,
+``PatchEmbed``, ``trunc_normal_``); state-dict names follow the DINO/timm ViT
+(``patch_embed.proj``, ``blocks.N.attn.qkv``, ``norm``, ``pos_embed``) plus
+``simpool.*`` and ``masked_embed`` (iBOT's mask token).
+
+Example:
+    >>> model = vit_small(patch_size=16, mode="simpool", gamma=1.25)
+    >>> out = model.forward_features(torch.randn(2, 3, 224, 224), return_attention=True)
+    >>> out["pooled"].shape, out["patch_tokens"].shape, out["attention"].shape
+    (torch.Size([2, 384]), torch.Size([2, 196, 384]), torch.Size([2, 196]))
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Attention, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.models.vision_transformer import Block
+
+from simpool.pooling import SimPool
+
+MODES = ("simpool", "official")
+
+
+class VisionTransformer(nn.Module):
+    """ViT whose image vector is SimPool over the patch tokens (``mode='simpool'``)
+    or the [CLS] token (``mode='official'``, the DINO baseline).
+
+    ``forward(x)`` returns the pooled (B, embed_dim) vector; ``forward_features``
+    also returns the normalised patch tokens and, on request, the pooling
+    attention over patches (SimPool's map, or the last block's [CLS] row averaged
+    over heads).
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
+                 mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, mode="simpool", gamma=None, use_beta=False):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        self.embed_dim = self.num_features = embed_dim
+        self.patch_size = patch_size
+        self.img_size = img_size
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
+        self.num_prefix_tokens = 1 if mode == "official" else 0
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if mode == "official" else None
+        num_patches = self.patch_embed.num_patches
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim))
+        self.masked_embed = nn.Parameter(torch.zeros(1, embed_dim))
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i],
+                  norm_layer=nn.LayerNorm, attn_layer=FusedAttention)
+            for i in range(depth)])
+        self.simpool = SimPool(embed_dim, gamma=gamma, use_beta=use_beta) if mode == "simpool" else None
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_weights)
+
+    def grid_size(self, height, width):
+        return height // self.patch_size, width // self.patch_size
+
+    def prepare_tokens(self, x, mask=None):
+        """Patch-embed, replace masked patches by the mask token, add (resized) positions."""
+        grid = self.grid_size(*x.shape[-2:])
+        x = self.patch_embed(x)  # (B, N, D)
+        if mask is not None:
+            x = torch.where(mask.reshape(x.shape[0], -1, 1), self.masked_embed.to(x.dtype), x)
+        pos = self.pos_embed
+        if tuple(grid) != tuple(self.patch_embed.grid_size):
+            pos = resample_abs_pos_embed(pos, list(grid), list(self.patch_embed.grid_size),
+                                         num_prefix_tokens=self.num_prefix_tokens)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return x + pos
+
+    def forward_features(self, x, mask=None, return_attention=False):
+        """Return a dict with ``pooled`` (B, D), ``patch_tokens`` (B, N, D) after the final
+        norm, and ``attention`` (B, N) when ``return_attention`` is set."""
+        x = self.prepare_tokens(x, mask)
+        attention = None
+        for i, blk in enumerate(self.blocks):
+            if return_attention and self.mode == "official" and i == len(self.blocks) - 1:
+                attention = cls_attention(blk, x)
+            x = blk(x)
+        patches = x[:, self.num_prefix_tokens:]
+        if self.mode == "simpool":
+            pooled = self.simpool(patches, return_attention=return_attention)
+            if return_attention:
+                pooled, attention = pooled
+        else:
+            pooled = x[:, 0]
+        return {"pooled": self.norm(pooled), "patch_tokens": self.norm(patches), "attention": attention}
+
+    def forward(self, x):
+        return self.forward_features(x)["pooled"]
+
+
+class FusedAttention(Attention):
+    """timm's multi-head self-attention, always through the fused
+    ``scaled_dot_product_attention``. Under CPU bf16 autocast the kernel gets fp32
+    inputs: its bf16 backward is about 3x slower there than its fp32 one
+    (bench/train_step.py); on CUDA it stays in the autocast dtype."""
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if x.device.type == "cpu" and q.dtype == torch.bfloat16:
+            q, k, v = q.float(), k.float(), v.float()
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           dropout_p=self.attn_drop.p if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+        return self.proj_drop(self.proj(self.norm(x)))
+
+
+def cls_attention(block, x):
+    """The [CLS] row of ``block``'s self-attention on input ``x``, averaged over heads,
+    over the patch tokens only: (B, N). Only the one query row is computed."""
+    attn = block.attn
+    B, T, C = x.shape
+    qkv = attn.qkv(block.norm1(x)).reshape(B, T, 3, attn.num_heads, attn.head_dim)
+    q = attn.q_norm(qkv[:, :1, 0].transpose(1, 2))  # (B, h, 1, hd)
+    k = attn.k_norm(qkv[:, :, 1].transpose(1, 2))   # (B, h, T, hd)
+    weights = ((q @ k.transpose(-2, -1)).float() * attn.scale).softmax(dim=-1)  # (B, h, 1, T)
+    return weights[:, :, 0, 1:].mean(dim=1)
+
+
+def _init_weights(m):
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+ARCHS = {  # name: (embed_dim, depth, num_heads)
+    "vit_nano": (192, 6, 3),
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+}
+
+
+def _builder(name):
+    embed_dim, depth, num_heads = ARCHS[name]
+
+    def build(patch_size=16, **kwargs):
+        return VisionTransformer(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                                 mlp_ratio=4, qkv_bias=True, **kwargs)
+
+    build.__name__ = name
+    build.__doc__ = f"ViT with embed_dim={embed_dim}, depth={depth}, heads={num_heads}."
+    return build
+
+
+vit_nano = _builder("vit_nano")
+vit_tiny = _builder("vit_tiny")
+vit_small = _builder("vit_small")
+vit_base = _builder("vit_base")
+vit_large = _builder("vit_large")
+
+
+def build_vit(arch, **kwargs):
+    """Build a ViT by name (one of ``ARCHS``); kwargs go to ``VisionTransformer``."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    return globals()[arch](**kwargs)
+
+
+class WeightNormLinear(nn.Module):
+    """Bias-free linear layer with weight W = g * v / ||v|| (rows), as
+    ``nn.utils.weight_norm`` defines it, keeping its ``weight_g``/``weight_v``
+    names so DINO checkpoints load."""
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        v = torch.empty(out_dim, in_dim)
+        trunc_normal_(v, std=0.02)
+        self.weight_v = nn.Parameter(v)
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1))
+
+    def forward(self, x):
+        weight = self.weight_g * F.normalize(self.weight_v, dim=1)
+        return F.linear(x, weight)
+
+
+class DINOHead(nn.Module):
+    """Projection head: MLP -> L2-normalise -> weight-normed linear to ``out_dim``.
+
+    With ``patch_out_dim`` the head also projects patch tokens for the iBOT loss:
+    through the same MLP, then the same last layer (``shared_head=True``) or a
+    second one (``last_layer2``) of width ``patch_out_dim``.
+
+    Example:
+        >>> head = DINOHead(384, 1024, patch_out_dim=1024, shared_head=True)
+        >>> head(torch.randn(4, 384)).shape, head.forward_patches(torch.randn(7, 384)).shape
+        (torch.Size([4, 1024]), torch.Size([7, 1024]))
+    """
+
+    def __init__(self, in_dim, out_dim, use_bn=False, norm_last_layer=True, nlayers=3, hidden_dim=2048,
+                 bottleneck_dim=256, patch_out_dim=None, shared_head=False):
+        super().__init__()
+        nlayers = max(nlayers, 1)
+        if nlayers == 1:
+            self.mlp = nn.Linear(in_dim, bottleneck_dim)
+        else:
+            layers = [nn.Linear(in_dim, hidden_dim)]
+            for i in range(nlayers - 1):
+                if use_bn:
+                    layers.append(nn.BatchNorm1d(hidden_dim))
+                layers.append(nn.GELU())
+                layers.append(nn.Linear(hidden_dim, bottleneck_dim if i == nlayers - 2 else hidden_dim))
+            self.mlp = nn.Sequential(*layers)
+        self.apply(_init_weights)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+        self.last_layer2 = None
+        if patch_out_dim is not None and not shared_head:
+            self.last_layer2 = WeightNormLinear(bottleneck_dim, patch_out_dim)
+        if norm_last_layer:  # fixed unit-norm rows: DINO's guard against collapse for large ViTs
+            self.last_layer.weight_g.requires_grad = False
+            if self.last_layer2 is not None:
+                self.last_layer2.weight_g.requires_grad = False
+
+    def _bottleneck(self, x):
+        return F.normalize(self.mlp(x), dim=-1, eps=1e-6)
+
+    def forward(self, x):
+        return self.last_layer(self._bottleneck(x))
+
+    def forward_patches(self, x):
+        """Project (M, in_dim) patch tokens for the iBOT loss."""
+        last = self.last_layer2 if self.last_layer2 is not None else self.last_layer
+        return last(self._bottleneck(x))
