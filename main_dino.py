@@ -11,6 +11,7 @@ loss (cross-view) + iBOT loss (masked tokens) -> backward, clip, step -> teacher
 """
 import argparse
 import datetime
+import itertools
 import json
 import logging
 import math
@@ -148,6 +149,12 @@ def get_args_parser():
                    "TensorBoard events go; a run there resumes from its checkpoint.")
     g.add_argument("--saveckp_freq", default=20, type=int, help="Also keep checkpoint{epoch:04}.pth every this "
                    "many epochs (0: never).")
+    g.add_argument("--saveckp_iters", default=0, type=int, help="Also write checkpoint.pth every this many "
+                   "iterations inside an epoch (with the sampler position), so a crash loses at most that many "
+                   "steps (0: end of epoch only).")
+    g.add_argument("--keep_checkpoints", default=2, type=int, help="Keep this many newest checkpoints "
+                   "(checkpoint.pth, checkpoint.pth.1, ...); resume falls back to an older one if the newest "
+                   "is unreadable.")
     g.add_argument("--seed", default=0, type=int, help="Random seed.")
     g.add_argument("--num_workers", default=10, type=int, help="Data-loading processes per rank (ImageFolder).")
     g.add_argument("--dist_url", default="env://", type=str, help="Process-group rendezvous URL.")
@@ -207,32 +214,49 @@ class Diverged(RuntimeError):
     pass
 
 
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can begin an epoch part-way, after ``start`` of this
+    rank's samples, so a mid-epoch resume neither repeats nor skips a sample."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.start = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
 def train_dino(args):
+    # ---- data first: a bad --data_path is a one-line error before any process group starts
+    augment = MultiCropAugmentation(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
+                                    args.global_crops_size, args.local_crops_size, blur_sigma=args.blur_sigma)
+    dataset = build_dataset(args.data_path, "train", args.subset, transform=augment.crop_image, seed=args.seed)
+    augment.set_normalization(dataset.mean, dataset.std)
+    utils.ensure_writable_dir(args.output_dir)
+
     utils.init_distributed_mode(args)
     utils.fix_random_seeds(args.seed, args.rank)
     device = args.device
-    os.makedirs(args.output_dir, exist_ok=True)
     if args.demo:
         logger.info("No --data_path given: running the CPU demo recipe on Fashion-MNIST "
                     f"(output in {args.output_dir}; flags you pass override the recipe).")
     logger.info("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
 
-    # ---- data: uint8 images in, multi-crop views out (photometry runs on the device)
-    augment = MultiCropAugmentation(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
-                                    args.global_crops_size, args.local_crops_size, blur_sigma=args.blur_sigma)
-    dataset = build_dataset(args.data_path, "train", args.subset, transform=augment.crop_image, seed=args.seed)
-    augment.mean, augment.std = (torch.tensor(v).view(1, 3, 1, 1) for v in (dataset.mean, dataset.std))
+    # uint8 images in; multi-crop views out, with the photometric part on the device
     in_memory = not hasattr(dataset, "samples")
-    sampler = DistributedSampler(dataset, num_replicas=args.world_size, rank=args.rank, shuffle=True,
-                                 seed=args.seed, drop_last=True)
+    sampler = ResumableSampler(dataset, num_replicas=args.world_size, rank=args.rank, shuffle=True,
+                               seed=args.seed, drop_last=True)
     loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu, drop_last=True,
                         num_workers=0 if in_memory else args.num_workers, pin_memory=device.type == "cuda",
-                        collate_fn=(lambda b: (b, [])) if in_memory else skip_bad_collate(augment.collate),
-                        persistent_workers=not in_memory and args.num_workers > 0)
-    if len(loader) == 0:
+                        collate_fn=(lambda b: (b, [])) if in_memory else skip_bad_collate(augment.collate))
+    niter = sampler.num_samples // args.batch_size_per_gpu  # steps per epoch
+    if niter == 0:
         raise DataError(f"{len(dataset)} training images are fewer than one batch of "
                         f"{args.batch_size_per_gpu * args.world_size}; lower --batch_size_per_gpu")
-    logger.info(f"Data: {len(dataset)} training images from {args.data_path}, {len(loader)} steps per epoch.")
+    logger.info(f"Data: {len(dataset)} training images from {args.data_path}, {niter} steps per epoch.")
 
     # ---- student, teacher (EMA of the student, no gradients), losses, optimizer
     student = build_network(args, args.drop_path_rate).to(device)
@@ -259,28 +283,45 @@ def train_dino(args):
     amp_dtype = torch.float16 if fp16 else (torch.bfloat16 if args.precision == "bf16" else None)
 
     # ---- per-iteration schedules
-    niter = len(loader)
     global_batch = args.batch_size_per_gpu * args.world_size
-    lr_schedule = utils.cosine_scheduler(args.lr * global_batch / 256, args.min_lr, args.epochs, niter,
-                                         warmup_epochs=args.warmup_epochs)
-    wd_schedule = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter)
-    momentum_schedule = utils.cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, niter)
-    temp_schedule = utils.linear_warmup_constant(args.warmup_teacher_temp, args.teacher_temp, args.epochs, niter,
-                                                 args.warmup_teacher_temp_epochs)
-    patch_temp_schedule = utils.linear_warmup_constant(args.warmup_teacher_patch_temp, args.teacher_patch_temp,
-                                                       args.epochs, niter, args.warmup_teacher_temp_epochs)
+    schedules = {
+        "lr": utils.cosine_scheduler(args.lr * global_batch / 256, args.min_lr, args.epochs, niter,
+                                     warmup_epochs=args.warmup_epochs),
+        "wd": utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter),
+        "momentum": utils.cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, niter),
+        "teacher_temp": utils.linear_warmup_constant(args.warmup_teacher_temp, args.teacher_temp, args.epochs,
+                                                     niter, args.warmup_teacher_temp_epochs),
+        "patch_temp": utils.linear_warmup_constant(args.warmup_teacher_patch_temp, args.teacher_patch_temp,
+                                                   args.epochs, niter, args.warmup_teacher_temp_epochs),
+    }
 
-    # ---- resume from output_dir/checkpoint.pth when present
+    # ---- resume from the newest readable checkpoint in output_dir
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    start_epoch = 0
-    if os.path.exists(ckpt_path):
-        ckpt = utils.load_checkpoint(ckpt_path)
-        check_compatible(ckpt.get("args", {}), args, ckpt_path)
+    start_epoch, start_step = 0, 0
+    ckpt, ckpt_file = utils.load_latest_checkpoint(ckpt_path, args.keep_checkpoints)
+    if ckpt is not None:
+        check_compatible(ckpt.get("args", {}), args, ckpt_file)
         utils.restore_modules(ckpt, student=student, teacher=teacher, optimizer=optimizer, scaler=scaler,
                               dino_loss=dino_loss, patch_loss=patch_loss)
-        start_epoch = ckpt["epoch"]
-        restore_rng(ckpt.get("rng"))
-        logger.info(f"Resumed from {ckpt_path} at epoch {start_epoch}.")
+        start_epoch, start_step = ckpt["epoch"], ckpt.get("epoch_step", 0)
+        restore_rng(ckpt.get("rng"), args.rank)
+        logger.info(f"Resumed from {ckpt_file} at epoch {start_epoch}, step {start_step} "
+                    f"(iteration {ckpt['iteration']}).")
+
+    def save(epoch, epoch_step):
+        """Checkpoint after ``epoch_step`` steps of ``epoch`` (every rank joins the RNG gather)."""
+        if epoch_step == niter:
+            epoch, epoch_step = epoch + 1, 0
+        state = {"student": student.state_dict(), "teacher": teacher.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                 "dino_loss": dino_loss.state_dict(), "patch_loss": patch_loss.state_dict(),
+                 "epoch": epoch, "epoch_step": epoch_step, "iteration": epoch * niter + epoch_step,
+                 "sampler_position": epoch_step * args.batch_size_per_gpu, "args": serializable_args(args),
+                 "rng": rng_state()}
+        if utils.is_main_process():
+            utils.save_checkpoint(state, ckpt_path, keep=args.keep_checkpoints)
+            if epoch_step == 0 and args.saveckp_freq and epoch % args.saveckp_freq == 0:
+                utils.save_checkpoint(state, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
 
     writer = None
     if utils.is_main_process():
@@ -288,27 +329,20 @@ def train_dino(args):
         writer = SummaryWriter(args.output_dir)
     log_path = os.path.join(args.output_dir, "log.txt")
     knn_data = build_knn_data(args) if args.eval_every > 0 else None
-    if knn_data is not None and start_epoch == 0:
-        record = {"epoch": -1, **online_knn(teacher.backbone, knn_data, args, amp_dtype)}
-        log_epoch(record, log_path, writer)
+    if knn_data is not None and start_epoch == 0 and start_step == 0:
+        log_epoch({"epoch": -1, **online_knn(teacher.backbone, knn_data, args, amp_dtype)}, log_path, writer)
 
     logger.info(f"Training for {args.epochs - start_epoch} epochs.")
     start_time = time.time()
+    bad_files = set()
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
+        first_step = start_step if epoch == start_epoch else 0
+        sampler.start = first_step * args.batch_size_per_gpu
         stats = train_one_epoch(student, student_ddp, teacher, dino_loss, patch_loss, loader, augment, optimizer,
-                                scaler, amp_dtype, epoch, masking and epoch >= args.pred_start_epoch,
-                                (lr_schedule, wd_schedule, momentum_schedule, temp_schedule, patch_temp_schedule),
-                                writer, args)
-        state = {"student": student.state_dict(), "teacher": teacher.state_dict(),
-                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                 "dino_loss": dino_loss.state_dict(), "patch_loss": patch_loss.state_dict(),
-                 "epoch": epoch + 1, "iteration": (epoch + 1) * niter, "args": serializable_args(args),
-                 "rng": rng_state()}
-        if utils.is_main_process():
-            utils.save_checkpoint(state, ckpt_path)
-            if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
-                utils.save_checkpoint(state, os.path.join(args.output_dir, f"checkpoint{epoch + 1:04}.pth"))
+                                scaler, amp_dtype, epoch, first_step, niter,
+                                masking and epoch >= args.pred_start_epoch, schedules, save, bad_files, writer, args)
+        save(epoch, niter)
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
         if knn_data is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
             record.update(online_knn(teacher.backbone, knn_data, args, amp_dtype))
@@ -322,22 +356,25 @@ def train_dino(args):
 
 
 def train_one_epoch(student, student_ddp, teacher, dino_loss, patch_loss, loader, augment, optimizer, scaler,
-                    amp_dtype, epoch, masking, schedules, writer, args):
-    lr_schedule, wd_schedule, momentum_schedule, temp_schedule, patch_temp_schedule = schedules
+                    amp_dtype, epoch, first_step, niter, masking, schedules, save, bad_files, writer, args):
     device = args.device
     metrics = utils.MetricLogger()
     header = f"Epoch [{epoch + 1}/{args.epochs}]"
-    for i, (batch, bad_files) in enumerate(metrics.log_every(loader, 10, header)):
-        it = len(loader) * epoch + i  # global iteration
-        for path in bad_files:
+    skipped = 0
+    for i, (batch, bad) in enumerate(metrics.log_every(loader, 10, header, start=first_step, total=niter),
+                                     start=first_step):
+        it = niter * epoch + i  # global iteration
+        skipped += len(bad)
+        for path in set(bad) - bad_files:  # name each unreadable file once per run
             logger.warning(f"skipped unreadable image {path}")
+            bad_files.add(path)
         if batch is None:
             continue
         images = batch[0]
         for j, group in enumerate(optimizer.param_groups):
-            group["lr"] = lr_schedule[it]
+            group["lr"] = float(schedules["lr"][it])
             if j == 0:  # the decayed group; biases and norms stay at 0
-                group["weight_decay"] = wd_schedule[it]
+                group["weight_decay"] = float(schedules["wd"][it])
 
         # multi-crop views, view-major: globals (2B, 3, g, g), locals (nB, 3, l, l)
         images = images.to(device, non_blocking=True) if torch.is_tensor(images) else \
@@ -356,11 +393,11 @@ def train_one_epoch(student, student_ddp, teacher, dino_loss, patch_loss, loader
                     t_patch = teacher.head.forward_patches(t_out["patch_tokens"][masks])
             # student: masked globals and unmasked locals
             s_logits, s_patch = student_ddp(globals_, locals_, masks)
-            loss_dino = dino_loss(s_logits, t_logits, temp_schedule[it])
+            loss_dino = dino_loss(s_logits, t_logits, schedules["teacher_temp"][it])
             loss = args.lambda1 * loss_dino
             if masking:
                 loss_patch = patch_loss(s_patch, t_patch, masks.nonzero()[:, 0], masks.shape[0],
-                                        patch_temp_schedule[it])
+                                        schedules["patch_temp"][it])
                 loss = loss + args.lambda2 * loss_patch
 
         # a non-finite loss on any rank stops every rank; the last checkpoint stays as it was
@@ -382,17 +419,21 @@ def train_one_epoch(student, student_ddp, teacher, dino_loss, patch_loss, loader
             scaler.update()
         else:
             optimizer.step()
-        ema_update(teacher, student, momentum_schedule[it])
+        ema_update(teacher, student, schedules["momentum"][it])
 
-        values = {"loss": loss.item(), "dino_loss": loss_dino.item(), "lr": lr_schedule[it],
-                  "wd": wd_schedule[it]}
+        values = {"loss": loss.item(), "dino_loss": loss_dino.item(), "lr": schedules["lr"][it],
+                  "wd": schedules["wd"][it]}
         if masking:
             values["patch_loss"] = loss_patch.item()
         metrics.update(**values)
         if writer is not None and it % 10 == 0:
             for k, v in values.items():
                 writer.add_scalar(f"iter/{k}", v, it)
-    return metrics.averages()
+        if args.saveckp_iters and (i + 1) % args.saveckp_iters == 0 and i + 1 < niter:
+            save(epoch, i + 1)
+    stats = metrics.averages()
+    stats["skipped_images"] = utils.all_reduce_sum(skipped, device)
+    return stats
 
 
 def build_knn_data(args):
@@ -438,20 +479,30 @@ def serializable_args(args):
 
 
 def rng_state():
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    """This rank's torch and Python RNG states, gathered from all ranks so that a resume
+    continues every rank's random stream (augmentations, masks) where it stopped."""
+    state = torch.cat([torch.get_rng_state(), torch.tensor(random.getstate()[1], dtype=torch.int64).view(torch.uint8)])
+    if utils.get_world_size() > 1:
+        states = [torch.empty_like(state) for _ in range(utils.get_world_size())]
+        dist.all_gather_object(states, state)
+        return states
+    return [state]
 
 
-def restore_rng(state):
-    if state:
-        torch.set_rng_state(state["torch"])
-        random.setstate((3, tuple(state["python"]), None))
+def restore_rng(states, rank):
+    if not states or rank >= len(states):
+        return  # a run resumed with more ranks: new ranks keep their fresh seeds
+    n_torch = torch.get_rng_state().numel()
+    state = states[rank]
+    torch.set_rng_state(state[:n_torch].clone())
+    random.setstate((3, tuple(state[n_torch:].clone().view(torch.int64).tolist()), None))
 
 
 def check_compatible(saved, args, path):
     """A resume whose model differs from the checkpoint's is a one-line error."""
     for key in ("arch", "patch_size", "out_dim", "mode", "patch_out_dim", "shared_head", "gamma"):
         if key in saved and saved[key] != getattr(args, key):
-            raise utils.CheckpointError(f"{path} was trained with --{key} {saved[key]} but this run asks for "
+            raise utils.RunError(f"{path} was trained with --{key} {saved[key]} but this run asks for "
                                         f"--{key} {getattr(args, key)}; use another --output_dir or the same flags")
 
 
@@ -469,7 +520,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         train_dino(args)
-    except (DataError, utils.CheckpointError, Diverged) as e:
+    except (DataError, utils.RunError, Diverged) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     finally:

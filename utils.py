@@ -97,13 +97,19 @@ def linear_warmup_constant(start_value, final_value, epochs, niter_per_ep, warmu
 
 
 # ---------------------------------------------------------------- checkpoints
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read; the message is one line."""
+class RunError(RuntimeError):
+    """A user-facing failure (bad flags, unwritable folder, unreadable checkpoint); one-line message."""
 
 
-def save_checkpoint(state, path):
+class CheckpointError(RunError):
+    """A checkpoint that cannot be read or written; the message is one line."""
+
+
+def save_checkpoint(state, path, keep=1):
     """Write ``state`` to ``path`` atomically: temp file in the same folder, fsync,
-    rename. A crash mid-write leaves the previous file untouched."""
+    rename. A crash or a full disk mid-write leaves the previous file untouched.
+    With ``keep`` > 1 the previous files are kept as ``path.1`` ... ``path.{keep-1}``
+    (newest first), rotated only once the new file is safely on disk."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
@@ -111,11 +117,44 @@ def save_checkpoint(state, path):
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        for i in range(keep - 1, 0, -1):
+            older = path if i == 1 else f"{path}.{i - 1}"
+            if os.path.exists(older):
+                os.replace(older, f"{path}.{i}")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"could not write {path} ({e.strerror or e}); the previous checkpoint is "
+                                  "kept") from None
         raise
+
+
+def load_latest_checkpoint(path, keep=1, map_location="cpu"):
+    """The newest readable of ``path``, ``path.1`` ... ``path.{keep-1}`` as (state, file),
+    or (None, None) when there is none. An unreadable file is reported in one line
+    and the previous one is tried."""
+    for candidate in [path] + [f"{path}.{i}" for i in range(1, keep)]:
+        if not os.path.exists(candidate):
+            continue
+        try:
+            return load_checkpoint(candidate, map_location), candidate
+        except CheckpointError as e:
+            logger.warning(f"warning: {e}; falling back to the previous checkpoint")
+    return None, None
+
+
+def ensure_writable_dir(path):
+    """Create ``path`` if needed and check that files can be written there."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.remove(probe)
+    except OSError as e:
+        raise RunError(f"cannot write to output folder {path} ({e.strerror or e})") from None
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -125,7 +164,10 @@ def load_checkpoint(path, map_location="cpu"):
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
     except Exception as e:  # truncated zip, random bytes, pickled code: all unreadable
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        reason = next((line for line in lines if "Unsupported global" in line), lines[0])
+        if reason.startswith("Weights only load failed"):
+            reason = "not a PyTorch checkpoint of tensors and plain data"
         raise CheckpointError(f"{path} is not a readable checkpoint ({reason[:200]})") from None
 
 

@@ -22,6 +22,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
@@ -50,8 +51,7 @@ class MultiCropAugmentation:
         self.local_crops_number = local_crops_number
         self.global_crops_size = global_crops_size
         self.local_crops_size = local_crops_size
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.set_normalization(mean, std)
         self.blur_sigma = blur_sigma
         bicubic = v2.InterpolationMode.BICUBIC
         self._global_crop = v2.Compose([v2.RandomResizedCrop(global_crops_size, self.global_crops_scale,
@@ -60,6 +60,11 @@ class MultiCropAugmentation:
         self._local_crop = v2.Compose([v2.RandomResizedCrop(local_crops_size, self.local_crops_scale,
                                                             interpolation=bicubic, antialias=True),
                                        v2.RandomHorizontalFlip()])
+
+    def set_normalization(self, mean, std):
+        """Per-channel mean and std (3 values each) of the final normalisation."""
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
 
     @property
     def num_crops(self):
@@ -76,8 +81,9 @@ class MultiCropAugmentation:
     def crop_image(self, image):
         """Per-image geometry for the data loader: a PIL image or (C, H, W) uint8
         tensor -> list of ``num_crops`` uint8 tensors (3, h, w)."""
-        image = v2.functional.to_image(image)
-        image = _to_rgb(image)
+        if isinstance(image, Image.Image) and image.mode not in ("RGB", "L"):
+            image = image.convert("RGB")  # palette, CMYK, LA...: let PIL map them to colours
+        image = _to_rgb(v2.functional.to_image(image))
         crops = [self._global_crop(image) for _ in range(2)]
         crops += [self._local_crop(image) for _ in range(self.local_crops_number)]
         return [c.as_subclass(torch.Tensor) for c in crops]

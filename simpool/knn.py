@@ -63,9 +63,10 @@ def knn_classify(train_features, train_labels, test_features, test_labels, ks=(1
 
 @torch.no_grad()
 def extract_features(model, dataset, batch_size=256, device="cpu", image_size=None, amp_dtype=None,
-                     num_workers=0, collate=None, header="features"):
+                     num_workers=0, collate=None, header="features", normalize=True):
     """L2-normalised features (N, d) of every sample in ``dataset`` (uint8 images), in
-    dataset order, and the labels. Under torch.distributed each rank embeds every
+    dataset order, and the labels (``normalize=False``: the raw ``model(x)`` outputs,
+    as the linear probe wants them). Under torch.distributed each rank embeds every
     world_size-th sample and the shards are gathered on all ranks."""
     from simpool.data import normalize_batch  # data imports augment; keep knn importable alone
     from utils import MetricLogger
@@ -84,7 +85,8 @@ def extract_features(model, dataset, batch_size=256, device="cpu", image_size=No
         with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype or torch.bfloat16,
                             enabled=amp_dtype is not None):
             f = model(x)
-        feats.append(F.normalize(f.float(), dim=1).cpu())
+        f = f.float()
+        feats.append((F.normalize(f, dim=1) if normalize else f).cpu())
         labels.append(torch.as_tensor(target).cpu())
     model.train(was_training)
     feats, labels = torch.cat(feats), torch.cat(labels)

@@ -18,6 +18,11 @@ import torch.nn.functional as F
 __all__ = ["DINOLoss", "PatchLoss"]
 
 
+def _fp32(t):
+    """At least float32 (float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _all_reduce_mean_(t):
     """Average ``t`` over ranks in place (no-op without a process group)."""
     if dist.is_available() and dist.is_initialized():
@@ -43,8 +48,8 @@ class DINOLoss(nn.Module):
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def forward(self, student_output, teacher_output, teacher_temp):
-        log_p = F.log_softmax(student_output.float() / self.student_temp, dim=-1).chunk(self.ncrops)
-        q = F.softmax((teacher_output.float() - self.center) / teacher_temp, dim=-1).chunk(2)
+        log_p = F.log_softmax(_fp32(student_output) / self.student_temp, dim=-1).chunk(self.ncrops)
+        q = F.softmax((_fp32(teacher_output) - self.center) / teacher_temp, dim=-1).chunk(2)
         log_p = torch.stack(log_p)  # (ncrops, B, K)
         q = torch.stack(q)          # (2, B, K)
         # Sum over all student views once, then remove each teacher view's own pair:
@@ -82,8 +87,8 @@ class PatchLoss(nn.Module):
         self.register_buffer("center", torch.zeros(1, patch_out_dim))
 
     def forward(self, student_patch, teacher_patch, sample_index, num_samples, teacher_temp):
-        log_p = F.log_softmax(student_patch.float() / self.student_temp, dim=-1)
-        q = F.softmax((teacher_patch.float() - self.center) / teacher_temp, dim=-1)
+        log_p = F.log_softmax(_fp32(student_patch) / self.student_temp, dim=-1)
+        q = F.softmax((_fp32(teacher_patch) - self.center) / teacher_temp, dim=-1)
         token_loss = -(q * log_p).sum(-1)
         per_sample = token_loss.new_zeros(num_samples).index_add_(0, sample_index, token_loss)
         counts = token_loss.new_zeros(num_samples).index_add_(0, sample_index, torch.ones_like(token_loss))

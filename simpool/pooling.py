@@ -62,14 +62,15 @@ class SimPool(nn.Module):
         q = query.reshape(B, h, 1, d // h)
         k = keys.reshape(B, N, h, d // h).transpose(1, 2)  # (B, h, N, d/h)
         v = tokens.reshape(B, N, h, d // h).transpose(1, 2)
-        # Softmax in fp32: under bf16 autocast the logits lose the precision the ranking needs.
-        attn = ((q @ k.transpose(-2, -1)).float() * self.scale).softmax(dim=-1)  # (B, h, 1, N)
+        # Softmax and pooling in at least fp32: bf16 logits lose the precision the ranking needs.
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        attn = ((q @ k.transpose(-2, -1)).to(dtype) * self.scale).softmax(dim=-1)  # (B, h, 1, N)
+        v = v.to(dtype)
         if self.gamma is None:
-            pooled = attn @ v.float()
+            pooled = attn @ v
         else:
             # Shift each sample's values to be positive; the minimum is taken per sample
             # so that a sample's vector never depends on its batch-mates.
-            v = v.float()
             v = v - v.amin(dim=(1, 2, 3), keepdim=True) + self.eps
             pooled = (attn @ v.pow(self.gamma)).pow(1.0 / self.gamma)
         pooled = pooled.reshape(B, d)

@@ -1,0 +1,473 @@
+"""Attention maps of a backbone: image overlays, and how well they find the object.
+
+    python -m simpool.attention --pretrained_weights output/checkpoint.pth --images a.jpg b.png --output_dir maps
+    python -m simpool.attention --pretrained_weights output/checkpoint.pth --evaluate --output_dir maps
+    python -m simpool.attention --pretrained_weights ckpt.pth --evaluate --mask_dir pairs/ --output_dir maps
+
+The map is SimPool's attention over patches (simpool mode) or the last block's [CLS]
+attention (official mode: per head, and their mean, which is the map the [CLS] pools with).
+
+``--evaluate`` scores the map against object masks (DINO's protocol): keep the most
+attended tokens until they hold 60% of the attention mass, upsample that token mask to
+pixels, and report its Jaccard index with the object mask, and a CorLoc-style hit rate
+(the box of the largest connected part of the kept mask has IoU >= 0.5 with the object's
+box). The built-in set pastes Fashion-MNIST test items (exact masks: the item's pixels
+> 0) at random positions and scales onto real textures bundled with scikit-image, with a
+fixed seed; ``--mask_dir`` takes your own pairs instead. The same command runs on SimPool
+and [CLS] models, so their maps compare directly.
+
+Example:
+    >>> attn = torch.tensor([[0.5, 0.3], [0.15, 0.05]])      # a 2x2 token grid
+    >>> mass_mask(attn.flatten(), 0.6).view(2, 2)            # top 60% of the mass
+    tensor([[ True,  True],
+            [False, False]])
+    >>> gt = torch.zeros(4, 4, dtype=torch.bool); gt[:, :2] = True   # patch 2, 4x4 image
+    >>> round(jaccard(token_mask_to_pixels(mass_mask(attn.flatten(), 0.6).view(2, 2), 2, (4, 4)), gt), 4)
+    0.3333
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import utils
+from simpool.augment import IMAGENET_MEAN, IMAGENET_STD
+from simpool.checkpoints import add_model_args, load_pretrained
+from simpool.data import FASHION_MNIST, FASHION_MNIST_MEAN, FASHION_MNIST_STD, DataError
+
+logger = logging.getLogger("simpool")
+__all__ = ["attention_maps", "cls_attention_heads", "mass_mask", "token_mask_to_pixels", "jaccard",
+           "largest_component", "mask_box", "box_iou", "score_map", "colormap", "overlay", "synthetic_set",
+           "folder_set", "evaluate_maps"]
+TEXTURES = ("grass", "gravel", "brick", "moon")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class AttentionError(ValueError):
+    """A user-facing problem with the inputs; its message is one line."""
+
+
+# ---------------------------------------------------------------- maps
+@torch.no_grad()
+def cls_attention_heads(model, x):
+    """The last block's [CLS] attention over the patch tokens, per head: (B, heads, N).
+    Its mean over heads is ``vision_transformer.cls_attention``."""
+    tokens = model.prepare_tokens(x)
+    for blk in model.blocks[:-1]:
+        tokens = blk(tokens)
+    blk = model.blocks[-1]
+    attn = blk.attn
+    B, T, _ = tokens.shape
+    qkv = attn.qkv(blk.norm1(tokens)).reshape(B, T, 3, attn.num_heads, attn.head_dim)
+    q = attn.q_norm(qkv[:, :1, 0].transpose(1, 2))
+    k = attn.k_norm(qkv[:, :, 1].transpose(1, 2))
+    weights = ((q @ k.transpose(-2, -1)).float() * attn.scale).softmax(dim=-1)  # (B, h, 1, T)
+    return weights[:, :, 0, model.num_prefix_tokens:]
+
+
+@torch.no_grad()
+def attention_maps(model, x):
+    """(B, heads, gh, gw) attention over the patch grid: SimPool's map (one head unless
+    SimPool has several) or the [CLS] attention of each head of the last block."""
+    gh, gw = model.grid_size(*x.shape[-2:])
+    if model.mode == "official":
+        attn = cls_attention_heads(model, x)
+    else:
+        attn = model.forward_features(x, return_attention=True)["attention"]
+        if attn.dim() == 2:
+            attn = attn[:, None]
+    return attn.float().reshape(x.shape[0], -1, gh, gw)
+
+
+# ---------------------------------------------------------------- metrics
+def mass_mask(attn, threshold=0.6):
+    """Boolean mask of the most attended entries that together hold ``threshold`` of the
+    mass along the last dim (DINO: a token is kept while the mass of the tokens ranked
+    above it is below the threshold)."""
+    attn = attn.float()
+    values, order = attn.sort(dim=-1, descending=True)
+    values = values / values.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    before = values.cumsum(dim=-1) - values  # mass strictly above each ranked token
+    keep_sorted = before < threshold
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def token_mask_to_pixels(mask, patch_size, size):
+    """(gh, gw) token mask -> (H, W) pixel mask: each token covers patch_size^2 pixels;
+    pixels beyond the grid (image sides not multiples of the patch) are False."""
+    up = mask.bool().repeat_interleave(patch_size, 0).repeat_interleave(patch_size, 1)
+    out = torch.zeros(size, dtype=torch.bool)
+    h, w = min(size[0], up.shape[0]), min(size[1], up.shape[1])
+    out[:h, :w] = up[:h, :w]
+    return out
+
+
+def jaccard(pred, target):
+    """Intersection over union of two boolean masks (1.0 when both are empty)."""
+    pred, target = pred.bool(), target.bool()
+    union = (pred | target).sum().item()
+    return 1.0 if union == 0 else (pred & target).sum().item() / union
+
+
+def largest_component(mask):
+    """The largest 4-connected component of a small boolean (h, w) mask."""
+    m = mask.bool().cpu().numpy()
+    labels = np.zeros(m.shape, dtype=np.int32)
+    best, best_size, current = 0, 0, 0
+    for start in zip(*np.nonzero(m)):
+        if labels[start]:
+            continue
+        current += 1
+        labels[start] = current
+        stack, size = [start], 0
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < m.shape[0] and 0 <= nx < m.shape[1] and m[ny, nx] and not labels[ny, nx]:
+                    labels[ny, nx] = current
+                    stack.append((ny, nx))
+        if size > best_size:
+            best, best_size = current, size
+    return torch.from_numpy(labels == best) if best else torch.zeros(mask.shape, dtype=torch.bool)
+
+
+def mask_box(mask):
+    """(x0, y0, x1, y1) with exclusive ends of a boolean mask's True pixels, or None."""
+    ys, xs = torch.nonzero(mask.bool(), as_tuple=True)
+    if len(ys) == 0:
+        return None
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def box_iou(a, b):
+    if a is None or b is None:
+        return 0.0
+    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
+    return inter / max(area(a) + area(b) - inter, 1e-12)
+
+
+def score_map(attn_grid, target, patch_size, threshold=0.6):
+    """Jaccard and CorLoc hit of one (gh, gw) attention map against an (H, W) object mask."""
+    keep = mass_mask(attn_grid.flatten(), threshold).view(attn_grid.shape)
+    pixels = token_mask_to_pixels(keep, patch_size, tuple(target.shape))
+    box = token_mask_to_pixels(largest_component(keep), patch_size, tuple(target.shape))
+    return {"jaccard": jaccard(pixels, target), "hit": box_iou(mask_box(box), mask_box(target)) >= 0.5,
+            "kept": pixels}
+
+
+# ---------------------------------------------------------------- drawing
+_CMAP = np.array([[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21],
+                  [250, 193, 39], [252, 255, 164]], dtype=np.float32)  # inferno-like anchors
+
+
+def colormap(values):
+    """Float array in [0, 1] (H, W) -> uint8 RGB (H, W, 3) on a dark-to-yellow scale."""
+    v = np.clip(np.asarray(values, dtype=np.float32), 0, 1) * (len(_CMAP) - 1)
+    lo = np.floor(v).astype(int).clip(0, len(_CMAP) - 2)
+    t = (v - lo)[..., None]
+    return ((1 - t) * _CMAP[lo] + t * _CMAP[lo + 1]).round().astype(np.uint8)
+
+
+def overlay(image, amap, alpha=0.55):
+    """Blend the (gh, gw) map, bilinearly upsampled and min-max scaled, over a uint8
+    (H, W, 3) image."""
+    H, W = image.shape[:2]
+    up = F.interpolate(amap.float()[None, None], size=(H, W), mode="bilinear", align_corners=False)[0, 0]
+    up = (up - up.min()) / (up.max() - up.min()).clamp_min(1e-12)
+    colour = colormap(up.numpy()).astype(np.float32)
+    return (alpha * colour + (1 - alpha) * image.astype(np.float32)).round().astype(np.uint8)
+
+
+def save_panel(tiles, path, display_size=224):
+    """Save tiles (uint8 (H, W, 3), same height) side by side with a 2-pixel gap; small
+    images are enlarged (nearest) so the panel is at least ``display_size`` high."""
+    H = tiles[0].shape[0]
+    gap = np.full((H, 2, 3), 255, np.uint8)
+    panel = np.concatenate([x for t in tiles for x in (t, gap)][:-1], axis=1)
+    img = Image.fromarray(panel)
+    scale = max(1, math.ceil(display_size / H))
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img.save(path)
+
+
+def _mask_rgb(mask):
+    return np.repeat((mask.numpy()[..., None] * 255).astype(np.uint8), 3, axis=2)
+
+
+# ---------------------------------------------------------------- data
+def _resize_gray(a, size):
+    t = torch.as_tensor(a, dtype=torch.float32)[None, None]
+    return F.interpolate(t, size=size, mode="bilinear", antialias=True, align_corners=False)[0, 0]
+
+
+def synthetic_set(n, image_size, seed=0, object_scale=(0.5, 0.9), background_gain=0.5):
+    """``n`` Fashion-MNIST test items pasted onto real textures: uint8 images (n, 3, S, S)
+    and their exact boolean masks (n, S, S). Each item is resized to a random fraction
+    ``object_scale`` of the side S and placed at random; the mask is exactly the pixels
+    pasted (resized item > 0.02). Textures (scikit-image's grass, gravel, brick, moon)
+    are random crops at random scales, dimmed by ``background_gain``."""
+    try:
+        import skimage.data
+    except ImportError:
+        raise AttentionError("the built-in set needs scikit-image (pip install scikit-image), or use --mask_dir") \
+            from None
+    from simpool.data import load_fashion_mnist
+    items, _ = load_fashion_mnist("test")
+    textures = [getattr(skimage.data, name)().astype(np.float32) / 255 for name in TEXTURES]
+    rng = np.random.default_rng(seed)
+    S = image_size
+    images = torch.zeros(n, S, S)
+    masks = torch.zeros(n, S, S, dtype=torch.bool)
+    for i in range(n):
+        tex = textures[rng.integers(len(textures))]
+        side = int(rng.integers(S, max(S, min(min(tex.shape), 6 * S)) + 1))
+        y0, x0 = (int(rng.integers(0, d - side + 1)) for d in tex.shape)
+        bg = _resize_gray(tex[y0:y0 + side, x0:x0 + side], (S, S)) * background_gain
+        s = max(4, int(round(S * rng.uniform(*object_scale))))
+        item = _resize_gray(items[int(rng.integers(len(items)))][0].numpy() / 255.0, (s, s)).clamp(0, 1)
+        m = item > 0.02
+        oy, ox = int(rng.integers(0, S - s + 1)), int(rng.integers(0, S - s + 1))
+        region = bg[oy:oy + s, ox:ox + s]
+        bg[oy:oy + s, ox:ox + s] = torch.where(m, item, region)
+        masks[i, oy:oy + s, ox:ox + s] = m
+        images[i] = bg
+    images = (images.clamp(0, 1) * 255).round().to(torch.uint8)[:, None].expand(-1, 3, -1, -1).contiguous()
+    return images, masks
+
+
+def resize_for_model(image, image_size, patch_size, resample=Image.BICUBIC):
+    """PIL image resized so its short side is about ``image_size`` and both sides are
+    multiples of ``patch_size``."""
+    w, h = image.size
+    scale = image_size / min(w, h)
+    size = (max(patch_size, round(w * scale / patch_size) * patch_size),
+            max(patch_size, round(h * scale / patch_size) * patch_size))
+    return image.resize(size, resample)
+
+
+def _open_image(path, mode):
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert(mode)
+    except FileNotFoundError:
+        raise AttentionError(f"{path}: no such file") from None
+    except Exception as e:  # PIL raises many kinds for non-images and truncated files
+        raise AttentionError(f"{path}: cannot read image ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def folder_set(mask_dir, image_size, patch_size):
+    """Image + mask pairs from ``mask_dir``: ``images/<name>.<ext>`` with ``masks/<name>.png``
+    (non-zero = object), or ``<name>.<ext>`` beside ``<name>_mask.png``. Returns a list of
+    (name, uint8 image (3, h, w), bool mask (h, w)) at the model's resolution."""
+    if not os.path.isdir(mask_dir):
+        raise AttentionError(f"--mask_dir {mask_dir} is not a folder")
+    pairs = []
+    img_dir, msk_dir = os.path.join(mask_dir, "images"), os.path.join(mask_dir, "masks")
+    if os.path.isdir(img_dir) and os.path.isdir(msk_dir):
+        masks = {os.path.splitext(f)[0]: os.path.join(msk_dir, f) for f in os.listdir(msk_dir)}
+        for f in sorted(os.listdir(img_dir)):
+            stem, ext = os.path.splitext(f)
+            if ext.lower() in IMAGE_EXTS and stem in masks:
+                pairs.append((stem, os.path.join(img_dir, f), masks[stem]))
+    else:
+        files = sorted(os.listdir(mask_dir))
+        for f in files:
+            stem, ext = os.path.splitext(f)
+            if ext.lower() in IMAGE_EXTS and not stem.endswith("_mask"):
+                mask = next((os.path.join(mask_dir, m) for m in files if os.path.splitext(m)[0] == stem + "_mask"), None)
+                if mask:
+                    pairs.append((stem, os.path.join(mask_dir, f), mask))
+    if not pairs:
+        raise AttentionError(f"--mask_dir {mask_dir} holds no image/mask pairs (expected images/<name>.jpg with "
+                             "masks/<name>.png, or <name>.jpg beside <name>_mask.png)")
+    out = []
+    for name, image_path, mask_path in pairs:
+        image = resize_for_model(_open_image(image_path, "RGB"), image_size, patch_size)
+        mask = _open_image(mask_path, "L").resize(image.size, Image.NEAREST)
+        out.append((name, torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1),
+                    torch.from_numpy(np.asarray(mask) > 0)))
+    return out
+
+
+def _normalize(images, mean, std):
+    x = images.float() / 255
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def norm_stats(choice, info):
+    if choice == "auto":
+        choice = FASHION_MNIST if info.get("data_path") == FASHION_MNIST else "imagenet"
+    return (FASHION_MNIST_MEAN, FASHION_MNIST_STD) if choice == FASHION_MNIST else (IMAGENET_MEAN, IMAGENET_STD)
+
+
+# ---------------------------------------------------------------- evaluation
+def center_prior(gh, gw):
+    """A centred Gaussian map: the baseline a map must beat to be finding the object."""
+    ys = (torch.arange(gh) + 0.5) / gh - 0.5
+    xs = (torch.arange(gw) + 0.5) / gw - 0.5
+    return torch.exp(-(ys[:, None] ** 2 + xs[None] ** 2) / (2 * 0.25 ** 2))
+
+
+@torch.no_grad()
+def evaluate_maps(model, samples, mean, std, patch_size, threshold=0.6, batch_size=128, examples=0,
+                  example_dir=None):
+    """Mean Jaccard and CorLoc (percent) of the pooling map over ``samples`` (a list of
+    (name, uint8 image (3, h, w), bool mask (h, w))); for [CLS] models also per head."""
+    per_head, pooled_j, hits, prior_j, prior_hits = [], [], [], [], []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        groups = {}
+        for s in chunk:  # equal sizes batch together
+            groups.setdefault(tuple(s[1].shape), []).append(s)
+        for group in groups.values():
+            x = _normalize(torch.stack([s[1] for s in group]), mean, std)
+            maps = attention_maps(model, x)  # (b, heads, gh, gw)
+            for (name, image, mask), m in zip(group, maps):
+                r = score_map(m.mean(0), mask, patch_size, threshold)
+                pooled_j.append(r["jaccard"])
+                hits.append(r["hit"])
+                if m.shape[0] > 1:
+                    per_head.append([score_map(h, mask, patch_size, threshold)["jaccard"] for h in m])
+                p = score_map(center_prior(*m.shape[-2:]), mask, patch_size, threshold)
+                prior_j.append(p["jaccard"])
+                prior_hits.append(p["hit"])
+                if len(pooled_j) <= examples and example_dir:
+                    img = image.permute(1, 2, 0).numpy()
+                    save_panel([img, _mask_rgb(mask), overlay(img, m.mean(0)), _mask_rgb(r["kept"])],
+                               os.path.join(example_dir, f"{len(pooled_j) - 1:04d}_{name}.png"))
+    out = {"jaccard": 100 * float(np.mean(pooled_j)), "corloc": 100 * float(np.mean(hits)),
+           "center_prior": {"jaccard": 100 * float(np.mean(prior_j)), "corloc": 100 * float(np.mean(prior_hits))},
+           "n_images": len(pooled_j)}
+    if per_head:
+        heads = 100 * np.mean(np.array(per_head), axis=0)
+        out["per_head_jaccard"] = [round(float(v), 2) for v in heads]
+        out["best_head"] = int(heads.argmax())
+        out["best_head_jaccard"] = float(heads.max())
+    return out
+
+
+# ---------------------------------------------------------------- CLI
+def get_args_parser():
+    p = argparse.ArgumentParser("Attention maps of a SimPool-SSL backbone: overlays and mask quality",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p)
+    g = p.add_argument_group("maps")
+    g.add_argument("--images", default=[], nargs="+", type=str, help="Images to draw: each gives "
+                   "OUTPUT_DIR/<name>_attention.png with the image and its attention overlaid (per head too, "
+                   "for [CLS] models).")
+    g.add_argument("--image_size", default=None, type=int, help="Short side (pixels) the model sees; default: "
+                   "the checkpoint's training size. Maps are upsampled back to each image's resolution.")
+    g.add_argument("--normalize", default="auto", choices=["auto", "imagenet", FASHION_MNIST], help="Input "
+                   "normalisation statistics; auto: those of the data the checkpoint was trained on.")
+    g.add_argument("--display_size", default=224, type=int, help="Minimum height of the written panels; smaller "
+                   "images are enlarged (nearest).")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--evaluate", action="store_true", help="Score the maps against object masks: Jaccard of the "
+                   "top-mass token mask, and CorLoc; writes OUTPUT_DIR/attention.json.")
+    g.add_argument("--mask_dir", default=None, type=str, help="Your own image/mask pairs (images/<name>.jpg + "
+                   "masks/<name>.png, or <name>.jpg + <name>_mask.png); default: the built-in synthetic set.")
+    g.add_argument("--num_images", default=500, type=int, help="Size of the built-in synthetic set.")
+    g.add_argument("--object_scale", default=(0.5, 0.9), type=float, nargs=2, help="Synthetic set: range of an "
+                   "item's side as a fraction of the image side.")
+    g.add_argument("--background_gain", default=0.5, type=float, help="Synthetic set: texture brightness factor.")
+    g.add_argument("--threshold", default=0.6, type=float, help="Fraction of the attention mass the kept tokens "
+                   "hold (DINO: 0.6).")
+    g.add_argument("--save_examples", default=8, type=int, help="Write this many evaluation panels (image, mask, "
+                   "map, kept tokens) to OUTPUT_DIR/examples.")
+    g.add_argument("--seed", default=0, type=int, help="Seed of the synthetic set.")
+    p.add_argument("--output_dir", default="attention", type=str, help="Where the PNGs and attention.json go.")
+    return p
+
+
+def draw_images(model, info, args, mean, std):
+    images = [(path, _open_image(path, "RGB")) for path in args.images]  # all readable before any work
+    os.makedirs(args.output_dir, exist_ok=True)
+    written = []
+    for path, image in images:
+        x = _normalize(torch.from_numpy(np.asarray(resize_for_model(image, info["image_size"], info["patch_size"]))
+                                        .copy()).permute(2, 0, 1)[None], mean, std)
+        maps = attention_maps(model, x)[0]  # (heads, gh, gw)
+        img = np.asarray(image)
+        tiles = [img, overlay(img, maps.mean(0))]
+        if maps.shape[0] > 1:
+            tiles += [overlay(img, m) for m in maps]
+        out = os.path.join(args.output_dir, os.path.splitext(os.path.basename(path))[0] + "_attention.png")
+        save_panel(tiles, out, args.display_size)
+        written.append(out)
+        what = "SimPool map" if model.mode != "official" else f"[CLS] mean and {maps.shape[0]} heads"
+        logger.info(f"{path}: {what} on a {maps.shape[1]}x{maps.shape[2]} grid -> {out}")
+    return written
+
+
+def run(args):
+    utils.setup_logging()
+    if not args.images and not args.evaluate:
+        raise AttentionError("nothing to do: give --images FILES and/or --evaluate")
+    if not 0 < args.threshold <= 1:
+        raise AttentionError(f"--threshold must be in (0, 1], got {args.threshold}")
+    model, info = load_pretrained(args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size,
+                                  args.mode, args.gamma, image_size=args.image_size)
+    mean, std = norm_stats(args.normalize, info)
+    result = None
+    if args.images:
+        draw_images(model, info, args, mean, std)
+    if args.evaluate:
+        S, p = info["image_size"], info["patch_size"]
+        if args.mask_dir:
+            samples = folder_set(args.mask_dir, S, p)
+            source = f"{args.mask_dir} ({len(samples)} pairs)"
+        else:
+            if args.num_images < 1:
+                raise AttentionError(f"--num_images must be positive, got {args.num_images}")
+            images, masks = synthetic_set(args.num_images, S, args.seed, tuple(args.object_scale),
+                                          args.background_gain)
+            samples = [(f"synthetic{i}", im, m) for i, (im, m) in enumerate(zip(images, masks))]
+            source = (f"synthetic: {args.num_images} Fashion-MNIST test items on scikit-image textures, "
+                      f"{S}x{S}, seed {args.seed}")
+        example_dir = os.path.join(args.output_dir, "examples")
+        os.makedirs(example_dir, exist_ok=True)
+        result = evaluate_maps(model, samples, mean, std, p, args.threshold, examples=args.save_examples,
+                               example_dir=example_dir)
+        kind = "SimPool attention" if info["mode"] != "official" else "[CLS] attention (mean of heads)"
+        print(f"{kind} of {info['arch']}/{p} on {source}:")
+        print(f"  Jaccard (top {args.threshold:.0%} mass) {result['jaccard']:6.2f}   CorLoc {result['corloc']:6.2f}")
+        if "best_head" in result:
+            print(f"  per head Jaccard {result['per_head_jaccard']}  (best: head {result['best_head']}, "
+                  f"{result['best_head_jaccard']:.2f})")
+        print(f"  centre-prior baseline: Jaccard {result['center_prior']['jaccard']:6.2f}   "
+              f"CorLoc {result['center_prior']['corloc']:6.2f}")
+        record = {**result, "threshold": args.threshold, "dataset": source,
+                  "pretrained_weights": args.pretrained_weights or None, "checkpoint_key": args.checkpoint_key,
+                  "map": "simpool" if info["mode"] != "official" else "cls_mean_of_heads",
+                  "model": {k: info.get(k) for k in ("arch", "patch_size", "mode", "gamma", "image_size", "epoch")}}
+        path = os.path.join(args.output_dir, "attention.json")
+        with open(path, "w") as f:
+            json.dump(record, f, indent=2)
+        logger.info(f"Wrote {path} and {min(args.save_examples, result['n_images'])} example panels in {example_dir}.")
+    return result
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (AttentionError, DataError, utils.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

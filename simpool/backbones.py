@@ -1,0 +1,250 @@
+"""One factory for every backbone the commands pretrain, evaluate or export.
+
+``build_backbone(arch, ...)`` returns a module with the same interface for every family:
+
+- ``forward(x)`` -> pooled image vector (B, embed_dim);
+- ``forward_features(x, mask=None, return_attention=False)`` -> dict with ``pooled``
+  (B, embed_dim), ``patch_tokens`` ((B, N, D) for ViTs, ``None`` for convnets) and
+  ``attention`` ((B, h*w) pooling map when requested, else ``None``);
+- ``embed_dim``, ``grid_size(height, width)`` (the token grid, or the last feature map's
+  size for convnets), ``supports_masking`` (only ViTs have patch tokens to mask) and ``arch``.
+
+Families:
+
+- ViTs (``vision_transformer.ARCHS``): built by ``vision_transformer.build_vit``.
+- ``resnet50``, ``convnext_tiny|small|base``: timm's models, classifier and global pool
+  removed, in a :class:`ConvNetBackbone`.
+- ``fcvit_tiny|b12|b24|b48``: FCViT (``fcvit.py``), likewise in a :class:`ConvNetBackbone`.
+
+Pooling of the convnets' last feature map (``mode``):
+
+- ``'official'``: the architecture's own pooling. ResNet: global average pooling (the
+  2048-d vector DINO's ResNet-50 uses). ConvNeXt and FCViT: global average pooling and
+  then the model's head LayerNorm (timm's ``head.norm``), as their classifiers do.
+- ``'simpool'``: SimPool over the h*w positions in place of the global average pooling,
+  as the SimPool paper does for ResNet-50 and ConvNeXt; everything after the pool is kept.
+  So ResNet's vector is SimPool's output as is, and ConvNeXt's and FCViT's vector is
+  SimPool's output through the same head LayerNorm (exactly as the SimPool ViT's vector
+  passes the ViT's final LayerNorm). ``gamma='auto'`` means 2.0 for convnets (the SimPool
+  paper's convnet setting) and ``None`` for ViTs (this project's ViT default).
+
+Example:
+    >>> backbone = build_backbone("resnet50", mode="simpool")
+    >>> out = backbone.forward_features(torch.randn(2, 3, 96, 96), return_attention=True)
+    >>> out["pooled"].shape, out["patch_tokens"], out["attention"].shape
+    (torch.Size([2, 2048]), None, torch.Size([2, 9]))
+    >>> upsample_attention(out["attention"], feature_grid(backbone, 96, 96), (96, 96)).shape
+    torch.Size([2, 96, 96])
+"""
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fcvit
+import vision_transformer as vits
+from simpool.pooling import SimPool
+
+__all__ = ["ARCHS", "MODES", "VIT_ARCHS", "TIMM_ARCHS", "FCVIT_ARCHS", "CONVNET_GAMMA", "ConvNetBackbone",
+           "build_backbone", "resolve_gamma", "feature_grid", "upsample_attention", "supports_masking",
+           "masking_off_message", "uses_batchnorm", "sync_batchnorm_supported"]
+
+MODES = ("simpool", "official")
+VIT_ARCHS = tuple(vits.ARCHS)
+TIMM_ARCHS = ("resnet50", "convnext_tiny", "convnext_small", "convnext_base")
+FCVIT_ARCHS = tuple(fcvit.FCVIT_CONFIGS)
+ARCHS = VIT_ARCHS + TIMM_ARCHS + FCVIT_ARCHS
+CONVNET_GAMMA = 2.0  # SimPool's generalised-mean exponent for convnets ('auto')
+
+
+class ConvNetBackbone(nn.Module):
+    """A convolutional trunk whose last (B, C, h, w) feature map is pooled into one
+    (B, C) vector: by SimPool (``mode='simpool'``) or by global average pooling
+    (``mode='official'``), then by ``head_norm`` when the architecture has one.
+
+    Args:
+        trunk: a timm model built with ``num_classes=0, global_pool=''``; its
+            ``forward_features`` gives the last feature map.
+        strided_layers: the convolutions and poolings on the trunk's main path that change
+            the spatial size, in order; ``grid_size`` follows them.
+        mode, gamma, use_beta: pooling, as in the module docstring; SimPool's arguments.
+        head_norm: dotted name, inside ``trunk``, of a channels-first norm (e.g. timm's
+            ``LayerNorm2d`` at ``'head.norm'``) applied to the pooled vector, or ``None``.
+
+    State-dict names: ``trunk.*`` (timm's own names) and ``simpool.*`` (the official
+    SimPool names), so ``backbone.trunk`` loads timm checkpoints.
+
+    Example:
+        >>> trunk = timm.create_model("resnet50", pretrained=False, num_classes=0, global_pool="")
+        >>> net = ConvNetBackbone(trunk, [trunk.conv1, trunk.maxpool], mode="official")
+        >>> net(torch.randn(1, 3, 64, 64)).shape
+        torch.Size([1, 2048])
+    """
+
+    supports_masking = False  # no patch tokens: iBOT / AttMask masking does not apply
+
+    def __init__(self, trunk, strided_layers, mode="simpool", gamma=CONVNET_GAMMA, use_beta=False, head_norm=None):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        self.trunk = trunk
+        self.embed_dim = self.num_features = trunk.num_features
+        self.simpool = SimPool(self.embed_dim, gamma=gamma, use_beta=use_beta) if mode == "simpool" else None
+        self.head_norm = head_norm  # a name, not a module: its weights are saved once, under trunk.*
+        if head_norm is not None:
+            trunk.get_submodule(head_norm)  # fail early on a wrong name
+        # (kernel, stride, padding, dilation, ceil_mode) per (height, width) of each strided layer
+        self._geometry = [_layer_geometry(m) for m in strided_layers]
+
+    def grid_size(self, height, width):
+        """(h, w) of the last feature map for a ``height`` x ``width`` input."""
+        size = [height, width]
+        for layer in self._geometry:
+            size = [_output_size(n, *dim) for n, dim in zip(size, layer)]
+        return tuple(size)
+
+    def forward_features(self, x, mask=None, return_attention=False):
+        """Dict with ``pooled`` (B, C), ``patch_tokens`` None, and ``attention``: SimPool's
+        (B, h*w) map over the last feature map when requested in 'simpool' mode, else None."""
+        if mask is not None:
+            raise ValueError(f"{type(self.trunk).__name__} has no patch tokens to mask; "
+                             "check supports_masking before passing a mask")
+        fmap = self.trunk.forward_features(x)
+        attention = None
+        if self.simpool is not None:
+            pooled = self.simpool(fmap, return_attention=return_attention)
+            if return_attention:
+                pooled, attention = pooled
+        else:
+            pooled = fmap.mean(dim=(2, 3))
+        if self.head_norm is not None:
+            pooled = self.trunk.get_submodule(self.head_norm)(pooled[:, :, None, None]).flatten(1)
+        return {"pooled": pooled, "patch_tokens": None, "attention": attention}
+
+    def forward(self, x):
+        return self.forward_features(x)["pooled"]
+
+
+def _layer_geometry(layer):
+    def pair(v):
+        return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+    if isinstance(layer.padding, str):
+        raise ValueError(f"grid_size: string padding {layer.padding!r} of {layer} is not supported")
+    dims = [pair(layer.kernel_size), pair(layer.stride), pair(layer.padding), pair(layer.dilation)]
+    ceil_mode = getattr(layer, "ceil_mode", False)
+    return [tuple(d[i] for d in dims) + (ceil_mode,) for i in range(2)]
+
+
+def _output_size(n, kernel, stride, padding, dilation, ceil_mode):
+    span = n + 2 * padding - dilation * (kernel - 1) - 1
+    return (-(-span // stride) if ceil_mode else span // stride) + 1
+
+
+def _timm_trunk(arch, drop_path_rate, **kwargs):
+    return timm.create_model(arch, pretrained=False, num_classes=0, global_pool="",
+                             drop_path_rate=drop_path_rate, **kwargs)
+
+
+def _resnet(arch, mode, gamma, use_beta, drop_path_rate, **kwargs):
+    trunk = _timm_trunk(arch, drop_path_rate, **kwargs)
+    # stride 32: 7x7/2 stem conv, 3x3/2 max pool, then each later stage's first 3x3 conv
+    strided = [trunk.conv1, trunk.maxpool] + [getattr(trunk, f"layer{i}")[0].conv2 for i in (2, 3, 4)]
+    return ConvNetBackbone(trunk, strided, mode, gamma, use_beta, head_norm=None)
+
+
+def _convnext(arch, mode, gamma, use_beta, drop_path_rate, **kwargs):
+    trunk = _timm_trunk(arch, drop_path_rate, **kwargs)
+    # stride 32: 4x4/4 patchify stem, then a 2x2/2 conv opening each later stage
+    strided = [trunk.stem[0]] + [stage.downsample[-1] for stage in list(trunk.stages)[1:]]
+    return ConvNetBackbone(trunk, strided, mode, gamma, use_beta, head_norm="head.norm")
+
+
+def _fcvit(arch, mode, gamma, use_beta, drop_path_rate, **kwargs):
+    trunk = fcvit.build_fcvit(arch, num_classes=0, global_pool="", drop_path_rate=drop_path_rate, **kwargs)
+    # stride 32: 7x7/4 stem, then a 3x3/2 conv opening each later stage
+    strided = [trunk.stem.conv] + [stage.downsample.conv for stage in list(trunk.stages)[1:]]
+    return ConvNetBackbone(trunk, strided, mode, gamma, use_beta, head_norm="head.norm")
+
+
+def resolve_gamma(arch, gamma="auto"):
+    """SimPool's exponent for ``arch``: ``gamma`` itself, or for ``'auto'`` 2.0 for
+    convnets and None (plain attention average) for ViTs."""
+    if gamma != "auto":
+        return gamma
+    return None if arch in VIT_ARCHS else CONVNET_GAMMA
+
+
+def build_backbone(arch, patch_size=16, img_size=224, mode="simpool", gamma="auto", use_beta=False,
+                   drop_path_rate=0.0, **kwargs):
+    """Backbone ``arch`` (one of ``ARCHS``) pooled by ``mode`` (see the module docstring).
+
+    ``patch_size`` and ``img_size`` apply to ViTs only (convnets take any input size);
+    ``kwargs`` go to the family's constructor (``VisionTransformer``, ``timm.create_model``
+    or ``fcvit.build_fcvit``).
+
+    Example:
+        >>> vit = build_backbone("vit_nano", patch_size=8, img_size=64)
+        >>> vit.supports_masking, vit.embed_dim, vit.grid_size(64, 64)
+        (True, 192, (8, 8))
+        >>> cnn = build_backbone("convnext_tiny", mode="official")
+        >>> cnn.supports_masking, cnn.embed_dim, cnn.grid_size(224, 224)
+        (False, 768, (7, 7))
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    gamma = resolve_gamma(arch, gamma)
+    if arch in VIT_ARCHS:
+        model = vits.build_vit(arch, patch_size=patch_size, img_size=img_size, mode=mode, gamma=gamma,
+                               use_beta=use_beta, drop_path_rate=drop_path_rate, **kwargs)
+        model.supports_masking = True
+    else:
+        build = _resnet if arch.startswith("resnet") else _convnext if arch.startswith("convnext") else _fcvit
+        model = build(arch, mode, gamma, use_beta, drop_path_rate, **kwargs)
+    model.arch = arch
+    return model
+
+
+def feature_grid(backbone, height, width):
+    """(h, w) of the token grid (ViT) or last feature map (convnet) that the pooling
+    attention of a ``height`` x ``width`` input is laid out on."""
+    return tuple(backbone.grid_size(height, width))
+
+
+def upsample_attention(attention, grid, size, mode="bilinear"):
+    """Pooling attention (B, h*w) laid out on ``grid`` = (h, w), resized to image
+    resolution ``size`` = (H, W): (B, H, W), for visualisation.
+
+    Example:
+        >>> upsample_attention(torch.rand(2, 49), (7, 7), (224, 224)).shape
+        torch.Size([2, 224, 224])
+    """
+    h, w = grid
+    if attention.dim() != 2 or attention.shape[1] != h * w:
+        raise ValueError(f"attention of shape {tuple(attention.shape)} does not lie on a {h}x{w} grid")
+    maps = attention.float().reshape(-1, 1, h, w)
+    align = {} if mode == "nearest" else {"align_corners": False}
+    return F.interpolate(maps, size=tuple(size), mode=mode, **align)[:, 0]
+
+
+def supports_masking(backbone):
+    """Whether iBOT / AttMask masking applies: the backbone has patch tokens to mask."""
+    return bool(getattr(backbone, "supports_masking", False))
+
+
+def masking_off_message(arch):
+    """What to log when masking is asked for a backbone without patch tokens."""
+    return f"--arch {arch} has no patch tokens: masking (--pred_ratio) is turned off, the run is plain DINO"
+
+
+def uses_batchnorm(module):
+    """Whether ``module`` holds any BatchNorm layer (which needs SyncBatchNorm under DDP)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def sync_batchnorm_supported(device):
+    """SyncBatchNorm's forward only runs on GPU-like devices; on CPU (gloo) it raises
+    ValueError once a process group exists, so there BatchNorm stays per rank."""
+    return torch.device(device).type in ("cuda", "xpu", "hpu")

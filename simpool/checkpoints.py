@@ -1,0 +1,351 @@
+"""Backbone weights from any checkpoint: ours, exported, official DINO / iBOT / AttMask / SimPool.
+
+One entry point, ``load_pretrained``, serves eval_knn, eval_linear, export and attention:
+it reads the file safely (``torch.load(weights_only=True)``, or safetensors), picks the
+state dict (``--checkpoint_key``), drops ``module.`` / ``backbone.`` prefixes and head
+keys, works out the architecture (command line > stored args/metadata > the weights
+themselves), builds the ViT and loads it **strictly**: any missing or unexpected key or
+shape mismatch is one ``CheckpointError`` line naming them. Resizing ``pos_embed`` to
+another image size is the one adaptation allowed (logged). ``masked_embed`` (iBOT's mask
+token, absent from DINO checkpoints and unused at evaluation) may be missing.
+
+Example:
+    >>> model, info = load_pretrained("output/checkpoint.pth", checkpoint_key="teacher")
+    >>> info["arch"], info["patch_size"], info["mode"], info["img_size"]
+    ('vit_nano', 7, 'simpool', 28)
+"""
+import argparse
+import logging
+import math
+import os
+import re
+
+import numpy as np
+import torch
+from timm.layers import resample_abs_pos_embed
+
+import utils
+import vision_transformer as vits
+from utils import CheckpointError
+
+logger = logging.getLogger("simpool")
+
+FORMAT = "simpool-backbone"  # marker of exported backbone files (simpool/export.py)
+FORMAT_VERSION = 1
+AUTO = "auto"  # --gamma default: read it from the checkpoint
+OPTIONAL_KEYS = ("masked_embed",)  # may be absent (DINO checkpoints); unused at evaluation
+__all__ = ["load_pretrained", "read_checkpoint", "backbone_state_dict", "load_backbone_weights", "infer_arch",
+           "gamma_arg", "add_model_args", "AUTO", "FORMAT", "FORMAT_VERSION", "CheckpointError"]
+
+
+def _numpy_core():
+    return getattr(np, "_core", None) or np.core
+
+
+# Plain data that official and our checkpoints pickle besides tensors: argparse.Namespace
+# (official DINO/iBOT/SimPool 'args'), numpy scalars (learning rates stored as np.float64).
+# None of them runs code when rebuilt; torch.load stays weights_only=True.
+SAFE_GLOBALS = [argparse.Namespace, _numpy_core().multiarray.scalar, np.dtype] + \
+    sorted({type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFD"}, key=lambda t: t.__name__)
+
+
+def gamma_arg(s):
+    """argparse type for --gamma: 'auto' (from the checkpoint), 'None', or a number."""
+    if str(s).lower() == AUTO:
+        return AUTO
+    if str(s).lower() == "none":
+        return None
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto', 'None' or a number, got {s!r}") from None
+
+
+def add_model_args(parser):
+    """The backbone flags shared by eval_knn, eval_linear, export and attention."""
+    g = parser.add_argument_group("backbone")
+    g.add_argument("--pretrained_weights", default="", type=str, help="Checkpoint to evaluate: a training "
+                   "checkpoint.pth, an exported backbone (.pth/.safetensors), or an official DINO/iBOT/AttMask/"
+                   "SimPool checkpoint. Empty: random initialisation (a baseline).")
+    g.add_argument("--checkpoint_key", default="teacher", type=str, help="Which network of a training "
+                   "checkpoint to load ('teacher' or 'student'); ignored for exported and flat files.")
+    g.add_argument("--arch", default=None, choices=list(vits.ARCHS), help="Backbone architecture; default: "
+                   "from the checkpoint (its stored args, else its weights); vit_small for random init.")
+    g.add_argument("--patch_size", default=None, type=int, help="Patch size; default: from the checkpoint "
+                   "(16 for random init).")
+    g.add_argument("--mode", default=None, choices=vits.MODES, help="'simpool' (no [CLS]) or 'official' "
+                   "([CLS] token); default: from the checkpoint's weights (cls_token present -> official).")
+    g.add_argument("--gamma", default=AUTO, type=gamma_arg, help="SimPool's generalised-mean exponent: 'auto' "
+                   "reads it from the checkpoint (None when it is not recorded), 'None' or a number overrides.")
+    return g
+
+
+# ---------------------------------------------------------------- reading files
+def read_checkpoint(path):
+    """The object stored in ``path``: ``torch.load(weights_only=True)`` for .pth files,
+    safetensors for ``*.safetensors`` (returned as an exported-backbone dict). Anything
+    unreadable (random bytes, truncated, a pickle with code) raises a one-line
+    ``CheckpointError`` and nothing in the file is executed."""
+    if not path:
+        raise CheckpointError("no checkpoint path given")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+    if str(path).endswith(".safetensors"):
+        return _read_safetensors(path)
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        return utils.load_checkpoint(path)
+
+
+def _read_safetensors(path):
+    import json
+
+    from safetensors import safe_open
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # header garbage, truncation: safetensors raises its own errors
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path} is not a readable safetensors file ({reason[:200]})") from None
+    meta = {}
+    if "meta" in metadata:
+        try:
+            meta = json.loads(metadata["meta"])
+        except ValueError:
+            raise CheckpointError(f"{path}: its 'meta' metadata is not valid JSON") from None
+    return {"format": metadata.get("format", "safetensors"), "version": int(metadata.get("version", 0) or 0),
+            "meta": meta, "state_dict": state}
+
+
+# ---------------------------------------------------------------- picking the backbone
+def _is_state_dict(obj):
+    return isinstance(obj, dict) and len(obj) > 0 and all(torch.is_tensor(v) for v in obj.values())
+
+
+def _args_dict(args):
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    return dict(args) if isinstance(args, dict) else {}
+
+
+def backbone_state_dict(ckpt, checkpoint_key="teacher", path="checkpoint"):
+    """(state_dict, meta, description) of the backbone stored in ``ckpt``.
+
+    Exported files carry their metadata; training checkpoints (ours or official) hold
+    ``ckpt[checkpoint_key]`` with ``module.``/``backbone.`` prefixes and head keys, and
+    their training ``args``; iBOT releases use ``state_dict``; flat backbone files are
+    a state dict themselves. Prefixes are stripped and non-backbone keys dropped."""
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dictionary")
+    if ckpt.get("format") in (FORMAT, "safetensors") and isinstance(ckpt.get("state_dict"), dict):
+        meta = dict(ckpt.get("meta") or {})
+        return _strip_prefixes(ckpt["state_dict"], path), meta, "exported backbone"
+    meta = _args_dict(ckpt.get("args"))
+    if "epoch" in ckpt and isinstance(ckpt["epoch"], int):
+        meta.setdefault("epoch", ckpt["epoch"])
+    if checkpoint_key and isinstance(ckpt.get(checkpoint_key), dict):
+        state, what = ckpt[checkpoint_key], f"'{checkpoint_key}'"
+    elif _is_state_dict(ckpt):
+        state, what = ckpt, "flat state dict"
+    else:
+        for key in ("state_dict", "model", "teacher"):
+            if isinstance(ckpt.get(key), dict):
+                state, what = ckpt[key], f"'{key}'"
+                break
+        else:
+            holds = ", ".join(sorted(str(k) for k in ckpt)[:12])
+            raise CheckpointError(f"{path} has no '{checkpoint_key}' entry (it holds: {holds}); "
+                                  "choose one with --checkpoint_key")
+        logger.info(f"{path}: no '{checkpoint_key}' entry; using {what}.")
+    if not _is_state_dict(state):
+        raise CheckpointError(f"{path}[{what}] is not a state dict of tensors")
+    return _strip_prefixes(state, path), meta, what
+
+
+def _strip_prefixes(state, path):
+    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    if any(k.startswith("backbone.") for k in state):
+        dropped = sorted({k.split(".")[0] for k in state if not k.startswith("backbone.")})
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        if dropped:
+            logger.info(f"{path}: dropped non-backbone keys ({', '.join(dropped)}.*).")
+    heads = [k for k in state if k.startswith("head.") or k.startswith("fc_norm.")]
+    if heads:
+        logger.info(f"{path}: dropped {len(heads)} head keys.")
+        state = {k: v for k, v in state.items() if k not in heads}
+    return state
+
+
+# ---------------------------------------------------------------- architecture
+def infer_arch(state):
+    """What the weights themselves say: arch, patch_size, mode, use_beta, img_size."""
+    out = {}
+    w = state.get("patch_embed.proj.weight")
+    if w is not None and w.ndim == 4:
+        out["patch_size"] = int(w.shape[-1])
+        embed_dim = int(w.shape[0])
+        depth = len({int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))})
+        names = [n for n, (d, L, _) in vits.ARCHS.items() if d == embed_dim and L == depth]
+        if names:
+            out["arch"] = names[0]
+        out["embed_dim"], out["depth"] = embed_dim, depth
+    if "cls_token" in state:
+        out["mode"] = "official"
+    elif any(k.startswith("simpool.") for k in state):
+        out["mode"] = "simpool"
+    out["use_beta"] = "simpool.beta" in state
+    pos = state.get("pos_embed")
+    if pos is not None and pos.ndim == 3 and "patch_size" in out:
+        n = pos.shape[1] - (1 if out.get("mode") == "official" else 0)
+        side = math.isqrt(n)
+        if side * side == n:
+            out["img_size"] = side * out["patch_size"]
+    return out
+
+
+def _resolve(explicit, *candidates, default=None):
+    if explicit is not None:
+        return explicit
+    for c in candidates:
+        if c is not None:
+            return c
+    return default
+
+
+def load_pretrained(path, checkpoint_key="teacher", arch=None, patch_size=None, mode=None, gamma=AUTO,
+                    image_size=None, use_beta=None):
+    """Build the backbone stored in ``path`` and load it strictly; ``(model, info)``.
+
+    ``image_size`` is the size the model will see (pos_embed is resized when it differs
+    from the checkpoint's); None keeps the checkpoint's. ``info`` holds arch,
+    patch_size, mode, gamma, use_beta, img_size (training size), image_size, embed_dim,
+    depth, num_heads, data_path (when recorded), epoch, source. An empty ``path`` gives
+    a randomly initialised model and a loud warning."""
+    if not path:
+        arch, patch_size, mode = arch or "vit_small", patch_size or 16, mode or "simpool"
+        gamma = None if gamma == AUTO else gamma
+        image_size = image_size or 224
+        logger.warning("WARNING: no --pretrained_weights given: evaluating a RANDOMLY INITIALISED "
+                       f"{arch}/{patch_size} ({mode}). Its numbers are a chance-level baseline, not a result.")
+        model = vits.build_vit(arch, patch_size=patch_size, img_size=image_size, mode=mode, gamma=gamma,
+                               use_beta=bool(use_beta))
+        info = dict(arch=arch, patch_size=patch_size, mode=mode, gamma=gamma, use_beta=bool(use_beta),
+                    img_size=image_size, image_size=image_size, data_path=None, epoch=None, source="random init")
+        return model.eval(), _with_dims(info)
+
+    ckpt = read_checkpoint(path)
+    state, meta, what = backbone_state_dict(ckpt, checkpoint_key, path)
+    found = infer_arch(state)
+    arch = _resolve(arch, meta.get("arch") if meta.get("arch") in vits.ARCHS else None, found.get("arch"))
+    if arch is None:
+        raise CheckpointError(f"{path}: cannot tell the architecture (embed_dim {found.get('embed_dim')}, "
+                              f"depth {found.get('depth')} match none of {', '.join(vits.ARCHS)}); pass --arch")
+    patch_size = _resolve(patch_size, found.get("patch_size"), meta.get("patch_size"), default=16)
+    mode = _resolve(mode, found.get("mode"), meta.get("mode") if meta.get("mode") in vits.MODES else None,
+                    default="simpool")
+    use_beta = _resolve(use_beta, found.get("use_beta"), default=False)
+    if gamma == AUTO:
+        if "gamma" in meta:
+            gamma = meta["gamma"]
+        else:
+            gamma = None
+            if mode == "simpool":
+                logger.warning(f"{path} does not record SimPool's gamma; using None (plain attention average). "
+                               "Pass --gamma 1.25 for checkpoints of the official SimPool ViT-S recipe.")
+    img_size = _resolve(meta.get("img_size"), meta.get("global_crops_size"), found.get("img_size"), default=224)
+    image_size = image_size or img_size
+    model = _build_uninitialised(arch, patch_size=patch_size, img_size=image_size, mode=mode, gamma=gamma,
+                                 use_beta=use_beta)
+    desc = f"{arch}/{patch_size} ({mode})"
+    load_backbone_weights(model, state, f"{path} [{what}]", desc)
+    info = dict(arch=arch, patch_size=patch_size, mode=mode, gamma=gamma, use_beta=use_beta, img_size=img_size,
+                image_size=image_size, data_path=meta.get("data_path"), epoch=meta.get("epoch"),
+                source=f"{path} [{what}]")
+    logger.info(f"Loaded {desc}, gamma {gamma}, from {info['source']}"
+                + (f" (epoch {info['epoch']})" if info["epoch"] is not None else "") + ".")
+    return model.eval(), _with_dims(info)
+
+
+def _build_uninitialised(arch, **kwargs):
+    """The ViT on the meta device (no random initialisation: every weight is loaded next,
+    with ``assign``); a plain CPU build where construction cannot run on meta tensors."""
+    try:
+        with torch.device("meta"):
+            return vits.build_vit(arch, **kwargs)
+    except (NotImplementedError, RuntimeError):
+        pass
+    # The random initialisation is thrown away; on one thread it costs far less on a busy
+    # machine (vit_nano: 0.08 s instead of 1.3 s measured on 2 oversubscribed cores).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return vits.build_vit(arch, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _with_dims(info):
+    embed_dim, depth, num_heads = vits.ARCHS[info["arch"]]
+    info.update(embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+    return info
+
+
+# ---------------------------------------------------------------- strict loading
+def _names(items, limit=6):
+    items = list(items)
+    text = ", ".join(items[:limit])
+    return text + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def load_backbone_weights(model, state, source="checkpoint", desc=None):
+    """Load ``state`` into ``model`` strictly; the only adaptations are resizing
+    ``pos_embed`` to the model's grid and keeping the model's own ``masked_embed``
+    when the checkpoint has none. Anything else that does not fit raises one
+    ``CheckpointError`` line naming the missing/unexpected keys and shape mismatches."""
+    own = model.state_dict()
+    on_meta = any(t.is_meta for t in own.values())  # built without initialisation: take the tensors as they are
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+    desc = desc or type(model).__name__
+    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
+        state["pos_embed"] = _resize_pos_embed(state["pos_embed"], own["pos_embed"], model, source)
+    missing = [k for k in own if k not in state and k not in OPTIONAL_KEYS]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k} (checkpoint {list(state[k].shape)}, model {list(own[k].shape)})"
+                  for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_names(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_names(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatches: {_names(mismatched, 3)}")
+        hint = ""
+        if "cls_token" in unexpected:
+            hint = " (a [CLS] checkpoint: try --mode official)"
+        elif "cls_token" in missing and any(k.startswith("simpool.") for k in unexpected):
+            hint = " (a SimPool checkpoint: try --mode simpool)"
+        elif any(k.startswith("patch_embed") for k in (m.split()[0] for m in mismatched)):
+            hint = " (check --patch_size / --arch)"
+        raise CheckpointError(f"{source} does not fit {desc}: {'; '.join(parts)}{hint}")
+    for k in OPTIONAL_KEYS:
+        if k in own and k not in state:
+            state[k] = torch.zeros(own[k].shape) if own[k].is_meta else own[k]  # masked_embed starts at zero
+            logger.info(f"{source}: no {k} in the checkpoint; using a zero one (unused at evaluation).")
+    model.load_state_dict(state, strict=True, assign=on_meta)
+    return model
+
+
+def _resize_pos_embed(pos, target, model, source):
+    prefix = getattr(model, "num_prefix_tokens", 0)
+    n_old, n_new = pos.shape[1] - prefix, target.shape[1] - prefix
+    old, new = math.isqrt(max(n_old, 0)), model.patch_embed.grid_size
+    if pos.ndim != 3 or pos.shape[2] != target.shape[2] or old * old != n_old or n_old <= 0:
+        return pos  # not a resizable grid: reported as a shape mismatch
+    resized = resample_abs_pos_embed(pos.float(), list(new), [old, old], num_prefix_tokens=prefix).to(pos.dtype)
+    logger.info(f"{source}: resized pos_embed from a {old}x{old} to a {new[0]}x{new[1]} patch grid "
+                f"(image size {old * model.patch_size} -> {new[0] * model.patch_size}).")
+    assert resized.shape == target.shape, (resized.shape, target.shape)
+    return resized

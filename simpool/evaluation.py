@@ -1,0 +1,85 @@
+"""Shared plumbing of the evaluation CLIs (eval_knn, eval_linear): the train/val splits,
+a collate that survives unreadable files, precision, and the one-line error exit.
+
+Example:
+    >>> train, val = build_eval_splits("fashion-mnist", image_size=28, subset=10, val_subset=5)
+    >>> len(train), len(val), train.classes[0]
+    (100, 50, 'T-shirt/top')
+"""
+import logging
+import sys
+
+import torch
+from torch.utils.data import default_collate
+
+import utils
+from simpool.data import FASHION_MNIST, DataError, build_dataset, eval_transform
+
+logger = logging.getLogger("simpool")
+__all__ = ["EvalError", "build_eval_splits", "tolerant_collate", "drop_unreadable", "amp_dtype", "run_main",
+           "is_in_memory"]
+
+
+class EvalError(ValueError):
+    """A user-facing problem with the evaluation's inputs; its message is one line."""
+
+
+def is_in_memory(dataset):
+    """True for the built-in Fashion-MNIST (uint8 tensors held in memory), False for ImageFolder trees."""
+    return not hasattr(dataset, "samples")
+
+
+def build_eval_splits(data_path, image_size, subset=-1, val_subset=-1, train_transform=None, seed=0):
+    """(train, val) datasets: Fashion-MNIST's train/test splits, or ``DATA/train`` and
+    ``DATA/val`` ImageFolders (val resized and centre-cropped to ``image_size``; train
+    with ``train_transform``, default the same as val). ``subset``/``val_subset`` > 0
+    keep that many images per class."""
+    val_tf = eval_transform(image_size)
+    train = build_dataset(data_path, "train", subset, transform=train_transform or val_tf, seed=seed)
+    val = build_dataset(data_path, "test" if data_path == FASHION_MNIST else "val", val_subset,
+                        transform=val_tf, seed=seed)
+    if list(train.classes) != list(val.classes):
+        raise DataError(f"{data_path}: train/ and val/ have different classes ({len(train.classes)} vs "
+                        f"{len(val.classes)}); they must hold the same class folders")
+    return train, val
+
+
+def tolerant_collate(image_size):
+    """Collate for SafeImageFolder samples: an unreadable file becomes a black image with
+    label -1 (so every rank keeps its exact shard size), logged as a warning; drop those
+    rows afterwards with ``drop_unreadable``."""
+    def collate(samples):
+        out = []
+        for s in samples:
+            if isinstance(s, str):  # data._BadSample: the path of a file that could not be read
+                logger.warning(f"skipped unreadable image {s}")
+                out.append((torch.zeros(3, image_size, image_size, dtype=torch.uint8), -1))
+            else:
+                out.append((torch.as_tensor(s[0]).as_subclass(torch.Tensor), s[1]))
+        return default_collate(out)
+    return collate
+
+
+def drop_unreadable(feats, labels):
+    keep = labels >= 0
+    if not bool(keep.all()):
+        logger.warning(f"{int((~keep).sum())} unreadable images left out.")
+    return feats[keep], labels[keep]
+
+
+def amp_dtype(precision):
+    """bf16 autocast dtype, or None for fp32."""
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def run_main(fn, args):
+    """Run ``fn(args)``; user-facing errors print ``error: ...`` and exit 1, never a traceback."""
+    import torch.distributed as dist
+    try:
+        return fn(args)
+    except (DataError, utils.CheckpointError, EvalError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

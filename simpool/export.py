@@ -1,0 +1,133 @@
+"""Export a trained backbone (no head) with its architecture metadata, and load it back.
+
+    python -m simpool.export --checkpoint output/checkpoint.pth --checkpoint_key teacher --output backbone.pth
+    python -m simpool.export --checkpoint output/checkpoint.pth --output backbone.safetensors
+
+The file holds the backbone's state dict and ``meta`` (format version, arch, patch_size,
+mode, gamma, use_beta, img_size, embed_dim, depth, num_heads, data_path, source). A .pth
+file is ``{"format": "simpool-backbone", "version", "meta", "state_dict"}`` written
+atomically; a .safetensors file stores the tensors and, as string metadata, ``format``,
+``version`` and ``meta`` (JSON). Loading back is strict (see simpool/checkpoints.py).
+
+The block weights are timm's: ``to_timm_state_dict`` drops ``simpool.*`` and
+``masked_embed`` and ``build_timm_vit`` makes the matching ``timm`` VisionTransformer,
+whose ``forward_features`` then equals our ``forward_features()['patch_tokens']``.
+
+Example:
+    >>> meta = export_backbone("output/checkpoint.pth", "backbone.safetensors")
+    >>> model = load_backbone("backbone.safetensors")
+    >>> timm_vit = build_timm_vit(meta)
+    >>> timm_vit.load_state_dict(to_timm_state_dict(model))
+    <All keys matched successfully>
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+
+import torch
+
+import utils
+from simpool.checkpoints import (AUTO, FORMAT, FORMAT_VERSION, CheckpointError, add_model_args, load_pretrained)
+
+logger = logging.getLogger("simpool")
+__all__ = ["export_backbone", "load_backbone", "to_timm_state_dict", "build_timm_vit"]
+META_KEYS = ("arch", "patch_size", "mode", "gamma", "use_beta", "img_size", "embed_dim", "depth", "num_heads",
+             "data_path", "epoch")
+
+
+def export_backbone(checkpoint, output, checkpoint_key="teacher", arch=None, patch_size=None, mode=None,
+                    gamma=AUTO):
+    """Write the backbone of ``checkpoint`` to ``output`` (.pth or .safetensors); returns its metadata.
+    The weights go through a strict load first, so a file that exports also loads."""
+    model, info = load_pretrained(checkpoint, checkpoint_key, arch=arch, patch_size=patch_size, mode=mode,
+                                  gamma=gamma)
+    meta = {k: info.get(k) for k in META_KEYS}
+    meta.update(format_version=FORMAT_VERSION, source=f"{os.path.basename(checkpoint)} [{checkpoint_key}]")
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"--output folder {folder} does not exist")
+    if str(output).endswith(".safetensors"):
+        from safetensors.torch import save_file
+        tmp = os.path.join(folder, f".{os.path.basename(output)}.tmp{os.getpid()}")
+        try:
+            save_file(state, tmp, metadata={"format": FORMAT, "version": str(FORMAT_VERSION),
+                                            "meta": json.dumps(meta)})
+            os.replace(tmp, output)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:
+        utils.save_checkpoint({"format": FORMAT, "version": FORMAT_VERSION, "meta": meta, "state_dict": state},
+                              output)
+    return meta
+
+
+def load_backbone(path, checkpoint_key="teacher", image_size=None, **overrides):
+    """The backbone in ``path`` (exported or any checkpoint ``load_pretrained`` reads),
+    loaded strictly, in eval mode; its metadata is ``model.pretrained_info``."""
+    model, info = load_pretrained(path, checkpoint_key, image_size=image_size, **overrides)
+    model.pretrained_info = info
+    return model
+
+
+def to_timm_state_dict(model_or_state):
+    """Our backbone's weights under timm's VisionTransformer names: identical for
+    patch_embed / pos_embed / cls_token / blocks / norm; SimPool and the mask token
+    have no timm counterpart and are dropped."""
+    state = model_or_state.state_dict() if hasattr(model_or_state, "state_dict") else model_or_state
+    return {k: v for k, v in state.items() if not k.startswith("simpool.") and k != "masked_embed"}
+
+
+def build_timm_vit(meta):
+    """The timm VisionTransformer whose weights ``to_timm_state_dict`` fills: no head,
+    no pooling, a class token only in official mode. Its blocks' LayerNorms use eps
+    1e-5 as ours do (timm's default is 1e-6); the final norm uses 1e-6."""
+    from functools import partial
+
+    import torch.nn as nn
+    from timm.models.vision_transformer import VisionTransformer
+
+    import vision_transformer as vits
+    embed_dim, depth, num_heads = vits.ARCHS[meta["arch"]]
+    model = VisionTransformer(img_size=meta["img_size"], patch_size=meta["patch_size"], embed_dim=embed_dim,
+                              depth=depth, num_heads=num_heads, mlp_ratio=4.0, qkv_bias=True,
+                              class_token=meta["mode"] == "official", global_pool="", num_classes=0,
+                              norm_layer=partial(nn.LayerNorm, eps=1e-5))
+    model.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+    return model.eval()
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("Export a SimPool-SSL backbone (no head) with its metadata",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, type=str, help="Training checkpoint (or any checkpoint "
+                   "eval_knn reads: official DINO/iBOT/AttMask/SimPool, or an exported backbone).")
+    p.add_argument("--output", required=True, type=str, help="Output file: *.pth (torch) or *.safetensors.")
+    g = add_model_args(p)
+    # --pretrained_weights is the eval scripts' spelling of --checkpoint; here it is not used.
+    for action in g._group_actions:
+        if action.dest == "pretrained_weights":
+            action.help = argparse.SUPPRESS
+    return p
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    utils.setup_logging()
+    try:
+        meta = export_backbone(args.checkpoint, args.output, args.checkpoint_key, args.arch, args.patch_size,
+                               args.mode, args.gamma)
+        size = os.path.getsize(args.output) / 2 ** 20
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    logger.info(f"Exported {meta['arch']}/{meta['patch_size']} ({meta['mode']}, gamma {meta['gamma']}, "
+                f"{meta['img_size']}px, embed_dim {meta['embed_dim']}) from {args.checkpoint} "
+                f"[{args.checkpoint_key}] to {args.output} ({size:.1f} MiB, format v{FORMAT_VERSION}).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,342 @@
+"""Tests for simpool/augment.py: multi-crop geometry, photometric ops and their reference formulas."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from simpool.augment import (MultiCropAugmentation, color_jitter, gaussian_blur, hue_rotate,
+                             random_resized_crop_boxes)
+
+MEAN = (0.1, 0.2, 0.3)
+STD = (0.5, 0.25, 0.125)
+LUMA = np.array([0.299, 0.587, 0.114])
+
+
+def _aug(**kw):
+    args = dict(local_crops_number=3, global_crops_size=16, local_crops_size=8, mean=MEAN, std=STD)
+    args.update(kw)
+    return MultiCropAugmentation(**args)
+
+
+def _constant_batch(values, channels, size=(20, 24)):
+    """uint8 batch where image b is constant at values[b] (per channel if a tuple)."""
+    out = torch.empty(len(values), channels, *size, dtype=torch.uint8)
+    for b, v in enumerate(values):
+        out[b] = torch.tensor(v, dtype=torch.uint8).view(-1, 1, 1).expand(channels, *size)
+    return out
+
+
+# ---------------------------------------------------------------- full pipeline, batched geometry
+@pytest.mark.parametrize("channels", [1, 3])
+def test_pipeline_shapes_and_dtypes(channels):
+    torch.manual_seed(0)
+    aug = _aug()
+    batch = torch.randint(0, 256, (4, channels, 20, 24), dtype=torch.uint8)
+    g, l = aug(batch)
+    assert aug.num_crops == 5
+    assert g.shape == (8, 3, 16, 16) and g.dtype == torch.float32
+    assert l.shape == (12, 3, 8, 8) and l.dtype == torch.float32
+    assert torch.isfinite(g).all() and torch.isfinite(l).all()
+    # normalised values of [0, 1] pixels stay within [(0-mean)/std, (1-mean)/std]
+    lo = (0 - torch.tensor(MEAN)) / torch.tensor(STD)
+    hi = (1 - torch.tensor(MEAN)) / torch.tensor(STD)
+    for x in (g, l):
+        assert (x >= lo.view(1, 3, 1, 1) - 1e-4).all() and (x <= hi.view(1, 3, 1, 1) + 1e-4).all()
+
+
+def test_pipeline_without_locals():
+    g, l = _aug(local_crops_number=0)(torch.randint(0, 256, (2, 3, 20, 20), dtype=torch.uint8))
+    assert g.shape == (4, 3, 16, 16) and l is None
+
+
+def test_pipeline_is_crop_batch_then_photometric():
+    aug = _aug()
+    batch = torch.randint(0, 256, (3, 3, 20, 24), dtype=torch.uint8)
+    torch.manual_seed(1)
+    g, l = aug(batch)
+    torch.manual_seed(1)
+    g2, l2 = aug.photometric(*aug.crop_batch(batch))
+    assert torch.equal(g, g2) and torch.equal(l, l2)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_black_images_normalise_to_minus_mean_over_std(channels):
+    # Every photometric op maps black to black (brightness scales, contrast/saturation pivot
+    # on the zero mean, hue and grayscale are linear, blur averages, 0 < 0.5 is not solarized),
+    # so the output is exactly the normalised zero whatever the random draws.
+    torch.manual_seed(2)
+    g, l = _aug()(torch.zeros(3, channels, 20, 24, dtype=torch.uint8))
+    expected = ((0 - torch.tensor(MEAN)) / torch.tensor(STD)).view(1, 3, 1, 1)
+    torch.testing.assert_close(g, expected.expand_as(g), rtol=0, atol=1e-6)
+    torch.testing.assert_close(l, expected.expand_as(l), rtol=0, atol=1e-6)
+
+
+def test_photometric_uint8_equals_float_div_255():
+    aug = _aug()
+    g = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    l = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    torch.manual_seed(3)
+    a = aug.photometric(g, l)
+    torch.manual_seed(3)
+    b = aug.photometric(g.float() / 255, l.float() / 255)
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(a[1], b[1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_crop_batch_is_view_major(channels):
+    torch.manual_seed(4)
+    values = [(10, 60, 110), (200, 150, 100), (30, 240, 5)] if channels == 3 else [(10,), (120,), (250,)]
+    aug = _aug()
+    g, l = aug.crop_batch(_constant_batch(values, channels))
+    B = len(values)
+    assert g.shape == (2 * B, 3, 16, 16) and l.shape == (3 * B, 3, 8, 8)
+    for crops, n_views in ((g, 2), (l, 3)):
+        assert crops.dtype == torch.float32
+        for v in range(n_views):
+            for b in range(B):
+                colour = torch.tensor(values[b], dtype=torch.float32).expand(3) / 255  # gray -> 3 equal channels
+                torch.testing.assert_close(crops[v * B + b], colour.view(3, 1, 1).expand(3, *crops.shape[-2:]),
+                                           rtol=0, atol=1e-5)
+
+
+def test_crop_batch_drops_alpha():
+    torch.manual_seed(5)
+    batch = _constant_batch([(10, 20, 30, 255)], 4)
+    g, _ = _aug(local_crops_number=0).crop_batch(batch)
+    torch.testing.assert_close(g[0, :, 0, 0], torch.tensor([10, 20, 30]) / 255.0)
+
+
+@pytest.mark.parametrize("size", [(16, 16), (10, 10)])
+def test_crop_batch_full_scale_reproduces_image(size):
+    # scale (1, 1) on a square image (aspect 1 inside (3/4, 4/3)): the only box whose rounded
+    # sides fit is the whole image (else the fallback centre crop is the whole image too),
+    # and at the image's own size roi_align(aligned=True) samples the pixel centres exactly.
+    torch.manual_seed(6)
+    H, W = size
+    images = torch.rand(3, 3, H, W)
+    aug = MultiCropAugmentation(global_crops_scale=(1.0, 1.0), local_crops_scale=(1.0, 1.0), local_crops_number=2,
+                                global_crops_size=(H, W), local_crops_size=(H, W))
+    g, l = aug.crop_batch(images)
+    flips = 0
+    for crops, n_views in ((g, 2), (l, 2)):
+        for v in range(n_views):
+            for b in range(3):
+                crop = crops[v * 3 + b]
+                if torch.allclose(crop, images[b], atol=1e-5):
+                    continue
+                torch.testing.assert_close(crop, images[b].flip(-1), rtol=0, atol=1e-5)
+                flips += 1
+    assert 0 < flips < 12  # flips happen, and not always
+
+
+# ---------------------------------------------------------------- boxes
+def test_boxes_within_bounds_and_scale():
+    torch.manual_seed(7)
+    H, W = 120, 100
+    scale, ratio = (0.2, 0.5), (3 / 4, 4 / 3)
+    boxes = random_resized_crop_boxes(500, H, W, scale, ratio)
+    assert boxes.shape == (500, 4)
+    x1, y1, x2, y2 = boxes.unbind(1)
+    assert (x1 >= 0).all() and (y1 >= 0).all() and (x2 <= W).all() and (y2 <= H).all()
+    w, h = x2 - x1, y2 - y1
+    assert (w > 0).all() and (h > 0).all()
+    assert torch.equal(boxes, boxes.round())  # integer pixel boxes
+    frac = w * h / (H * W)
+    # w and h are rounded to whole pixels: allow that slack on the area and the aspect
+    assert frac.min() >= scale[0] - 0.02 and frac.max() <= scale[1] + 0.02
+    aspect = w / h
+    assert aspect.min() >= ratio[0] - 0.05 and aspect.max() <= ratio[1] + 0.05
+    # the draws cover the range and positions vary
+    assert frac.min() < 0.25 and frac.max() > 0.45
+    assert len(set(x1.tolist())) > 10 and len(set(y1.tolist())) > 10
+
+
+def test_boxes_full_scale_exact_ratio_is_whole_image():
+    torch.manual_seed(20)
+    boxes = random_resized_crop_boxes(20, 12, 16, (1.0, 1.0), (4 / 3, 4 / 3))
+    torch.testing.assert_close(boxes.float(), torch.tensor([[0.0, 0.0, 16.0, 12.0]]).expand(20, 4))
+
+
+def test_boxes_fallback_is_centre_crop_with_clamped_ratio():
+    torch.manual_seed(8)
+    # A 50x100 (h x w) image cannot hold a full-area crop of aspect <= 4/3: centre crop 67x50.
+    boxes = random_resized_crop_boxes(5, 50, 100, (1.0, 1.0), (3 / 4, 4 / 3))
+    expected = torch.tensor([[16.0, 0.0, 83.0, 50.0]]).expand(5, 4)
+    torch.testing.assert_close(boxes.float(), expected)
+
+
+# ---------------------------------------------------------------- per-image geometry + collate
+def _pil(colour, mode, size=(30, 22)):
+    return Image.new(mode, size, colour)
+
+
+@pytest.mark.parametrize("mode,colours", [("RGB", [(250, 10, 90), (5, 128, 200)]), ("L", [40, 220])])
+def test_crop_image_and_collate(mode, colours):
+    torch.manual_seed(9)
+    aug = _aug(local_crops_number=2)
+    samples = [aug.crop_image(_pil(c, mode)) for c in colours]
+    for crops in samples:
+        assert len(crops) == 4
+        assert [tuple(c.shape) for c in crops] == [(3, 16, 16)] * 2 + [(3, 8, 8)] * 2
+        assert all(type(c) is torch.Tensor and c.dtype == torch.uint8 for c in crops)
+    g, l = aug.collate(samples)
+    B = len(colours)
+    assert g.shape == (2 * B, 3, 16, 16) and l.shape == (2 * B, 3, 8, 8)
+    for crops, n_views in ((g, 2), (l, 2)):
+        for v in range(n_views):
+            for b, c in enumerate(colours):
+                c = torch.tensor(c if mode == "RGB" else (c, c, c), dtype=torch.int16)
+                diff = (crops[v * B + b].to(torch.int16) - c.view(3, 1, 1)).abs()
+                assert diff.max() <= 1
+    out_g, out_l = aug((g, l))
+    assert out_g.shape == (2 * B, 3, 16, 16) and out_g.dtype == torch.float32
+    assert out_l.shape == (2 * B, 3, 8, 8) and out_l.dtype == torch.float32
+
+
+def test_crop_image_accepts_uint8_tensor_and_collate_without_locals():
+    torch.manual_seed(10)
+    aug = _aug(local_crops_number=0)
+    img = torch.randint(0, 256, (1, 25, 31), dtype=torch.uint8)
+    crops = aug.crop_image(img)
+    assert [tuple(c.shape) for c in crops] == [(3, 16, 16)] * 2
+    assert torch.equal(crops[0][0], crops[0][1])  # gray expanded to identical channels
+    g, l = aug.collate([crops, aug.crop_image(img)])
+    assert g.shape == (4, 3, 16, 16) and l is None
+
+
+@pytest.mark.parametrize("mode,colour", [("P", 5), ("LA", (100, 255)), ("CMYK", (0, 255, 255, 0)),
+                                         ("RGBA", (255, 0, 0, 128))])
+def test_crop_image_other_pil_modes_give_their_rgb_colours(mode, colour):
+    # crop_image takes "a PIL image": palette, gray+alpha and CMYK images must come out as
+    # their RGB rendering (what Image.convert("RGB") shows), 3 channels.
+    torch.manual_seed(21)
+    image = Image.new(mode, (12, 10), colour)
+    rgb = torch.tensor(image.convert("RGB").getpixel((0, 0)), dtype=torch.int16)
+    crops = _aug(local_crops_number=1).crop_image(image)
+    for c in crops:
+        assert c.shape[0] == 3
+        assert (c.to(torch.int16) - rgb.view(3, 1, 1)).abs().max() <= 1
+
+
+# ---------------------------------------------------------------- gaussian blur
+def _reference_blur(x, sigma, radius):
+    """Direct 2-D convolution with a normalised (2r+1)^2 Gaussian, reflect padding, float64."""
+    x = x.double().numpy()
+    n, c, h, w = x.shape
+    taps = np.arange(-radius, radius + 1)
+    k2 = np.exp(-(taps[:, None] ** 2 + taps[None, :] ** 2) / (2 * sigma ** 2))
+    k2 /= k2.sum()
+    out = np.zeros_like(x)
+    for i in range(n):
+        for j in range(c):
+            p = np.pad(x[i, j], radius, mode="reflect")
+            for dy in range(2 * radius + 1):
+                for dx in range(2 * radius + 1):
+                    out[i, j] += k2[dy, dx] * p[dy:dy + h, dx:dx + w]
+    return torch.from_numpy(out)
+
+
+def test_blur_apply_false_is_identity():
+    torch.manual_seed(11)
+    x = torch.rand(3, 3, 10, 12)
+    y = gaussian_blur(x, torch.zeros(3, dtype=torch.bool), (0.1, 2.0))
+    torch.testing.assert_close(y, x, rtol=0, atol=1e-7)
+
+
+def test_blur_preserves_constant_image():
+    x = torch.full((2, 3, 9, 11), 0.37)
+    y = gaussian_blur(x, torch.ones(2, dtype=torch.bool), (1.0, 2.0))
+    torch.testing.assert_close(y, x, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("sigma,size", [(1.5, (12, 14)), (0.75, (9, 9)), (2.0, (5, 6))])
+def test_blur_matches_float64_reference(sigma, size):
+    torch.manual_seed(12)
+    x = torch.rand(2, 3, *size, dtype=torch.float64)
+    y = gaussian_blur(x, torch.ones(2, dtype=torch.bool), (sigma, sigma))
+    radius = min(math.ceil(3 * sigma), min(size) - 1)
+    torch.testing.assert_close(y, _reference_blur(x, sigma, radius), rtol=0, atol=1e-10)
+    assert (y - x).abs().max() > 1e-2  # it did blur
+
+
+def test_blur_random_sigma_per_sample_and_apply_mask():
+    x = torch.rand(3, 2, 11, 11, dtype=torch.float64)
+    apply = torch.tensor([True, False, True])
+    torch.manual_seed(13)
+    y = gaussian_blur(x, apply, (0.5, 1.5))
+    torch.manual_seed(13)
+    sigmas = torch.empty(3).uniform_(0.5, 1.5)  # the first draw inside gaussian_blur
+    assert abs(sigmas[0].item() - sigmas[2].item()) > 1e-3
+    radius = math.ceil(3 * 1.5)
+    torch.testing.assert_close(y[1], x[1], rtol=0, atol=1e-12)
+    for i in (0, 2):
+        ref = _reference_blur(x[i:i + 1], sigmas[i].item(), radius)[0]
+        torch.testing.assert_close(y[i], ref, rtol=0, atol=1e-10)
+
+
+# ---------------------------------------------------------------- hue / colour jitter
+def _yiq(x):
+    m = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
+    return torch.einsum("ij,njhw->nihw", m, x.double())
+
+
+@pytest.mark.parametrize("angle", [0.0, 2 * math.pi, -2 * math.pi])
+def test_hue_rotate_full_turns_are_identity(angle):
+    torch.manual_seed(14)
+    x = torch.rand(4, 3, 5, 6)
+    y = hue_rotate(x, torch.full((4,), angle))
+    torch.testing.assert_close(y, x, rtol=0, atol=1e-5)
+
+
+def test_hue_rotate_keeps_luma_and_rotates_chroma():
+    torch.manual_seed(15)
+    x = torch.rand(3, 3, 4, 5)
+    angle = torch.tensor([0.3, -1.2, math.pi / 2])
+    y = hue_rotate(x, angle)
+    a, b = _yiq(x), _yiq(y)
+    torch.testing.assert_close(b[:, 0], a[:, 0], rtol=0, atol=1e-5)  # Y unchanged
+    c, s = angle.double().cos().view(3, 1, 1), angle.double().sin().view(3, 1, 1)
+    torch.testing.assert_close(b[:, 1], c * a[:, 1] - s * a[:, 2], rtol=0, atol=1e-5)
+    torch.testing.assert_close(b[:, 2], s * a[:, 1] + c * a[:, 2], rtol=0, atol=1e-5)
+    assert (y - x).abs().max() > 0.05
+    # gray pixels have no chroma and stay put
+    gray = torch.rand(2, 1, 3, 3).expand(2, 3, 3, 3)
+    torch.testing.assert_close(hue_rotate(gray, torch.tensor([1.0, 2.0])), gray, rtol=0, atol=1e-5)
+
+
+def test_hue_rotate_composes():
+    torch.manual_seed(16)
+    x = torch.rand(2, 3, 4, 4)
+    a, b = torch.tensor([0.4, -0.9]), torch.tensor([1.1, 0.3])
+    torch.testing.assert_close(hue_rotate(hue_rotate(x, a), b), hue_rotate(x, a + b), rtol=0, atol=1e-5)
+
+
+def test_color_jitter_apply_false_is_identity():
+    torch.manual_seed(17)
+    x = torch.rand(4, 3, 6, 6)
+    y = color_jitter(x.clone(), torch.zeros(4, dtype=torch.bool))
+    torch.testing.assert_close(y, x, rtol=0, atol=1e-5)
+
+
+def test_color_jitter_changes_only_applied_rows_and_stays_in_range():
+    torch.manual_seed(18)
+    x = torch.rand(4, 3, 6, 6)
+    apply = torch.tensor([True, False, True, False])
+    y = color_jitter(x.clone(), apply)
+    torch.testing.assert_close(y[~apply], x[~apply], rtol=0, atol=1e-5)
+    assert ((y[apply] - x[apply]).abs().amax(dim=(1, 2, 3)) > 1e-3).all()
+    assert y.min() >= 0 and y.max() <= 1
+
+
+def test_color_jitter_brightness_only_scales():
+    # With contrast, saturation and hue off, jitter multiplies the image by one factor in [0.6, 1.4].
+    torch.manual_seed(19)
+    x = torch.rand(3, 3, 5, 5) * 0.5
+    y = color_jitter(x.clone(), torch.ones(3, dtype=torch.bool), brightness=0.4, contrast=0.0, saturation=0.0, hue=0.0)
+    f = (y / x).reshape(3, -1)
+    torch.testing.assert_close(f, f[:, :1].expand_as(f), rtol=0, atol=1e-4)
+    assert (f[:, 0] >= 0.6 - 1e-5).all() and (f[:, 0] <= 1.4 + 1e-5).all()
+    assert f[:, 0].std() > 1e-3

@@ -1,0 +1,182 @@
+"""End-to-end behaviour of main_dino.py: recipes parse and train, resume is exact, DDP on gloo, k-NN gain."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import main_dino
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A tiny but complete run: every stage of the step (multi-crop, AttMask from SimPool's map,
+# iBOT + DINO losses, EMA, checkpoint) in a few seconds.
+TINY = ["--data_path", "fashion-mnist", "--subset", "10", "--arch", "vit_nano", "--patch_size", "7",
+        "--global_crops_size", "28", "--local_crops_size", "14", "--local_crops_number", "2",
+        "--out_dim", "64", "--patch_out_dim", "32", "--batch_size_per_gpu", "25", "--warmup_epochs", "0",
+        "--pred_shape", "attmask_high", "--masking_prob", "1.0", "--num_workers", "0", "--eval_every", "0"]
+
+
+def read_log(folder):
+    with open(os.path.join(folder, "log.txt")) as f:
+        return [json.loads(line) for line in f]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_resume_is_exact(tmp_path):
+    """2 epochs in one run == 1 epoch, then a resumed run for the 2nd (same seed)."""
+    full, split = tmp_path / "full", tmp_path / "split"
+    main_dino.main(TINY + ["--epochs", "2", "--saveckp_freq", "1", "--output_dir", str(full)])
+    split.mkdir()
+    shutil.copy(full / "checkpoint0001.pth", split / "checkpoint.pth")
+    main_dino.main(TINY + ["--epochs", "2", "--output_dir", str(split)])
+    a, b = load(full / "checkpoint.pth"), load(split / "checkpoint.pth")
+    assert a["epoch"] == b["epoch"] == 2
+    for key in ("teacher", "student", "dino_loss", "patch_loss"):
+        for name, t in a[key].items():
+            torch.testing.assert_close(b[key][name], t, rtol=1e-5, atol=1e-6, msg=f"{key}.{name}")
+    # and the resumed run really trained: its teacher moved away from the epoch-1 weights
+    mid = load(full / "checkpoint0001.pth")["teacher"]
+    assert not torch.equal(mid["backbone.blocks.0.attn.qkv.weight"], b["teacher"]["backbone.blocks.0.attn.qkv.weight"])
+
+
+def test_resume_with_other_arch_is_a_one_line_error(tmp_path, capsys):
+    main_dino.main(TINY + ["--epochs", "1", "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        main_dino.main(TINY + ["--epochs", "2", "--out_dim", "128", "--output_dir", str(tmp_path)])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--out_dim 64" in err and "--out_dim 128" in err
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, capsys):
+    main_dino.main(TINY + ["--epochs", "1", "--output_dir", str(tmp_path)])
+    before = (tmp_path / "checkpoint.pth").read_bytes()
+    calls = {"n": 0}
+    real_forward = main_dino.DINOLoss.forward
+
+    def poisoned(self, *args):
+        calls["n"] += 1
+        loss = real_forward(self, *args)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(main_dino.DINOLoss, "forward", poisoned)
+    with pytest.raises(SystemExit) as e:
+        main_dino.main(TINY + ["--epochs", "3", "--output_dir", str(tmp_path)])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "loss is nan at iteration 5" in err  # 4 steps per epoch: the 2nd step of epoch 1
+    assert (tmp_path / "checkpoint.pth").read_bytes() == before
+
+
+def test_outputs_and_log_format(tmp_path):
+    main_dino.main(TINY + ["--epochs", "1", "--eval_every", "1", "--output_dir", str(tmp_path)])
+    records = read_log(tmp_path)
+    assert records[0]["epoch"] == -1 and {"knn_top1", "knn_top5"} <= set(records[0])
+    assert records[1]["epoch"] == 0 and {"train_loss", "train_dino_loss", "train_patch_loss", "knn_top1"} <= set(records[1])
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
+    ckpt = load(tmp_path / "checkpoint.pth")
+    assert {"student", "teacher", "optimizer", "scaler", "dino_loss", "patch_loss", "epoch", "iteration",
+            "args"} <= set(ckpt)
+    assert ckpt["args"]["arch"] == "vit_nano" and ckpt["iteration"] == 4
+
+
+def test_plain_dino_when_masking_is_off(tmp_path):
+    main_dino.main(TINY + ["--epochs", "1", "--pred_ratio", "0", "--output_dir", str(tmp_path)])
+    assert "train_patch_loss" not in read_log(tmp_path)[0]
+
+
+def test_official_mode_trains_with_cls_guided_masking(tmp_path):
+    main_dino.main(TINY + ["--epochs", "1", "--mode", "official", "--pred_shape", "attmask_hint",
+                           "--output_dir", str(tmp_path)])
+    ckpt = load(tmp_path / "checkpoint.pth")
+    assert "backbone.cls_token" in ckpt["teacher"] and "backbone.simpool.wq.weight" not in ckpt["teacher"]
+    assert np.isfinite(read_log(tmp_path)[0]["train_patch_loss"])
+
+
+def test_bad_data_path_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main_dino.main(["--data_path", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "does not exist" in err
+
+
+def make_image_folder(root, n_per_class=4, size=64):
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        d = root / "train" / c
+        d.mkdir(parents=True)
+        for i in range(n_per_class):
+            Image.fromarray(rng.integers(0, 255, (size, size + 16, 3), dtype=np.uint8)).save(d / f"{i}.jpg")
+    (root / "train" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    return root
+
+
+SIMPOOL_VIT_S = ("--arch vit_small --mode simpool --gamma 1.25 --optimizer adamw --use_bn_in_head False "
+                 "--out_dim 65536 --norm_last_layer False --warmup_teacher_temp_epochs 30 --weight_decay 0.04 "
+                 "--weight_decay_end 0.4 --global_crops_scale 0.25 1.0 --local_crops_scale 0.05 0.25 "
+                 "--local_crops_number 6 --lr 0.0005 --epochs 100 --warmup_epochs 10 --batch_size_per_gpu 2 "
+                 "--use_fp16 False --clip_grad 3.0 --freeze_last_layer 1 --momentum_teacher 0.996 --teacher_temp 0.07")
+ATTMASK_VIT_S = ("--arch vit_small --pred_shape attmask_hint --show_max 0.1 --pred_ratio 0.3 --pred_ratio_var 0.2 "
+                 "--masking_prob 0.5 --shared_head True --out_dim 8192 --local_crops_number 10 --teacher_temp 0.07 "
+                 "--warmup_teacher_temp_epochs 30 --norm_last_layer False --epochs 100 --batch_size_per_gpu 2 "
+                 "--lambda1 1.0 --lambda2 1.0 --saveckp_freq 20 --lr 0.0005")
+
+
+def test_official_flags_parse_to_their_values():
+    args = main_dino.parse_args(SIMPOOL_VIT_S.split() + ["--data_path", "x"])
+    assert (args.arch, args.gamma, args.out_dim, args.norm_last_layer, args.global_crops_scale) == \
+        ("vit_small", 1.25, 65536, False, [0.25, 1.0])
+    assert args.local_crops_number == 6 and args.weight_decay_end == 0.4 and args.warmup_teacher_temp_epochs == 30
+    args = main_dino.parse_args(ATTMASK_VIT_S.split() + ["--data_path", "x"])
+    assert (args.pred_shape, args.show_max, args.pred_ratio, args.pred_ratio_var, args.masking_prob) == \
+        ("attmask_hint", 0.1, 0.3, 0.2, 0.5)
+    assert args.shared_head is True and args.out_dim == 8192 and args.local_crops_number == 10
+
+
+def test_demo_recipe_applies_only_without_data_path():
+    demo = main_dino.parse_args([])
+    assert demo.demo and demo.data_path == "fashion-mnist" and demo.arch == main_dino.DEMO_RECIPE["arch"]
+    assert main_dino.parse_args(["--epochs", "7"]).epochs == 7  # flags override the recipe
+    official = main_dino.parse_args(["--data_path", "x"])
+    assert not official.demo and official.out_dim == 65536 and official.arch == "vit_small"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", [SIMPOOL_VIT_S, ATTMASK_VIT_S], ids=["simpool_vit_s", "attmask_vit_s"])
+def test_official_recipes_train_on_an_image_folder(tmp_path, recipe):
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    main_dino.main(recipe.split() + ["--data_path", str(data), "--output_dir", str(out), "--epochs", "1",
+                                     "--num_workers", "0", "--drop_path_rate", "0.1"])
+    records = read_log(out)
+    assert len(records) == 1 and np.isfinite(records[0]["train_loss"])
+    assert load(out / "checkpoint.pth")["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_two_processes_on_gloo(tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch"), "--nproc_per_node", "2", "main_dino.py"]
+                          + TINY + ["--epochs", "2", "--batch_size_per_gpu", "10", "--output_dir", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt = load(out / "checkpoint.pth")
+    assert ckpt["args"]["world_size"] == 2 and ckpt["iteration"] == 10  # 100 images / (2 x 10) per step
+    assert [r["epoch"] for r in read_log(out)] == [0, 1]
+
+
+@pytest.mark.slow
+def test_short_run_beats_random_init_on_knn(tmp_path):
+    """A couple of minutes of pretraining on a Fashion-MNIST subset lifts the teacher's k-NN."""
+    main_dino.main(["--subset", "300", "--epochs", "4", "--eval_every", "4", "--output_dir", str(tmp_path)])
+    knn = [r["knn_top1"] for r in read_log(tmp_path) if "knn_top1" in r]
+    assert knn[-1] > knn[0] + 1.0, knn
