@@ -251,7 +251,9 @@ def train_dino(args):
                                seed=args.seed, drop_last=True)
     loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu, drop_last=True,
                         num_workers=0 if in_memory else args.num_workers, pin_memory=device.type == "cuda",
-                        collate_fn=(lambda b: (b, [])) if in_memory else skip_bad_collate(augment.collate))
+                        collate_fn=(lambda b: (b, [])) if in_memory else skip_bad_collate(augment.collate),
+                        generator=torch.Generator())  # own RNG: iter(loader) must not draw from the training
+    # stream, or a mid-epoch resume (RNG restored, then a new iterator) would shift every later draw
     niter = sampler.num_samples // args.batch_size_per_gpu  # steps per epoch
     if niter == 0:
         raise DataError(f"{len(dataset)} training images are fewer than one batch of "
@@ -337,6 +339,7 @@ def train_dino(args):
     bad_files = set()
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
+        loader.generator.manual_seed(args.seed + 1_000_003 * epoch + args.rank)  # loader workers' seeds
         first_step = start_step if epoch == start_epoch else 0
         sampler.start = first_step * args.batch_size_per_gpu
         stats = train_one_epoch(student, student_ddp, teacher, dino_loss, patch_loss, loader, augment, optimizer,
@@ -380,51 +383,17 @@ def train_one_epoch(student, student_ddp, teacher, dino_loss, patch_loss, loader
         images = images.to(device, non_blocking=True) if torch.is_tensor(images) else \
             tuple(x.to(device, non_blocking=True) if x is not None else None for x in images)
         globals_, locals_ = augment(images)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            # teacher: pooled logits and the pooling attention on the unmasked global crops
-            with torch.no_grad():
-                t_out = teacher.backbone.forward_features(globals_, return_attention=masking)
-                t_logits = teacher.head(t_out["pooled"])
-                masks = None
-                if masking:  # AttMask: the teacher's map on this very crop picks the patches
-                    grid = teacher.backbone.grid_size(*globals_.shape[-2:])
-                    masks = make_masks(t_out["attention"], grid, args.pred_shape, args.pred_ratio,
-                                       args.pred_ratio_var, args.masking_prob, args.show_max, args.show_ratio)
-                    t_patch = teacher.head.forward_patches(t_out["patch_tokens"][masks])
-            # student: masked globals and unmasked locals
-            s_logits, s_patch = student_ddp(globals_, locals_, masks)
-            loss_dino = dino_loss(s_logits, t_logits, schedules["teacher_temp"][it])
-            loss = args.lambda1 * loss_dino
-            if masking:
-                loss_patch = patch_loss(s_patch, t_patch, masks.nonzero()[:, 0], masks.shape[0],
-                                        schedules["patch_temp"][it])
-                loss = loss + args.lambda2 * loss_patch
+        loss, parts = distillation_loss(student_ddp, teacher, dino_loss, patch_loss, globals_, locals_, masking,
+                                        schedules["teacher_temp"][it], schedules["patch_temp"][it], amp_dtype, args)
 
         # a non-finite loss on any rank stops every rank; the last checkpoint stays as it was
         if utils.all_reduce_sum(not math.isfinite(loss.item()), device) > 0:
             raise Diverged(f"loss is {loss.item()} at iteration {it} (epoch {epoch}); stopping. "
                            f"The last checkpoint in {args.output_dir} is intact.")
+        optimizer_step(loss, student, teacher, optimizer, scaler, epoch, schedules["momentum"][it], args)
 
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if args.clip_grad:
-            clip_gradients(student, args.clip_grad)
-        cancel_last_layer_gradients(student, epoch, args.freeze_last_layer)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        ema_update(teacher, student, schedules["momentum"][it])
-
-        values = {"loss": loss.item(), "dino_loss": loss_dino.item(), "lr": schedules["lr"][it],
+        values = {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}, "lr": schedules["lr"][it],
                   "wd": schedules["wd"][it]}
-        if masking:
-            values["patch_loss"] = loss_patch.item()
         metrics.update(**values)
         if writer is not None and it % 10 == 0:
             for k, v in values.items():
@@ -434,6 +403,50 @@ def train_one_epoch(student, student_ddp, teacher, dino_loss, patch_loss, loader
     stats = metrics.averages()
     stats["skipped_images"] = utils.all_reduce_sum(skipped, device)
     return stats
+
+
+def distillation_loss(student, teacher, dino_loss, patch_loss, globals_, locals_, masking, teacher_temp,
+                      patch_temp, amp_dtype, args):
+    """The self-distillation objective of one batch of crops: returns the weighted total
+    and its parts {"dino_loss", "patch_loss"}."""
+    with torch.autocast(globals_.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        # teacher: pooled logits and the pooling attention on the unmasked global crops
+        with torch.no_grad():
+            t_out = teacher.backbone.forward_features(globals_, return_attention=masking)
+            t_logits = teacher.head(t_out["pooled"])
+            masks = None
+            if masking:  # AttMask: the teacher's map on this very crop picks the patches to hide
+                grid = teacher.backbone.grid_size(*globals_.shape[-2:])
+                masks = make_masks(t_out["attention"], grid, args.pred_shape, args.pred_ratio,
+                                   args.pred_ratio_var, args.masking_prob, args.show_max, args.show_ratio)
+                t_patch = teacher.head.forward_patches(t_out["patch_tokens"][masks])
+        # student: masked globals and unmasked locals
+        s_logits, s_patch = student(globals_, locals_, masks)
+    parts = {"dino_loss": dino_loss(s_logits, t_logits, teacher_temp)}
+    loss = args.lambda1 * parts["dino_loss"]
+    if masking:  # iBOT: the student predicts the teacher's tokens where it saw the mask token
+        parts["patch_loss"] = patch_loss(s_patch, t_patch, masks.nonzero()[:, 0], masks.shape[0], patch_temp)
+        loss = loss + args.lambda2 * parts["patch_loss"]
+    return loss, parts
+
+
+def optimizer_step(loss, student, teacher, optimizer, scaler, epoch, momentum, args):
+    """Backward, per-parameter clip, early last-layer freeze, step, then the teacher EMA."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if args.clip_grad:
+        clip_gradients(student, args.clip_grad)
+    cancel_last_layer_gradients(student, epoch, args.freeze_last_layer)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    ema_update(teacher, student, momentum)
 
 
 def build_knn_data(args):
@@ -513,7 +526,7 @@ def print_demo_summary(log_path):
     if len(knn) >= 2:
         before, after = knn[0]["knn_top1"], knn[-1]["knn_top1"]
         logger.info(f"Teacher k-NN top-1 on the Fashion-MNIST test split: before training {before:.2f}%, "
-                    f"after {after:.2f}% ({after - before:+.2f} points). Raw-pixel k-NN on the same split: 85.5%.")
+                    f"after {after:.2f}% ({after - before:+.2f} points). Raw-pixel k-NN (k=20) on the same split: 85.69%.")
 
 
 def main(argv=None):
