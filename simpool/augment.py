@@ -6,7 +6,8 @@ Split in two stages so that no crop makes a PIL round trip per photometric op:
      equal-size images at once (``crop_batch``, via ``roi_align``);
   2. photometry on the crop batches, on the training device (``photometric``):
      colour jitter (p=0.8), grayscale (p=0.2), Gaussian blur (p=1.0 / 0.1 / 0.5 for
-     global 1 / global 2 / locals), solarize (p=0.2 on global 2), normalisation.
+     global 1 / global 2 / locals), solarize (p=0.2 on global 2), normalisation
+     (DINO's probabilities by default; each is a constructor argument).
 Grayscale sources are expanded to 3 channels, so every model sees RGB.
 
 Crops come back view-major: ``globals`` is (2B, 3, g, g) holding view 0 of every
@@ -41,11 +42,15 @@ class MultiCropAugmentation:
         global_crops_size / local_crops_size: output side in pixels.
         mean / std: per-channel normalisation (3 values).
         blur_sigma: (min, max) Gaussian blur sigma in output pixels.
+        color_jitter_prob / grayscale_prob: per-crop probabilities (DINO: 0.8 / 0.2).
+        blur_prob: blur probability for (global 1, global 2, locals) (DINO: 1.0, 0.1, 0.5).
+        solarization_prob: solarize probability of global 2 (DINO: 0.2).
     """
 
     def __init__(self, global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4), local_crops_number=8,
                  global_crops_size=224, local_crops_size=96, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 blur_sigma=(0.1, 2.0)):
+                 blur_sigma=(0.1, 2.0), color_jitter_prob=0.8, grayscale_prob=0.2, blur_prob=(1.0, 0.1, 0.5),
+                 solarization_prob=0.2):
         self.global_crops_scale = tuple(global_crops_scale)
         self.local_crops_scale = tuple(local_crops_scale)
         self.local_crops_number = local_crops_number
@@ -53,6 +58,8 @@ class MultiCropAugmentation:
         self.local_crops_size = local_crops_size
         self.set_normalization(mean, std)
         self.blur_sigma = blur_sigma
+        self.color_jitter_prob, self.grayscale_prob = color_jitter_prob, grayscale_prob
+        self.blur_prob, self.solarization_prob = tuple(blur_prob), solarization_prob
         bicubic = v2.InterpolationMode.BICUBIC
         self._global_crop = v2.Compose([v2.RandomResizedCrop(global_crops_size, self.global_crops_scale,
                                                              interpolation=bicubic, antialias=True),
@@ -125,21 +132,23 @@ class MultiCropAugmentation:
         batches (uint8 or float in [0, 1]) on their own device."""
         B = globals_.shape[0] // 2
         device = globals_.device
-        blur_p = torch.cat([torch.full((B,), 1.0), torch.full((B,), 0.1)]).to(device)
-        solarize_p = torch.cat([torch.zeros(B), torch.full((B,), 0.2)]).to(device)
+        blur_p = torch.cat([torch.full((B,), self.blur_prob[0]), torch.full((B,), self.blur_prob[1])]).to(device)
+        solarize_p = torch.cat([torch.zeros(B), torch.full((B,), self.solarization_prob)]).to(device)
         out_g = self._photometric(globals_, blur_p, solarize_p)
         if locals_ is None:
             return out_g, None
         n = locals_.shape[0]
-        out_l = self._photometric(locals_, torch.full((n,), 0.5, device=device), torch.zeros(n, device=device))
+        out_l = self._photometric(locals_, torch.full((n,), self.blur_prob[2], device=device),
+                                  torch.zeros(n, device=device))
         return out_g, out_l
 
     def _photometric(self, x, blur_p, solarize_p):
         if x.dtype == torch.uint8:
             x = x.float().div_(255)
         n = x.shape[0]
-        x = color_jitter(x, torch.rand(n, device=x.device) < 0.8)
-        x = torch.where((torch.rand(n, device=x.device) < 0.2)[:, None, None, None], _gray(x).expand_as(x), x)
+        x = color_jitter(x, torch.rand(n, device=x.device) < self.color_jitter_prob)
+        x = torch.where((torch.rand(n, device=x.device) < self.grayscale_prob)[:, None, None, None],
+                        _gray(x).expand_as(x), x)
         x = gaussian_blur(x, torch.rand(n, device=x.device) < blur_p, self.blur_sigma)
         x = torch.where((torch.rand(n, device=x.device) < solarize_p)[:, None, None, None] & (x >= 0.5), 1 - x, x)
         return (x - self.mean.to(x.device)) / self.std.to(x.device)

@@ -59,6 +59,10 @@ class DINOLoss(nn.Module):
         n_pairs = 2 * self.ncrops - 2
         loss = -(all_views - same_view).mean(-1).sum() / n_pairs
         self.update_center(teacher_output)
+        with torch.no_grad():  # collapse monitors: ~log(K) per image = uniform; ~0 over the batch = one prototype
+            mean_q = q.mean(dim=(0, 1))
+            self.teacher_entropy = -(q * q.clamp_min(1e-12).log()).sum(-1).mean()
+            self.teacher_batch_entropy = -(mean_q * mean_q.clamp_min(1e-12).log()).sum()
         return loss
 
     @torch.no_grad()

@@ -180,3 +180,25 @@ def test_short_run_beats_random_init_on_knn(tmp_path):
     main_dino.main(["--subset", "300", "--epochs", "4", "--eval_every", "4", "--output_dir", str(tmp_path)])
     knn = [r["knn_top1"] for r in read_log(tmp_path) if "knn_top1" in r]
     assert knn[-1] > knn[0] + 1.0, knn
+
+
+def test_collapse_warnings(caplog):
+    k = 1024
+    with caplog.at_level("WARNING", logger="simpool"):
+        main_dino.warn_if_collapsed({"teacher_entropy": 0.99 * np.log(k), "teacher_batch_entropy": np.log(k)}, k)
+        main_dino.warn_if_collapsed({"teacher_entropy": 0.1, "teacher_batch_entropy": 0.05}, k)
+        main_dino.warn_if_collapsed({"teacher_entropy": 2.0, "teacher_batch_entropy": 6.0}, k)  # healthy
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and "nearly uniform" in messages[0] and "few prototypes" in messages[1]
+
+
+def test_teacher_entropy_monitors_match_their_definition():
+    loss_fn = main_dino.DINOLoss(out_dim=8, ncrops=2)
+    uniform_teacher = torch.zeros(2 * 3, 8)
+    loss_fn(torch.randn(2 * 3, 8), uniform_teacher, teacher_temp=0.04)
+    assert abs(loss_fn.teacher_entropy.item() - np.log(8)) < 1e-5
+    one_hot_teacher = torch.full((2 * 3, 8), -1e4)
+    one_hot_teacher[:, 3] = 1e4
+    loss_fn = main_dino.DINOLoss(out_dim=8, ncrops=2)
+    loss_fn(torch.randn(2 * 3, 8), one_hot_teacher, teacher_temp=0.04)
+    assert loss_fn.teacher_entropy.item() < 1e-4 and loss_fn.teacher_batch_entropy.item() < 1e-4
