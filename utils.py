@@ -42,9 +42,16 @@ def init_distributed_mode(args):
     elif local_world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if args.world_size > 1:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method=args.dist_url,
-                                world_size=args.world_size, rank=args.rank,
-                                timeout=datetime.timedelta(minutes=30))
+        timeout = datetime.timedelta(minutes=30)
+        where = {"init_method": args.dist_url}
+        attempt = env.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is not None and args.dist_url == "env://":
+            # torchrun keeps its store across restarts: without a key space per attempt, a restarted
+            # rank can read a dead peer's address from the previous attempt and fail or hang
+            store, _, _ = next(dist.rendezvous(args.dist_url, args.rank, args.world_size, timeout=timeout))
+            where = {"store": dist.PrefixStore(f"attempt_{attempt}", store)}
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", world_size=args.world_size,
+                                rank=args.rank, timeout=timeout, **where)
         dist.barrier()
     setup_logging(args.rank)
 

@@ -77,13 +77,14 @@ def attention_maps(model, x):
     """(B, heads, gh, gw) attention over the patch grid: SimPool's map (one head unless
     SimPool has several) or the [CLS] attention of each head of the last block."""
     gh, gw = model.grid_size(*x.shape[-2:])
+    x = x.to(next(model.parameters()).device)
     if model.mode == "official":
         attn = cls_attention_heads(model, x)
     else:
         attn = model.forward_features(x, return_attention=True)["attention"]
         if attn.dim() == 2:
             attn = attn[:, None]
-    return attn.float().reshape(x.shape[0], -1, gh, gw)
+    return attn.float().reshape(x.shape[0], -1, gh, gw).cpu()
 
 
 # ---------------------------------------------------------------- metrics
@@ -287,7 +288,8 @@ def folder_set(mask_dir, image_size, patch_size):
         for f in files:
             stem, ext = os.path.splitext(f)
             if ext.lower() in IMAGE_EXTS and not stem.endswith("_mask"):
-                mask = next((os.path.join(mask_dir, m) for m in files if os.path.splitext(m)[0] == stem + "_mask"), None)
+                mask = next((os.path.join(mask_dir, m) for m in files
+                             if os.path.splitext(m)[0] == stem + "_mask"), None)
                 if mask:
                     pairs.append((stem, os.path.join(mask_dir, f), mask))
     if not pairs:
@@ -389,6 +391,7 @@ def get_args_parser():
                    "map, kept tokens) to OUTPUT_DIR/examples.")
     g.add_argument("--seed", default=0, type=int, help="Seed of the synthetic set.")
     p.add_argument("--output_dir", default="attention", type=str, help="Where the PNGs and attention.json go.")
+    p.add_argument("--cpu", action="store_true", help="Run on CPU even when CUDA is available.")
     return p
 
 
@@ -420,6 +423,8 @@ def run(args):
         raise AttentionError(f"--threshold must be in (0, 1], got {args.threshold}")
     model, info = load_pretrained(args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size,
                                   args.mode, args.gamma, image_size=args.image_size)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    model = model.to(device)
     mean, std = norm_stats(args.normalize, info)
     result = None
     if args.images:

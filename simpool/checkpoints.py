@@ -160,7 +160,7 @@ def backbone_state_dict(ckpt, checkpoint_key="teacher", path="checkpoint"):
                                   "choose one with --checkpoint_key")
         logger.info(f"{path}: no '{checkpoint_key}' entry; using {what}.")
     if not _is_state_dict(state):
-        raise CheckpointError(f"{path}[{what}] is not a state dict of tensors")
+        raise CheckpointError(f"{path} [{what}] is not a state dict of tensors")
     return _strip_prefixes(state, path), meta, what
 
 
@@ -239,6 +239,9 @@ def load_pretrained(path, checkpoint_key="teacher", arch=None, patch_size=None, 
     state, meta, what = backbone_state_dict(ckpt, checkpoint_key, path)
     found = infer_arch(state)
     arch = _resolve(arch, meta.get("arch") if meta.get("arch") in vits.ARCHS else None, found.get("arch"))
+    if arch is None and isinstance(meta.get("arch"), str) and "patch_embed.proj.weight" not in state:
+        raise CheckpointError(f"{path} holds a {meta['arch']} backbone; the evaluation tools read ViTs only "
+                              f"({', '.join(vits.ARCHS)})")
     if arch is None:
         raise CheckpointError(f"{path}: cannot tell the architecture (embed_dim {found.get('embed_dim')}, "
                               f"depth {found.get('depth')} match none of {', '.join(vits.ARCHS)}); pass --arch")
@@ -248,7 +251,10 @@ def load_pretrained(path, checkpoint_key="teacher", arch=None, patch_size=None, 
     use_beta = _resolve(use_beta, found.get("use_beta"), default=False)
     if gamma == AUTO:
         if "gamma" in meta:
-            gamma = meta["gamma"]
+            # main_dino stores 'auto' (simpool.backbones: None for ViTs) or the number it used
+            gamma = None if meta["gamma"] in (None, AUTO, "None", "none") else meta["gamma"]
+            if gamma is not None and not isinstance(gamma, (int, float)):
+                raise CheckpointError(f"{path} records gamma {gamma!r}, not a number; pass --gamma")
         else:
             gamma = None
             if mode == "simpool":
@@ -308,12 +314,13 @@ def load_backbone_weights(model, state, source="checkpoint", desc=None):
     on_meta = any(t.is_meta for t in own.values())  # built without initialisation: take the tensors as they are
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
     desc = desc or type(model).__name__
-    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
-        state["pos_embed"] = _resize_pos_embed(state["pos_embed"], own["pos_embed"], model, source)
     missing = [k for k in own if k not in state and k not in OPTIONAL_KEYS]
     unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k} (checkpoint {list(state[k].shape)}, model {list(own[k].shape)})"
-                  for k in state if k in own and state[k].shape != own[k].shape]
+    mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if mismatched == ["pos_embed"] and not missing and not unexpected:  # everything else fits: another image size
+        state["pos_embed"] = _resize_pos_embed(state["pos_embed"], own["pos_embed"], model, source)
+        mismatched = [k for k in mismatched if state[k].shape != own[k].shape]
+    mismatched = [f"{k} (checkpoint {list(state[k].shape)}, model {list(own[k].shape)})" for k in mismatched]
     if missing or unexpected or mismatched:
         parts = []
         if missing:

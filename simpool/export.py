@@ -26,8 +26,6 @@ import logging
 import os
 import sys
 
-import torch
-
 import utils
 from simpool.checkpoints import (AUTO, FORMAT, FORMAT_VERSION, CheckpointError, add_model_args, load_pretrained)
 

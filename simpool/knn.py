@@ -11,8 +11,6 @@ Example:
     100.0
 """
 import math
-import sys
-import time
 
 import faiss
 import numpy as np

@@ -1,0 +1,159 @@
+"""Weighted k-NN evaluation of a frozen backbone (DINO protocol).
+
+    python eval_knn.py --pretrained_weights output/checkpoint.pth --data_path fashion-mnist
+    torchrun --nproc_per_node 8 eval_knn.py --pretrained_weights dino_deitsmall16_pretrain.pth --data_path /imagenet
+
+Features are the backbone's pooled vectors (SimPool, or the [CLS] token in official
+mode), L2-normalised; each test image takes the k nearest training images by cosine
+similarity (exact faiss inner-product search, on GPU when faiss-gpu and CUDA exist) and
+each neighbour votes for its class with weight exp(similarity / T). Prints top-1/top-5
+for every k and writes ``knn.json`` in --output_dir.
+"""
+import argparse
+import json
+import logging
+import os
+import time
+
+import torch
+
+import utils
+from simpool.checkpoints import add_model_args, load_pretrained
+from simpool.evaluation import (EvalError, amp_dtype, build_eval_splits, drop_unreadable, is_in_memory,
+                                run_main, tolerant_collate)
+from simpool.knn import extract_features, knn_classify
+
+logger = logging.getLogger("simpool")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("Weighted k-NN evaluation on frozen features (DINO protocol)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p)
+    g = p.add_argument_group("data")
+    g.add_argument("--data_path", default="fashion-mnist", type=str, help="ImageFolder root holding train/ and "
+                   "val/ (<class>/<image> each), or 'fashion-mnist' (its train and test splits).")
+    g.add_argument("--image_size", default=None, type=int, help="Side of the evaluated images; default: the "
+                   "checkpoint's training size (global_crops_size), else 224. pos_embed is resized to fit.")
+    g.add_argument("--subset", default=-1, type=int, help="Keep this many training images per class (-1: all).")
+    g.add_argument("--val_subset", default=-1, type=int, help="Keep this many evaluation images per class "
+                   "(-1: all).")
+    g.add_argument("--batch_size_per_gpu", default=256, type=int, help="Images per process per forward pass.")
+    g.add_argument("--num_workers", default=4, type=int, help="Data-loading processes per rank (ImageFolder "
+                   "only; the built-in Fashion-MNIST is served from memory).")
+    g = p.add_argument_group("k-NN")
+    g.add_argument("--nb_knn", default=[10, 20, 100, 200], type=int, nargs="+", help="Numbers of nearest "
+                   "neighbours to evaluate (values above the training-set size are clipped to it).")
+    g.add_argument("--temperature", default=0.07, type=float, help="Temperature T of the vote weights "
+                   "exp(similarity / T).")
+    g.add_argument("--dump_features", default=None, type=str, help="Save the extracted features and labels "
+                   "(trainfeat.pth, testfeat.pth, trainlabels.pth, testlabels.pth) in this folder.")
+    g.add_argument("--load_features", default=None, type=str, help="Load features saved by --dump_features "
+                   "from this folder instead of running the backbone.")
+    g = p.add_argument_group("run")
+    g.add_argument("--output_dir", default=".", type=str, help="Where knn.json is written.")
+    g.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="Autocast precision of the "
+                   "backbone's forward pass.")
+    g.add_argument("--cpu", action="store_true", help="Run on CPU even when CUDA is available.")
+    g.add_argument("--dist_url", default="env://", type=str, help="Process-group rendezvous URL (torchrun).")
+    g.add_argument("--local_rank", "--local-rank", default=0, type=int, help="Set by torch.distributed.launch; "
+                   "ignored (LOCAL_RANK is read from the environment).")
+    return p
+
+
+FEATURE_FILES = ("trainfeat.pth", "testfeat.pth", "trainlabels.pth", "testlabels.pth")
+
+
+def compute_features(args):
+    """(train_feats, train_labels, test_feats, test_labels, classes, info) from the backbone."""
+    model, info = load_pretrained(args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size,
+                                  args.mode, args.gamma, image_size=args.image_size)
+    image_size = info["image_size"]
+    model = model.to(args.device)
+    train, val = build_eval_splits(args.data_path, image_size, args.subset, args.val_subset)
+    logger.info(f"Data: {len(train)} training and {len(val)} evaluation images from {args.data_path}, "
+                f"{len(train.classes)} classes, at {image_size}px.")
+    kw = dict(batch_size=args.batch_size_per_gpu, device=args.device, image_size=image_size,
+              amp_dtype=amp_dtype(args.precision))
+    if not is_in_memory(train):
+        kw.update(num_workers=args.num_workers, collate=tolerant_collate(image_size))
+    train_f, train_y = drop_unreadable(*extract_features(model, train, header="Train features", **kw))
+    test_f, test_y = drop_unreadable(*extract_features(model, val, header="Test features", **kw))
+    return train_f, train_y, test_f, test_y, list(train.classes), info
+
+
+def load_features(folder):
+    paths = [os.path.join(folder, name) for name in FEATURE_FILES]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise EvalError(f"--load_features {folder}: missing {', '.join(os.path.basename(p) for p in missing)}")
+    tensors = [utils.load_checkpoint(p) for p in paths]
+    if not all(torch.is_tensor(t) for t in tensors):
+        raise EvalError(f"--load_features {folder}: the files do not hold tensors")
+    train_f, test_f, train_y, test_y = tensors
+    if train_f.ndim != 2 or test_f.ndim != 2 or train_f.shape[1] != test_f.shape[1] or \
+            len(train_f) != len(train_y) or len(test_f) != len(test_y):
+        raise EvalError(f"--load_features {folder}: inconsistent shapes (train {list(train_f.shape)}, "
+                        f"test {list(test_f.shape)}, labels {len(train_y)}/{len(test_y)})")
+    return train_f, train_y.long(), test_f, test_y.long()
+
+
+def format_table(results):
+    lines = ["    k   top-1   top-5", "-----  ------  ------"]
+    lines += [f"{k:5d}  {r['top1']:6.2f}  {r['top5']:6.2f}" for k, r in sorted(results.items())]
+    return "\n".join(lines)
+
+
+def eval_knn(args):
+    utils.init_distributed_mode(args)
+    if any(k <= 0 for k in args.nb_knn):
+        raise EvalError(f"--nb_knn values must be positive, got {args.nb_knn}")
+    if args.temperature <= 0:
+        raise EvalError(f"--temperature must be positive, got {args.temperature}")
+    start = time.time()
+    info, classes = {}, None
+    if args.load_features:
+        train_f, train_y, test_f, test_y = load_features(args.load_features)
+        logger.info(f"Loaded features from {args.load_features}: train {list(train_f.shape)}, "
+                    f"test {list(test_f.shape)}.")
+    else:
+        train_f, train_y, test_f, test_y, classes, info = compute_features(args)
+    if not utils.is_main_process():
+        return None
+    if args.dump_features:
+        os.makedirs(args.dump_features, exist_ok=True)
+        for name, t in zip(FEATURE_FILES, (train_f, test_f, train_y, test_y)):
+            utils.save_checkpoint(t.contiguous(), os.path.join(args.dump_features, name))
+        logger.info(f"Features saved in {args.dump_features}.")
+    if len(train_f) == 0 or len(test_f) == 0:
+        raise EvalError("no features to evaluate (empty training or evaluation set)")
+    num_classes = len(classes) if classes else int(max(train_y.max(), test_y.max())) + 1
+    ks = sorted(set(args.nb_knn))
+    if ks[-1] > len(train_f):
+        logger.warning(f"k > {len(train_f)} training images: those k are clipped to {len(train_f)}.")
+    results = knn_classify(train_f, train_y, test_f, test_y, ks=ks, temperature=args.temperature,
+                           num_classes=num_classes, use_gpu=args.device.type == "cuda")
+    print(f"Weighted k-NN (T={args.temperature}) on {len(test_f)} images, {len(train_f)} neighbours to choose from:")
+    print(format_table(results))
+    record = {"results": {str(k): r for k, r in sorted(results.items())},
+              "best": dict(zip(("k", "top1"), max(((k, r["top1"]) for k, r in results.items()), key=lambda t: t[1]))),
+              "temperature": args.temperature, "n_train": len(train_f), "n_test": len(test_f),
+              "data_path": args.data_path, "pretrained_weights": args.pretrained_weights or None,
+              "checkpoint_key": args.checkpoint_key,
+              "model": {k: info.get(k) for k in ("arch", "patch_size", "mode", "gamma", "image_size", "epoch")},
+              "seconds": round(time.time() - start, 1)}
+    os.makedirs(args.output_dir, exist_ok=True)
+    path = os.path.join(args.output_dir, "knn.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+    logger.info(f"Wrote {path}.")
+    return results
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    return run_main(eval_knn, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,462 @@
+"""Linear-probe evaluation of a frozen backbone, sweeping many learning rates in one run.
+
+    python eval_linear.py --pretrained_weights output/checkpoint.pth --data_path fashion-mnist --epochs 10
+    torchrun --nproc_per_node 8 eval_linear.py --pretrained_weights ckpt.pth --data_path /imagenet --epochs 100
+
+Features are frozen: SimPool's pooled vector (simpool mode), or in official [CLS] mode
+the concatenated [CLS] tokens of the --n_last_blocks last blocks (each through the final
+norm), optionally with the average of the last block's patch tokens (DINO's protocol).
+One linear head per (lr, wd) pair is trained on the same features: one backbone forward
+per batch, all heads updated by one batched einsum (SGD, momentum 0.9, cosine schedule).
+The head with the best top-1 on the evaluation split wins; linear.json holds every
+head's result, linear_head.pth the best head's weights. A run resumes from
+linear_checkpoint.pth in --output_dir; --evaluate only scores a saved head.
+
+With ``--train_augment False`` the training features are extracted once and cached
+(the fast CPU setting); otherwise each epoch sees RandomResizedCrop + flip augmentation.
+"""
+import argparse
+import json
+import logging
+import math
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.ops import roi_align
+from torchvision.transforms import v2
+
+import utils
+from simpool.augment import random_resized_crop_boxes
+from simpool.checkpoints import add_model_args, load_pretrained
+from simpool.data import normalize_batch
+from simpool.evaluation import (EvalError, amp_dtype, build_eval_splits, drop_unreadable, is_in_memory,
+                                run_main, tolerant_collate)
+from simpool.knn import extract_features
+
+logger = logging.getLogger("simpool")
+# DINO-style sweep, extended upwards: short runs (a few epochs on CPU) often want larger rates.
+DEFAULT_LRS = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1, 2e-1, 5e-1, 1.0]
+
+
+def get_args_parser():
+    b = utils.bool_flag
+    p = argparse.ArgumentParser("Linear probe on frozen features, many learning rates at once",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p)
+    g = p.add_argument_group("features")
+    g.add_argument("--n_last_blocks", default=4, type=int, help="[CLS] models: concatenate the [CLS] token of "
+                   "this many last blocks (DINO: 4 for ViT-S, 1 for ViT-B). SimPool models use their pooled vector.")
+    g.add_argument("--avgpool_patchtokens", default=False, type=b, help="Also concatenate the average of the "
+                   "last block's patch tokens (DINO: False for ViT-S, True for ViT-B).")
+    g = p.add_argument_group("data")
+    g.add_argument("--data_path", default="fashion-mnist", type=str, help="ImageFolder root holding train/ and "
+                   "val/, or 'fashion-mnist' (its train and test splits).")
+    g.add_argument("--image_size", default=None, type=int, help="Side of the images the backbone sees; "
+                   "default: the checkpoint's training size, else 224.")
+    g.add_argument("--subset", default=-1, type=int, help="Keep this many training images per class (-1: all).")
+    g.add_argument("--val_subset", default=-1, type=int, help="Keep this many evaluation images per class "
+                   "(-1: all).")
+    g.add_argument("--train_augment", default=True, type=b, help="RandomResizedCrop + flip on training images, "
+                   "a backbone pass per epoch (DINO protocol). False: extract training features once and train "
+                   "on the cache (much faster on CPU).")
+    g.add_argument("--crop_scale", default=(0.08, 1.0), type=float, nargs=2, help="Area range of the training "
+                   "RandomResizedCrop.")
+    g.add_argument("--batch_size_per_gpu", default=128, type=int, help="Images per process per step.")
+    g.add_argument("--num_workers", default=4, type=int, help="Data-loading processes per rank (ImageFolder).")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", default=100, type=int, help="Training epochs.")
+    g.add_argument("--lrs", default=DEFAULT_LRS, type=float, nargs="+", help="Learning rates swept, one head "
+                   "each, for a global batch of 256 (scaled linearly by the actual global batch size).")
+    g.add_argument("--wds", default=[0.0], type=float, nargs="+", help="Weight decays swept; one head per "
+                   "(lr, wd) pair.")
+    g.add_argument("--momentum", default=0.9, type=float, help="SGD momentum.")
+    g.add_argument("--num_labels", default=None, type=int, help="Classifier outputs; default: the number of "
+                   "classes in the training split.")
+    g.add_argument("--val_freq", default=1, type=int, help="Score every head on the evaluation split every "
+                   "this many epochs (and after the last).")
+    g = p.add_argument_group("run")
+    g.add_argument("--output_dir", default=".", type=str, help="Where linear.json, linear_head.pth and the "
+                   "resumable linear_checkpoint.pth go.")
+    g.add_argument("--evaluate", action="store_true", help="Only score the saved head (--pretrained_linear) on "
+                   "the evaluation split.")
+    g.add_argument("--pretrained_linear", default=None, type=str, help="Head for --evaluate; default: "
+                   "OUTPUT_DIR/linear_head.pth.")
+    g.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="Autocast precision of the "
+                   "backbone's forward pass (heads train in fp32).")
+    g.add_argument("--seed", default=0, type=int, help="Random seed.")
+    g.add_argument("--cpu", action="store_true", help="Run on CPU even when CUDA is available.")
+    g.add_argument("--dist_url", default="env://", type=str, help="Process-group rendezvous URL (torchrun).")
+    g.add_argument("--local_rank", "--local-rank", default=0, type=int, help="Set by torch.distributed.launch; "
+                   "ignored (LOCAL_RANK is read from the environment).")
+    return p
+
+
+# ---------------------------------------------------------------- features
+class LinearFeatures(nn.Module):
+    """The frozen feature vector of the linear probe.
+
+    simpool mode: the pooled vector (+ mean patch token with ``avgpool``); official mode:
+    the [CLS] tokens of the last ``n_last_blocks`` blocks after the final norm
+    (+ the mean of the last block's normalised patch tokens with ``avgpool``).
+
+    Example:
+        >>> vit = vision_transformer.build_vit("vit_nano", patch_size=7, img_size=28, mode="official")
+        >>> f = LinearFeatures(vit, n_last_blocks=4, avgpool=True)
+        >>> f(torch.randn(2, 3, 28, 28)).shape, f.dim
+        (torch.Size([2, 960]), 960)
+    """
+
+    def __init__(self, backbone, n_last_blocks=4, avgpool=False):
+        super().__init__()
+        self.backbone, self.avgpool = backbone, avgpool
+        self.n_last_blocks = min(n_last_blocks, len(backbone.blocks)) if backbone.mode == "official" else 1
+        self.dim = backbone.embed_dim * (self.n_last_blocks + int(avgpool))
+
+    def forward(self, x):
+        bb = self.backbone
+        if bb.mode != "official":
+            out = bb.forward_features(x)
+            feats = [out["pooled"]]
+            if self.avgpool:
+                feats.append(out["patch_tokens"].mean(dim=1))
+            return torch.cat(feats, dim=-1)
+        x = bb.prepare_tokens(x)
+        outputs = []
+        first = len(bb.blocks) - self.n_last_blocks
+        for i, blk in enumerate(bb.blocks):
+            x = blk(x)
+            if i >= first:
+                outputs.append(bb.norm(x))
+        feats = [o[:, 0] for o in outputs]
+        if self.avgpool:
+            feats.append(outputs[-1][:, bb.num_prefix_tokens:].mean(dim=1))
+        return torch.cat(feats, dim=-1)
+
+
+# ---------------------------------------------------------------- the heads
+class LinearSweep(nn.Module):
+    """``len(lrs) * len(wds)`` linear heads trained together by SGD with momentum; each
+    head has its own learning rate and weight decay (on weights, not biases).
+
+    Example:
+        >>> sweep = LinearSweep(16, 3, lrs=[0.01, 0.1], wds=[0.0])
+        >>> sweep(torch.randn(5, 16)).shape          # (heads, batch, classes)
+        torch.Size([2, 5, 3])
+    """
+
+    def __init__(self, dim, num_classes, lrs, wds=(0.0,), momentum=0.9):
+        super().__init__()
+        pairs = [(lr, wd) for lr in lrs for wd in wds]
+        self.pairs = pairs
+        self.momentum = momentum
+        self.weight = nn.Parameter(torch.randn(len(pairs), dim, num_classes) * 0.01)  # DINO: normal(0, 0.01)
+        self.bias = nn.Parameter(torch.zeros(len(pairs), num_classes))
+        self.register_buffer("lrs", torch.tensor([p[0] for p in pairs], dtype=torch.float32))
+        self.register_buffer("wds", torch.tensor([p[1] for p in pairs], dtype=torch.float32))
+        self.register_buffer("momentum_weight", torch.zeros_like(self.weight))
+        self.register_buffer("momentum_bias", torch.zeros_like(self.bias))
+
+    @property
+    def num_heads(self):
+        return len(self.pairs)
+
+    def forward(self, feats):
+        return torch.einsum("bf,hfc->hbc", feats, self.weight) + self.bias[:, None]
+
+    def loss(self, feats, labels):
+        """Sum over heads of each head's mean cross-entropy: every head gets its own gradient."""
+        logits = self(feats)
+        H, B, C = logits.shape
+        return F.cross_entropy(logits.reshape(H * B, C), labels.repeat(H)) * H
+
+    @torch.no_grad()
+    def step(self, lr_factor=1.0):
+        """One SGD-momentum update of every head, at lr_h * lr_factor."""
+        lr = self.lrs * lr_factor
+        g_w = self.weight.grad + self.wds[:, None, None] * self.weight
+        self.momentum_weight.mul_(self.momentum).add_(g_w)
+        self.momentum_bias.mul_(self.momentum).add_(self.bias.grad)
+        self.weight.sub_(lr[:, None, None] * self.momentum_weight)
+        self.bias.sub_(lr[:, None] * self.momentum_bias)
+
+    def all_reduce_grads(self):
+        world = utils.get_world_size()
+        if world > 1:
+            for p in (self.weight, self.bias):
+                dist.all_reduce(p.grad)
+                p.grad.div_(world)
+
+    @torch.no_grad()
+    def accuracy(self, feats, labels, chunk=2048):
+        """Top-1 and top-5 accuracy (percent) of every head: two (H,) tensors."""
+        top1 = torch.zeros(self.num_heads)
+        top5 = torch.zeros(self.num_heads)
+        k = min(5, self.weight.shape[-1])
+        for s in range(0, len(feats), chunk):
+            f = feats[s:s + chunk].to(self.weight.device)
+            y = labels[s:s + chunk].to(self.weight.device)
+            top = self(f).topk(k, dim=-1).indices  # (H, b, k)
+            hit = top == y[None, :, None]
+            top1 += hit[..., 0].sum(1).float().cpu()
+            top5 += hit.any(-1).sum(1).float().cpu()
+        n = max(len(feats), 1)
+        return 100.0 * top1 / n, 100.0 * top5 / n
+
+    def head_state(self, h):
+        """Head ``h`` as an nn.Linear-style state: weight (C, F), bias (C,)."""
+        return {"weight": self.weight[h].detach().t().contiguous().cpu(), "bias": self.bias[h].detach().clone().cpu()}
+
+
+def train_cached_epoch(sweep, feats, labels, global_batch, lr_factors, generator, metrics=None, header=""):
+    """One epoch over cached features: a seeded shuffle shared by all ranks, each rank
+    taking its share of every global batch; gradients all-reduced. ``lr_factors`` holds
+    one factor per step (len = number of steps)."""
+    rank, world = utils.get_rank(), utils.get_world_size()
+    order = torch.randperm(len(feats), generator=generator)
+    steps = range(len(lr_factors))
+    it = metrics.log_every(steps, max(1, len(steps) // 4), header) if metrics is not None else steps
+    for i in it:
+        idx = order[i * global_batch:(i + 1) * global_batch][rank::world]
+        loss = sweep.loss(feats[idx].to(sweep.weight.device), labels[idx].to(sweep.weight.device)) if len(idx) \
+            else sweep.weight.sum() * 0.0  # a rank with no sample left still joins the all-reduce
+        sweep.zero_grad(set_to_none=True)
+        loss.backward()
+        sweep.all_reduce_grads()
+        sweep.step(float(lr_factors[i]))
+        if metrics is not None:
+            metrics.update(loss=loss.item() / sweep.num_heads)
+
+
+# ---------------------------------------------------------------- augmentation
+def crop_flip_batch(images, size, scale):
+    """Batched RandomResizedCrop + horizontal flip of equal-size uint8 images (B, C, H, W):
+    float (B, 3, size, size) in [0, 1]."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    x = images.float().div_(255)
+    B, _, H, W = x.shape
+    boxes = random_resized_crop_boxes(B, H, W, scale, device=x.device)
+    index = torch.arange(B, device=x.device, dtype=x.dtype)
+    crops = roi_align(x, torch.cat([index[:, None], boxes.to(x.dtype)], dim=1), size, spatial_scale=1.0,
+                      sampling_ratio=-1, aligned=True)
+    flip = torch.rand(B, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], crops.flip(-1), crops)
+
+
+def _normalize(x, mean, std):
+    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+
+
+def train_augmented_epoch(sweep, features, dataset, args, epoch, lr_factors, metrics):
+    """One epoch with fresh augmentation: one frozen-backbone forward per batch, all heads stepped."""
+    device = args.device
+    sampler = DistributedSampler(dataset, num_replicas=utils.get_world_size(), rank=utils.get_rank(),
+                                 shuffle=True, seed=args.seed)
+    sampler.set_epoch(epoch)
+    in_memory = is_in_memory(dataset)
+    loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
+                        num_workers=0 if in_memory else args.num_workers,
+                        collate_fn=(lambda b: b) if in_memory else tolerant_collate(args.image_size_used),
+                        pin_memory=device.type == "cuda")
+    header = f"Epoch [{epoch + 1}/{args.epochs}]"
+    for i, (images, labels) in enumerate(metrics.log_every(loader, max(1, len(loader) // 4), header)):
+        images, labels = images.to(device, non_blocking=True), torch.as_tensor(labels).to(device)
+        if in_memory:
+            x = _normalize(crop_flip_batch(images, args.image_size_used, tuple(args.crop_scale)),
+                           dataset.mean, dataset.std)
+        else:
+            x = normalize_batch(images, dataset.mean, dataset.std, args.image_size_used)
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype(args.precision) or torch.bfloat16,
+                                             enabled=args.precision == "bf16"):
+            f = features(x).float()
+        keep = labels >= 0
+        loss = sweep.loss(f[keep], labels[keep]) if bool(keep.any()) else sweep.weight.sum() * 0.0
+        sweep.zero_grad(set_to_none=True)
+        loss.backward()
+        sweep.all_reduce_grads()
+        sweep.step(float(lr_factors[min(i, len(lr_factors) - 1)]))
+        metrics.update(loss=loss.item() / sweep.num_heads)
+
+
+def train_transform(image_size, crop_scale):
+    """Per-image RandomResizedCrop + flip for ImageFolder training images (uint8 out); the
+    built-in Fashion-MNIST is augmented in batches by ``crop_flip_batch`` instead."""
+    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(image_size, tuple(crop_scale), antialias=True),
+                       v2.RandomHorizontalFlip()])
+
+
+# ---------------------------------------------------------------- main
+def format_table(rows, best):
+    lines = ["       lr   scaled lr        wd   top-1   top-5", "---------  ----------  --------  ------  ------"]
+    for r in rows:
+        mark = "  <- best" if r is best else ""
+        lines.append(f"{r['lr']:9.1e}  {r['scaled_lr']:10.2e}  {r['wd']:8.1e}  {r['top1']:6.2f}  "
+                     f"{r['top5']:6.2f}{mark}")
+    return "\n".join(lines)
+
+
+def eval_linear(args):
+    utils.init_distributed_mode(args)
+    utils.fix_random_seeds(args.seed)
+    device = args.device
+    if args.epochs < 1 and not args.evaluate:
+        raise EvalError(f"--epochs must be at least 1, got {args.epochs}")
+    if any(lr <= 0 for lr in args.lrs) or any(wd < 0 for wd in args.wds):
+        raise EvalError("--lrs must be positive and --wds non-negative")
+    if args.n_last_blocks < 1 or args.val_freq < 1:
+        raise EvalError(f"--n_last_blocks and --val_freq must be at least 1, got {args.n_last_blocks} and "
+                        f"{args.val_freq}")
+    backbone, info = load_pretrained(args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size,
+                                     args.mode, args.gamma, image_size=args.image_size)
+    backbone.requires_grad_(False)
+    args.image_size_used = image_size = info["image_size"]
+    features = LinearFeatures(backbone, args.n_last_blocks, args.avgpool_patchtokens).to(device).eval()
+    if info["mode"] != "official" and args.n_last_blocks != 1:
+        logger.info("SimPool backbone: features are its pooled vector (--n_last_blocks applies to [CLS] models).")
+    train_tf = train_transform(image_size, args.crop_scale) if args.train_augment else None
+    train, val = build_eval_splits(args.data_path, image_size, args.subset, args.val_subset, train_transform=train_tf,
+                                   seed=args.seed)
+    num_labels = args.num_labels or len(train.classes)
+    if num_labels < len(train.classes):
+        raise EvalError(f"--num_labels {num_labels} is below the {len(train.classes)} classes of {args.data_path}")
+    logger.info(f"Data: {len(train)} training and {len(val)} evaluation images, {len(train.classes)} classes, "
+                f"{image_size}px; features of dimension {features.dim}.")
+
+    kw = dict(batch_size=max(args.batch_size_per_gpu, 256), device=device, image_size=image_size,
+              amp_dtype=amp_dtype(args.precision), normalize=False)
+    if not is_in_memory(val):
+        kw.update(num_workers=args.num_workers, collate=tolerant_collate(image_size))
+    if args.evaluate:
+        val_f, val_y = drop_unreadable(*extract_features(features, val, header="Evaluation features", **kw))
+        return evaluate_saved_head(args, val_f, val_y, features.dim)
+
+    global_batch = args.batch_size_per_gpu * utils.get_world_size()
+    sweep = LinearSweep(features.dim, num_labels, [lr * global_batch / 256 for lr in args.lrs], args.wds,
+                        args.momentum).to(device)
+    config = {"lrs": list(args.lrs), "wds": list(args.wds), "dim": features.dim, "num_labels": num_labels,
+              "global_batch": global_batch}
+    os.makedirs(args.output_dir, exist_ok=True)
+    ckpt_path = os.path.join(args.output_dir, "linear_checkpoint.pth")
+    start_epoch, best = 0, {"per_head": [None] * sweep.num_heads, "best": None, "best_head": None}
+    if os.path.exists(ckpt_path):
+        ckpt = utils.load_checkpoint(ckpt_path)
+        if ckpt.get("config") != config:
+            diff = ", ".join(f"{k} {ckpt.get('config', {}).get(k)} (now {v})" for k, v in config.items()
+                             if (ckpt.get("config") or {}).get(k) != v)
+            raise EvalError(f"{ckpt_path} belongs to another sweep: {diff}; use another --output_dir or the same "
+                            "flags")
+        sweep.load_state_dict(ckpt["sweep"])
+        start_epoch, best = ckpt["epoch"], ckpt["best"]
+        logger.info(f"Resumed from {ckpt_path} at epoch {start_epoch}.")
+    val_f, val_y = drop_unreadable(*extract_features(features, val, header="Evaluation features", **kw))
+
+    cached = None
+    if not args.train_augment:
+        kw_train = dict(kw)
+        if not is_in_memory(train):
+            kw_train.update(num_workers=args.num_workers, collate=tolerant_collate(image_size))
+        cached = drop_unreadable(*extract_features(features, train, header="Training features", **kw_train))
+        niter = math.ceil(len(cached[0]) / global_batch)
+    else:
+        niter = math.ceil(len(train) / global_batch)
+    lr_factors = utils.cosine_scheduler(1.0, 0.0, args.epochs, niter)
+    logger.info(f"Training {sweep.num_heads} heads (lrs {args.lrs} x wds {args.wds}, scaled by {global_batch}/256) "
+                f"for {args.epochs - start_epoch} epochs of {niter} steps"
+                + (" on cached features." if cached else " with augmentation."))
+    for epoch in range(start_epoch, args.epochs):
+        metrics = utils.MetricLogger()
+        factors = lr_factors[epoch * niter:(epoch + 1) * niter]
+        if cached is not None:
+            g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+            train_cached_epoch(sweep, cached[0], cached[1], global_batch, factors, g, metrics,
+                               f"Epoch [{epoch + 1}/{args.epochs}]")
+        else:
+            train_augmented_epoch(sweep, features, train, args, epoch, factors, metrics)
+        if (epoch + 1) % args.val_freq == 0 or epoch + 1 == args.epochs:
+            score_heads(sweep, val_f, val_y, epoch, best, [(lr, wd) for lr in args.lrs for wd in args.wds])
+            if utils.is_main_process():
+                r = best["best"]
+                logger.info(f"Epoch {epoch + 1}: best head so far lr {r['lr']:.1e} wd {r['wd']:.1e}: "
+                            f"top-1 {r['top1']:.2f}%, top-5 {r['top5']:.2f}%.")
+                utils.save_checkpoint(best_head_file(best, args, info, features, train.classes),
+                                      os.path.join(args.output_dir, "linear_head.pth"))
+        if utils.is_main_process():
+            utils.save_checkpoint({"sweep": sweep.state_dict(), "epoch": epoch + 1, "best": best, "config": config},
+                                  ckpt_path)
+    if not utils.is_main_process():
+        return None
+    rows = [r for r in best["per_head"] if r is not None]
+    best_row = next(r for r in rows if r["head"] == best["best"]["head"])
+    print(f"Linear probe, {len(val_f)} evaluation images (best epoch per head):")
+    print(format_table(rows, best_row))
+    record = {"best": best["best"], "per_head": rows, "epochs": args.epochs, "n_train": len(train),
+              "n_val": len(val_f), "global_batch": global_batch, "train_augment": args.train_augment,
+              "features": {"dim": features.dim, "n_last_blocks": features.n_last_blocks,
+                           "avgpool_patchtokens": args.avgpool_patchtokens},
+              "data_path": args.data_path, "pretrained_weights": args.pretrained_weights or None,
+              "model": {k: info.get(k) for k in ("arch", "patch_size", "mode", "gamma", "image_size", "epoch")}}
+    with open(os.path.join(args.output_dir, "linear.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    lrs = sorted(set(args.lrs))
+    if len(lrs) > 1 and best["best"]["lr"] in (lrs[0], lrs[-1]):
+        logger.warning(f"warning: the best lr {best['best']['lr']:g} is at the edge of the sweep; extend --lrs "
+                       "beyond it to be sure of the optimum.")
+    logger.info(f"Best: lr {best['best']['lr']:.1e} (scaled {best['best']['scaled_lr']:.2e}), wd "
+                f"{best['best']['wd']:.1e}: top-1 {best['best']['top1']:.2f}%, top-5 {best['best']['top5']:.2f}%. "
+                f"Wrote {args.output_dir}/linear.json and linear_head.pth.")
+    return record
+
+
+def score_heads(sweep, val_f, val_y, epoch, best, base_pairs):
+    """Score all heads; keep (in ``best``) each head's best epoch and the overall best head's
+    weights. ``base_pairs`` are the (lr, wd) as given, before the batch-size scaling."""
+    top1, top5 = sweep.accuracy(val_f, val_y)
+    for h, ((lr, wd), (scaled_lr, _)) in enumerate(zip(base_pairs, sweep.pairs)):
+        row = {"head": h, "lr": lr, "scaled_lr": scaled_lr, "wd": wd, "top1": float(top1[h]),
+               "top5": float(top5[h]), "epoch": epoch + 1}
+        if best["per_head"][h] is None or row["top1"] > best["per_head"][h]["top1"]:
+            best["per_head"][h] = row
+            if best["best"] is None or row["top1"] > best["best"]["top1"]:
+                best["best"] = row
+                best["best_head"] = sweep.head_state(h)
+    return best["per_head"]
+
+
+def best_head_file(best, args, info, features, classes):
+    return {**best["best_head"], "result": best["best"], "classes": list(classes),
+            "features": {"dim": features.dim, "n_last_blocks": features.n_last_blocks,
+                         "avgpool_patchtokens": args.avgpool_patchtokens},
+            "model": {k: info.get(k) for k in ("arch", "patch_size", "mode", "gamma", "image_size")},
+            "pretrained_weights": args.pretrained_weights or None, "checkpoint_key": args.checkpoint_key}
+
+
+def evaluate_saved_head(args, val_f, val_y, dim):
+    path = args.pretrained_linear or os.path.join(args.output_dir, "linear_head.pth")
+    head = utils.load_checkpoint(path)
+    if not isinstance(head, dict) or not torch.is_tensor(head.get("weight")) or not torch.is_tensor(head.get("bias")):
+        raise EvalError(f"{path} is not a linear head saved by eval_linear.py")
+    if head["weight"].shape[1] != dim:
+        raise EvalError(f"{path} takes features of dimension {head['weight'].shape[1]} but this backbone gives {dim} "
+                        "(check --n_last_blocks / --avgpool_patchtokens / --pretrained_weights)")
+    if not utils.is_main_process():
+        return None
+    logits = F.linear(val_f, head["weight"].float(), head["bias"].float())
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hit = top == val_y[:, None]
+    top1, top5 = 100.0 * hit[:, 0].float().mean().item(), 100.0 * hit.any(1).float().mean().item()
+    print(f"Linear head {path} on {len(val_f)} evaluation images: top-1 {top1:.2f}%  top-5 {top5:.2f}%")
+    return {"top1": top1, "top5": top5}
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    return run_main(eval_linear, args)
+
+
+if __name__ == "__main__":
+    main()

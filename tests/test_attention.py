@@ -1,0 +1,183 @@
+"""Attention maps and their evaluation (simpool/attention.py): DINO's 60%-mass mask, Jaccard
+and CorLoc on hand-made cases, per-head [CLS] maps, the synthetic set, and the CLI."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from checkpoint_factory import one_thread, save_official_checkpoint, save_training_checkpoint, tiny_backbone
+from simpool import attention as att
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a busy 2-core machine run many times faster on one thread."""
+    with one_thread():
+        yield
+
+
+def test_mass_mask_keeps_the_top_tokens_until_the_threshold():
+    a = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    # ranked 0.4 (nothing above), 0.3 (0.4 above < 0.6) are kept; 0.2 has 0.7 above: dropped
+    assert att.mass_mask(a, 0.6).tolist() == [False, False, True, True]
+    assert att.mass_mask(a * 7, 0.6).tolist() == [False, False, True, True]  # unnormalised is the same
+    assert att.mass_mask(a, 1.0).all() and att.mass_mask(a, 0.01).sum() == 1
+    batched = att.mass_mask(torch.stack([a, a.flip(0)]), 0.6)
+    assert batched.tolist() == [[False, False, True, True], [True, True, False, False]]
+
+
+def test_jaccard_of_a_hand_made_map_and_mask():
+    attn = torch.tensor([[0.5, 0.3], [0.15, 0.05]])  # 2x2 tokens, patch 2, a 4x4 image
+    gt = torch.zeros(4, 4, dtype=torch.bool)
+    gt[:, :2] = True  # the object: the left half
+    r = att.score_map(attn, gt, patch_size=2, threshold=0.6)
+    # kept: the top row (8 pixels); object: left column (8); overlap 4; union 12
+    assert r["kept"][:2].all() and not r["kept"][2:].any()
+    assert r["jaccard"] == pytest.approx(4 / 12)
+    assert not r["hit"]  # boxes: top row vs left half, IoU 1/3
+    r = att.score_map(torch.tensor([[0.5, 0.05], [0.4, 0.05]]), gt, patch_size=2)
+    assert r["jaccard"] == 1.0 and r["hit"]
+
+
+def test_corloc_uses_the_largest_connected_part():
+    mask = torch.tensor([[1, 1, 0, 0],
+                         [1, 1, 0, 1],
+                         [0, 0, 0, 0],
+                         [0, 0, 0, 0]], dtype=torch.bool)
+    assert att.largest_component(mask).sum() == 4 and not att.largest_component(mask)[1, 3]
+    assert att.mask_box(mask) == (0, 0, 4, 2)
+    assert att.box_iou((0, 0, 2, 2), (1, 0, 3, 2)) == pytest.approx(2 / 6)
+    assert att.jaccard(torch.zeros(3, 3), torch.zeros(3, 3)) == 1.0
+
+
+def test_token_mask_to_pixels_pads_beyond_the_grid():
+    px = att.token_mask_to_pixels(torch.tensor([[True, False]]), 3, (4, 7))
+    assert px.shape == (4, 7) and px[:3, :3].all() and px.sum() == 9
+
+
+def test_cls_heads_average_to_the_pooling_attention():
+    model = tiny_backbone("official", patch_size=4, img_size=28)
+    x = torch.randn(2, 3, 28, 28)
+    heads = att.cls_attention_heads(model, x)
+    assert heads.shape == (2, 3, 49)
+    with torch.no_grad():
+        mean = model.forward_features(x, return_attention=True)["attention"]
+    torch.testing.assert_close(heads.mean(1), mean)
+    torch.testing.assert_close(heads.sum(-1) <= 1.0 + 1e-6, torch.ones(2, 3, dtype=torch.bool))
+    assert att.attention_maps(model, x).shape == (2, 3, 7, 7)
+    simpool = tiny_backbone("simpool", patch_size=7, img_size=28)
+    maps = att.attention_maps(simpool, torch.randn(2, 3, 56, 56))  # pos_embed resized on the fly
+    assert maps.shape == (2, 1, 8, 8)
+    torch.testing.assert_close(maps.sum((1, 2, 3)), torch.ones(2))
+
+
+def test_synthetic_set_is_seeded_and_masks_are_exact():
+    pytest.importorskip("skimage")
+    images, masks = att.synthetic_set(6, 28, seed=1)
+    again, masks2 = att.synthetic_set(6, 28, seed=1)
+    other, _ = att.synthetic_set(6, 28, seed=2)
+    assert images.shape == (6, 3, 28, 28) and images.dtype == torch.uint8 and masks.shape == (6, 28, 28)
+    assert torch.equal(images, again) and torch.equal(masks, masks2) and not torch.equal(images, other)
+    frac = masks.float().mean((1, 2))
+    assert (frac > 0.05).all() and (frac < 0.9).all()
+    assert torch.equal(images[:, 0], images[:, 2])  # grey, expanded to RGB
+
+
+def test_colormap_and_overlay():
+    c = att.colormap(np.array([[0.0, 1.0]]))
+    assert c.shape == (1, 2, 3) and c.dtype == np.uint8 and c[0, 0].sum() < c[0, 1].sum()
+    img = np.zeros((10, 20, 3), np.uint8)
+    out = att.overlay(img, torch.rand(2, 4))
+    assert out.shape == (10, 20, 3)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("attn")
+    save_training_checkpoint(folder / "simpool.pth", tiny_backbone("simpool", patch_size=7, img_size=28))
+    save_official_checkpoint(folder / "cls.pth", tiny_backbone("official", patch_size=7, img_size=28))
+    return folder
+
+
+@pytest.mark.parametrize("name", ["simpool", "cls"])
+def test_cli_draws_and_evaluates_both_kinds_of_model(checkpoints, tmp_path, name, capsys):
+    pytest.importorskip("skimage")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    args = ["--pretrained_weights", str(checkpoints / f"{name}.pth"), "--images", str(tmp_path / "a.png"),
+            "--evaluate", "--num_images", "12", "--save_examples", "2", "--output_dir", str(out)]
+    if name == "cls":
+        args += ["--image_size", "28"]  # the official layout records no image size: 28 from pos_embed anyway
+    result = att.main(args)
+    printed = capsys.readouterr().out
+    assert "Jaccard (top 60% mass)" in printed and "centre-prior baseline" in printed
+    record = json.loads((out / "attention.json").read_text())
+    assert record["n_images"] == 12 and 0 <= record["jaccard"] <= 100 and 0 <= record["corloc"] <= 100
+    assert record["jaccard"] == result["jaccard"]
+    panel = Image.open(out / "a_attention.png")  # 60x40 tiles, 2-pixel gaps, enlarged 6x to >= 224 high
+    tiles = 5 if name == "cls" else 2  # image + map (+ 3 heads for [CLS])
+    assert panel.size == (6 * (60 * tiles + 2 * (tiles - 1)), 240)
+    if name == "cls":
+        assert record["map"] == "cls_mean_of_heads" and len(record["per_head_jaccard"]) == 3
+    else:
+        assert record["map"] == "simpool" and "per_head_jaccard" not in record
+    assert len(list((out / "examples").glob("*.png"))) == 2
+
+
+def test_cli_on_a_mask_folder(checkpoints, tmp_path):
+    pairs = tmp_path / "pairs"
+    (pairs / "images").mkdir(parents=True)
+    (pairs / "masks").mkdir()
+    for i in range(2):
+        img = np.zeros((28, 28, 3), np.uint8)
+        img[5:20, 8:22] = 200
+        mask = (img[..., 0] > 0).astype(np.uint8) * 255
+        Image.fromarray(img).save(pairs / "images" / f"x{i}.jpg")
+        Image.fromarray(mask).save(pairs / "masks" / f"x{i}.png")
+    result = att.main(["--pretrained_weights", str(checkpoints / "simpool.pth"), "--evaluate", "--mask_dir",
+                       str(pairs), "--output_dir", str(tmp_path / "o")])
+    assert result["n_images"] == 2
+
+
+def test_cli_errors_are_one_line(checkpoints, tmp_path, capsys):
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    cases = [["--images", str(tmp_path / "broken.jpg")], ["--images", str(tmp_path / "missing.png")],
+             ["--evaluate", "--mask_dir", str(tmp_path)], []]
+    for extra in cases:
+        with pytest.raises(SystemExit) as e:
+            att.main(["--pretrained_weights", str(checkpoints / "simpool.pth"), "--output_dir", str(tmp_path / "o")]
+                     + extra)
+        assert e.value.code == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err, err
+
+
+class BrightnessOracle(torch.nn.Module):
+    """A stand-in model whose 'attention' is each patch's brightness: on the synthetic set
+    (bright items on dimmed textures) it finds the objects, so the whole scoring pipeline
+    (token order, grid reshape, upsampling, boxes) must rate it far above the centre prior."""
+    mode, patch_size = "simpool", 7
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def grid_size(self, h, w):
+        return h // 7, w // 7
+
+    def forward_features(self, x, return_attention=False):
+        a = torch.nn.functional.avg_pool2d(x.mean(1, keepdim=True), 7).flatten(1)
+        a = a - a.amin(1, keepdim=True) + 1e-6
+        return {"attention": a / a.sum(1, keepdim=True)}
+
+
+def test_evaluation_pipeline_rates_an_object_finding_map_highly():
+    pytest.importorskip("skimage")
+    images, masks = att.synthetic_set(100, 28, seed=0)
+    samples = [(str(i), im, m) for i, (im, m) in enumerate(zip(images, masks))]
+    r = att.evaluate_maps(BrightnessOracle(), samples, (0.5,) * 3, (0.25,) * 3, patch_size=7)
+    assert r["jaccard"] > r["center_prior"]["jaccard"] + 5 and r["corloc"] > 45, r
+    flipped = [(n, im, ~m) for n, im, m in samples]  # the same maps against the background are poor
+    assert att.evaluate_maps(BrightnessOracle(), flipped, (0.5,) * 3, (0.25,) * 3, 7)["jaccard"] < r["jaccard"] - 20

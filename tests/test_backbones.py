@@ -1,0 +1,228 @@
+"""simpool.build_backbone: one interface over ViTs, ResNet-50, ConvNeXt and FCViT."""
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+import fcvit
+import simpool
+import vision_transformer as vits
+from simpool.backbones import (ARCHS, CONVNET_GAMMA, FCVIT_ARCHS, TIMM_ARCHS, VIT_ARCHS, ConvNetBackbone,
+                               build_backbone, feature_grid, masking_off_message, supports_masking,
+                               sync_batchnorm_supported, upsample_attention, uses_batchnorm)
+from simpool.losses import DINOLoss
+
+CONVNETS = ["resnet50", "convnext_tiny", "fcvit_tiny"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on 2 shared cores, two OpenMP threads that wait for each other
+    made these tests ~10x slower (bench/backbones.py shows the same effect)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return build_backbone("resnet50", mode="simpool")
+
+
+@pytest.fixture(scope="module")
+def convnext():
+    torch.manual_seed(0)
+    return build_backbone("convnext_tiny", mode="simpool")
+
+
+def test_arch_names():
+    assert set(VIT_ARCHS) == set(vits.ARCHS)
+    assert set(ARCHS) == set(VIT_ARCHS) | set(TIMM_ARCHS) | set(FCVIT_ARCHS)
+    assert {"resnet50", "convnext_tiny", "convnext_small", "convnext_base", "fcvit_tiny", "fcvit_b12",
+            "fcvit_b24", "fcvit_b48"} <= set(ARCHS)
+    assert simpool.build_backbone is build_backbone
+    with pytest.raises(ValueError, match="resnet50"):
+        build_backbone("resnet18")
+    with pytest.raises(ValueError, match="mode"):
+        build_backbone("fcvit_tiny", mode="gap")
+
+
+@pytest.mark.parametrize("size", [224, 96])
+def test_pooled_vector_and_simpool_map(resnet, convnext, size):
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        for backbone, dim in ((resnet, 2048), (convnext, 768)):
+            assert backbone(x).shape == (2, dim)
+            out = backbone.forward_features(x, return_attention=True)
+            h, w = backbone.grid_size(size, size)
+            assert (h, w) == (size // 32, size // 32)
+            assert out["pooled"].shape == (2, dim) and backbone.embed_dim == dim
+            assert out["patch_tokens"] is None
+            assert out["attention"].shape == (2, h * w)
+            assert torch.allclose(out["attention"].sum(-1), torch.ones(2))
+            assert backbone.forward_features(x)["attention"] is None  # only on request
+
+
+def test_fcvit_backbone_interface():
+    torch.manual_seed(0)
+    backbone = build_backbone("fcvit_tiny")
+    out = backbone.forward_features(torch.randn(3, 3, 96, 64), return_attention=True)
+    assert backbone.embed_dim == 320 and out["pooled"].shape == (3, 320)
+    assert out["attention"].shape == (3, 3 * 2) and backbone.grid_size(96, 64) == (3, 2)
+    assert out["patch_tokens"] is None and backbone.trunk.num_classes == 0
+
+
+@pytest.mark.parametrize("arch", CONVNETS)
+def test_grid_size_follows_the_feature_map(arch):
+    torch.manual_seed(0)
+    backbone = build_backbone(arch, mode="official")
+    with torch.no_grad():
+        for h, w in ((64, 64), (100, 72), (33, 47)):
+            fmap = backbone.trunk.forward_features(torch.randn(1, 3, h, w))
+            assert backbone.grid_size(h, w) == tuple(fmap.shape[-2:]), (h, w)
+
+
+@pytest.mark.parametrize("arch", CONVNETS)
+def test_official_mode_is_the_architectures_own_pooling(arch):
+    """'official' gives exactly what timm's model (GAP, then ConvNeXt/FCViT's head norm) gives."""
+    torch.manual_seed(0)
+    backbone = build_backbone(arch, mode="official").eval()
+    reference = (fcvit.build_fcvit(arch, num_classes=0) if arch in FCVIT_ARCHS
+                 else timm.create_model(arch, pretrained=False, num_classes=0)).eval()
+    reference.load_state_dict(backbone.trunk.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = backbone.forward_features(x, return_attention=True)
+        assert out["attention"] is None
+        assert torch.allclose(out["pooled"], reference(x), atol=1e-5)
+    assert not any(k.startswith("simpool.") for k in backbone.state_dict())
+
+
+def test_simpool_mode_replaces_the_global_pool(convnext):
+    """SimPool's vector goes through ConvNeXt's head LayerNorm; ResNet has no head norm."""
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fmap = convnext.trunk.forward_features(x)
+        expected = convnext.trunk.head.norm(convnext.simpool(fmap)[:, :, None, None]).flatten(1)
+        assert torch.allclose(convnext(x), expected, atol=1e-5)
+    assert build_backbone("resnet50", mode="official").head_norm is None
+
+
+def test_gamma_defaults():
+    with torch.device("meta"):  # construction only
+        assert build_backbone("fcvit_tiny").simpool.gamma == CONVNET_GAMMA == 2.0
+        assert build_backbone("fcvit_tiny", gamma=None).simpool.gamma is None
+        assert build_backbone("fcvit_tiny", gamma=1.25).simpool.gamma == 1.25
+    assert build_backbone("vit_nano").simpool.gamma is None  # the ViT CLI default
+    assert build_backbone("vit_nano", gamma=1.25).simpool.gamma == 1.25
+
+
+def test_larger_convnexts_construct():
+    for arch, dim in (("convnext_small", 768), ("convnext_base", 1024)):
+        with torch.device("meta"):
+            backbone = build_backbone(arch, mode="official")
+        assert backbone.embed_dim == dim and backbone.grid_size(224, 224) == (7, 7)
+        assert 49e6 < sum(p.numel() for p in backbone.parameters()) < 89e6
+
+
+def test_masking_support(resnet):
+    vit = build_backbone("vit_nano", patch_size=8, img_size=64)
+    assert supports_masking(vit) and vit.supports_masking and vit.arch == "vit_nano"
+    assert not supports_masking(resnet) and resnet.arch == "resnet50"
+    with pytest.raises(ValueError, match="no patch tokens"):
+        resnet.forward_features(torch.randn(1, 3, 64, 64), mask=torch.zeros(1, 2, 2, dtype=torch.bool))
+    assert masking_off_message("resnet50") == (
+        "--arch resnet50 has no patch tokens: masking (--pred_ratio) is turned off, the run is plain DINO")
+
+
+def test_attention_upsampling(resnet):
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        attention = resnet.forward_features(x, return_attention=True)["attention"]
+    grid = feature_grid(resnet, 96, 128)
+    assert grid == (3, 4)
+    image_map = upsample_attention(attention, grid, (96, 128))
+    assert image_map.shape == (1, 96, 128)
+    assert torch.allclose(upsample_attention(torch.full((2, 12), 0.5), (3, 4), (9, 8)), torch.full((2, 9, 8), 0.5))
+    with pytest.raises(ValueError, match="3x3"):
+        upsample_attention(attention, (3, 3), (96, 96))
+    vit = build_backbone("vit_nano", patch_size=8, img_size=64)
+    assert feature_grid(vit, 64, 48) == (8, 6)
+
+
+def test_batchnorm_and_sync_batchnorm(resnet):
+    assert uses_batchnorm(resnet)
+    assert not any(uses_batchnorm(build_backbone(a)) for a in ("convnext_tiny", "fcvit_tiny", "vit_nano"))
+    assert sync_batchnorm_supported("cuda") and not sync_batchnorm_supported("cpu")
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(resnet))
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in synced.modules())
+    assert synced.state_dict().keys() == resnet.state_dict().keys()  # checkpoints stay interchangeable
+
+
+def _dino_loss_before_and_after_one_step(backbone, size=64, batch=4, seed=0):
+    """DINO loss on one batch before and after one AdamW step: student = backbone + a small
+    head, teacher = a frozen copy, two views (the images and their mirror), cross-view loss."""
+    torch.manual_seed(seed)
+    head = vits.DINOHead(backbone.embed_dim, 64, hidden_dim=64, bottleneck_dim=32, norm_last_layer=False)
+    student = nn.Sequential(backbone, head)
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    loss_fn = DINOLoss(64, ncrops=2)
+    images = torch.randn(batch, 3, size, size)
+    views = torch.cat([images, images.flip(-1)])
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.0)
+    with torch.no_grad():
+        target = teacher(views)
+    loss = loss_fn(student(views), target, teacher_temp=0.04)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = loss_fn(student(views), target, teacher_temp=0.04)
+    return loss.item(), after.item()
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "convnext_tiny", "fcvit_tiny", "vit_nano"])
+def test_one_training_step_lowers_a_dino_loss(arch):
+    torch.manual_seed(0)
+    backbone = build_backbone(arch, patch_size=16, img_size=64, drop_path_rate=0.1)
+    before, after = _dino_loss_before_and_after_one_step(backbone)
+    assert torch.isfinite(torch.tensor([before, after])).all()
+    assert after < before, (before, after)
+    untrained = [name for name, p in backbone.named_parameters() if p.grad is None]
+    assert untrained in ([], ["masked_embed"])  # every weight trains (the ViT's mask token needs masks)
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "fcvit_tiny", "vit_nano"])
+def test_state_dict_round_trip(tmp_path, arch):
+    torch.manual_seed(0)
+    backbone = build_backbone(arch, patch_size=16, img_size=64)
+    with torch.no_grad():  # move BatchNorm statistics and SimPool off their initial values
+        for p in backbone.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        backbone(torch.randn(4, 3, 64, 64))
+    backbone.eval()
+    path = tmp_path / "backbone.pth"
+    torch.save(backbone.state_dict(), path)
+    torch.manual_seed(1)
+    restored = build_backbone(arch, patch_size=16, img_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert not torch.allclose(restored(x), backbone(x))
+        restored.load_state_dict(torch.load(path, weights_only=True), strict=True)
+        expected = backbone.forward_features(x, return_attention=True)
+        actual = restored.forward_features(x, return_attention=True)
+    assert torch.equal(actual["pooled"], expected["pooled"])
+    assert torch.equal(actual["attention"], expected["attention"])
+
+
+def test_convnet_backbone_docstring_example():
+    trunk = timm.create_model("resnet50", pretrained=False, num_classes=0, global_pool="")
+    net = ConvNetBackbone(trunk, [trunk.conv1, trunk.maxpool], mode="official")
+    assert net(torch.randn(1, 3, 64, 64)).shape == (1, 2048)
+    assert net.grid_size(64, 64) == (16, 16)  # only the layers given are followed
+    with pytest.raises(AttributeError):
+        ConvNetBackbone(trunk, [], head_norm="head.missing")

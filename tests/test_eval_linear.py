@@ -1,0 +1,162 @@
+"""Linear probe (eval_linear.py): the sweep trains independent heads and picks the right lr,
+the [CLS] multi-block features, and the CLI end to end (cached and augmented, resume, --evaluate)."""
+import json
+
+import pytest
+import torch
+
+import eval_linear
+import utils
+from checkpoint_factory import one_thread, save_training_checkpoint, tiny_backbone
+from eval_linear import LinearFeatures, LinearSweep, crop_flip_batch, train_cached_epoch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a busy 2-core machine run many times faster on one thread."""
+    with one_thread():
+        yield
+
+
+def toy_problem(n, seed):
+    """10 classes in 32-D, linearly separable (class c lives along dimension c), plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+    x = torch.randn(n, 32, generator=g) * 0.3
+    x[torch.arange(n), y] += 2.0
+    return x, y
+
+
+def fit(sweep, x, y, epochs=5, batch=64):
+    niter = -(-len(x) // batch)
+    factors = utils.cosine_scheduler(1.0, 0.0, epochs, niter)
+    for epoch in range(epochs):
+        train_cached_epoch(sweep, x, y, batch, factors[epoch * niter:(epoch + 1) * niter],
+                           torch.Generator().manual_seed(epoch))
+
+
+def test_sweep_picks_the_learning_rate_that_learns():
+    torch.manual_seed(0)
+    x, y = toy_problem(1000, 0)
+    vx, vy = toy_problem(500, 1)
+    sweep = LinearSweep(32, 10, lrs=[1e-6, 0.5], wds=[0.0])
+    fit(sweep, x, y)
+    top1, top5 = sweep.accuracy(vx, vy)
+    assert top1[1] > 97 and top1[0] < 40, top1  # the tiny lr cannot learn in these steps; the good one can
+    assert int(top1.argmax()) == 1 and sweep.pairs[1] == (0.5, 0.0)
+    assert (top5 >= top1).all()
+
+
+def test_heads_are_independent():
+    """Head 0 of a 3-head sweep ends exactly where the same head trained alone ends."""
+    x, y = toy_problem(300, 2)
+    many = LinearSweep(32, 10, lrs=[0.1, 0.01], wds=[0.0, 1e-3])
+    alone = LinearSweep(32, 10, lrs=[0.1], wds=[0.0])
+    with torch.no_grad():
+        alone.weight.copy_(many.weight[:1])
+    fit(many, x, y, epochs=2)
+    fit(alone, x, y, epochs=2)
+    torch.testing.assert_close(many.weight[0], alone.weight[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(many.bias[0], alone.bias[0], rtol=1e-5, atol=1e-6)
+    assert many.num_heads == 4 and many.pairs[1] == (0.1, 1e-3)
+
+
+def test_cls_features_concatenate_last_blocks():
+    model = tiny_backbone("official", patch_size=4, img_size=28)
+    feats = LinearFeatures(model, n_last_blocks=4, avgpool=True)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        f = feats(x)
+        out = model.forward_features(x)
+    assert f.shape == (2, 5 * 192) and feats.dim == 5 * 192
+    torch.testing.assert_close(f[:, 3 * 192:4 * 192], out["pooled"])  # last block's normed [CLS]
+    torch.testing.assert_close(f[:, 4 * 192:], out["patch_tokens"].mean(1))
+    simpool = LinearFeatures(tiny_backbone("simpool", patch_size=7, img_size=28), n_last_blocks=4)
+    assert simpool.dim == 192  # SimPool models: the pooled vector
+
+
+def test_crop_flip_batch_shapes():
+    out = crop_flip_batch(torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8), 28, (0.08, 1.0))
+    assert out.shape == (5, 3, 28, 28) and 0 <= out.min() and out.max() <= 1
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("linear") / "checkpoint.pth"
+    save_training_checkpoint(path, tiny_backbone("simpool", patch_size=7, img_size=28))
+    return path
+
+
+COMMON = ["--data_path", "fashion-mnist", "--subset", "8", "--val_subset", "4", "--batch_size_per_gpu", "32",
+          "--lrs", "0.001", "0.1", "--wds", "0", "0.0001"]
+
+
+def test_cli_cached_resume_and_evaluate(checkpoint, tmp_path, capsys):
+    out = str(tmp_path)
+    argv = ["--pretrained_weights", str(checkpoint), "--train_augment", "False", "--output_dir", out] + COMMON
+    eval_linear.main(argv + ["--epochs", "1"])
+    eval_linear.main(argv + ["--epochs", "2"])  # resumes at epoch 1
+    printed = capsys.readouterr().out
+    assert "Resumed from" in printed and "<- best" in printed
+    record = json.loads((tmp_path / "linear.json").read_text())
+    assert len(record["per_head"]) == 4 and record["n_train"] == 80 and record["n_val"] == 40
+    best = record["best"]
+    assert best["top1"] == max(r["top1"] for r in record["per_head"]) and best["lr"] in (0.001, 0.1)
+    head = torch.load(tmp_path / "linear_head.pth", weights_only=True)
+    assert head["weight"].shape == (10, 192) and head["result"]["top1"] == best["top1"]
+    scored = eval_linear.main(["--pretrained_weights", str(checkpoint), "--evaluate", "--output_dir", out,
+                               "--val_subset", "4"])
+    assert scored["top1"] == pytest.approx(best["top1"])
+    with pytest.raises(SystemExit) as e:  # another sweep in the same folder
+        eval_linear.main(argv[:-len(COMMON)] + COMMON[:-4] + ["--lrs", "0.5", "--epochs", "2"])
+    assert e.value.code == 1
+    assert "belongs to another sweep" in capsys.readouterr().err
+
+
+def test_cli_with_augmentation(checkpoint, tmp_path):
+    eval_linear.main(["--pretrained_weights", str(checkpoint), "--epochs", "1", "--output_dir", str(tmp_path)]
+                     + COMMON)
+    record = json.loads((tmp_path / "linear.json").read_text())
+    assert record["train_augment"] is True and len(record["per_head"]) == 4
+
+
+def _torchrun(script, args, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(root, script)] + args  # --standalone: a free local port for the rendezvous
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: a hang is cleaned up whole
+    try:
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    assert proc.returncode == 0, err[-2000:]
+    return out
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_one_process(checkpoint, tmp_path):
+    """torchrun with 2 CPU ranks: k-NN features are sharded and gathered, linear heads
+    all-reduce their gradients; both give the single-process numbers."""
+    import eval_knn
+    data = ["--pretrained_weights", str(checkpoint), "--data_path", "fashion-mnist", "--subset", "8",
+            "--val_subset", "4"]
+    knn = ["--nb_knn", "5", "20"]
+    _torchrun("eval_knn.py", data + knn + ["--output_dir", str(tmp_path / "knn2")], tmp_path)
+    eval_knn.main(data + knn + ["--output_dir", str(tmp_path / "knn1")])
+    read = lambda p: json.loads(p.read_text())  # noqa: E731
+    assert read(tmp_path / "knn2" / "knn.json")["results"] == read(tmp_path / "knn1" / "knn.json")["results"]
+    lin = ["--train_augment", "False", "--epochs", "2", "--lrs", "0.01", "0.5"]
+    _torchrun("eval_linear.py", data + lin + ["--batch_size_per_gpu", "16", "--output_dir", str(tmp_path / "lin2")],
+              tmp_path)
+    eval_linear.main(data + lin + ["--batch_size_per_gpu", "32", "--output_dir", str(tmp_path / "lin1")])
+    two, one = read(tmp_path / "lin2" / "linear.json"), read(tmp_path / "lin1" / "linear.json")
+    assert two["global_batch"] == one["global_batch"] == 32
+    for a, b in zip(two["per_head"], one["per_head"]):
+        assert a["top1"] == pytest.approx(b["top1"], abs=2.6)  # same steps; float sums may flip one image

@@ -1,0 +1,123 @@
+"""Weighted k-NN (simpool/knn.py) against a brute-force torch vote, and eval_knn.py end to end."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eval_knn
+from checkpoint_factory import one_thread, save_training_checkpoint, tiny_backbone
+from simpool.data import InMemoryImages
+from simpool.knn import extract_features, knn_classify
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a busy 2-core machine run many times faster on one thread."""
+    with one_thread():
+        yield
+
+
+def brute_force_knn(train, train_y, test, test_y, k, T, num_classes):
+    sims = test @ train.T
+    top, idx = sims.topk(k, dim=1)
+    votes = torch.zeros(len(test), num_classes)
+    votes.scatter_add_(1, train_y[idx], (top / T).exp())
+    pred = votes.topk(5, dim=1).indices
+    hit = pred == test_y[:, None]
+    return 100.0 * int(hit[:, 0].sum()) / len(test), 100.0 * int(hit.any(1).sum()) / len(test)
+
+
+@pytest.mark.parametrize("T", [0.07, 0.5])
+def test_vote_matches_brute_force(T):
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(10, 32, generator=g)
+    train_y = torch.randint(0, 10, (600,), generator=g)
+    test_y = torch.randint(0, 10, (150,), generator=g)
+    train = F.normalize(centers[train_y] + 1.5 * torch.randn(600, 32, generator=g), dim=1)
+    test = F.normalize(centers[test_y] + 1.5 * torch.randn(150, 32, generator=g), dim=1)
+    ks = (1, 5, 20, 100)
+    got = knn_classify(train, train_y, test, test_y, ks=ks, temperature=T, num_classes=10, chunk_size=64)
+    for k in ks:
+        top1, top5 = brute_force_knn(train, train_y, test, test_y, k, T, 10)
+        assert got[k]["top1"] == top1 and got[k]["top5"] == top5, k
+    assert 20 < got[20]["top1"] < 100  # a non-trivial problem
+
+
+def test_k_above_train_size_is_clipped():
+    train = F.normalize(torch.randn(8, 4), dim=1)
+    labels = torch.arange(8) % 2
+    out = knn_classify(train, labels, train, labels, ks=(3, 50), temperature=0.07, num_classes=2)
+    assert sorted(out) == [3, 8]
+
+
+def test_extract_features_normalises_on_request():
+    model = tiny_backbone("simpool", patch_size=7, img_size=28)
+    images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
+    ds = InMemoryImages(images, torch.arange(6), ["a"] * 6, (0.5,) * 3, (0.25,) * 3)
+    unit, labels = extract_features(model, ds, batch_size=4)
+    raw, _ = extract_features(model, ds, batch_size=4, normalize=False)
+    assert torch.equal(labels, torch.arange(6))
+    torch.testing.assert_close(unit.norm(dim=1), torch.ones(6))
+    x = (images.expand(-1, 3, -1, -1).float() / 255 - 0.5) / 0.25
+    with torch.no_grad():
+        torch.testing.assert_close(raw, model(x))
+    torch.testing.assert_close(unit, F.normalize(raw, dim=1))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("knn") / "checkpoint.pth"
+    save_training_checkpoint(path, tiny_backbone("simpool", patch_size=7, img_size=28))
+    return path
+
+
+def test_eval_knn_cli_end_to_end_and_feature_reuse(checkpoint, tmp_path, capsys):
+    common = ["--data_path", "fashion-mnist", "--subset", "6", "--val_subset", "3", "--nb_knn", "5", "10", "20",
+              "--batch_size_per_gpu", "64"]
+    first = eval_knn.main(["--pretrained_weights", str(checkpoint), "--output_dir", str(tmp_path / "a"),
+                           "--dump_features", str(tmp_path / "feats")] + common)
+    out = capsys.readouterr().out
+    assert "    k   top-1   top-5" in out and "   20  " in out
+    record = json.loads((tmp_path / "a" / "knn.json").read_text())
+    assert record["n_train"] == 60 and record["n_test"] == 30 and set(record["results"]) == {"5", "10", "20"}
+    assert record["model"]["arch"] == "vit_nano" and record["model"]["image_size"] == 28
+    again = eval_knn.main(["--load_features", str(tmp_path / "feats"), "--output_dir", str(tmp_path / "b")] + common)
+    assert again == first
+
+
+def test_eval_knn_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"\x00garbage" * 50)
+    for argv in (["--pretrained_weights", str(bad)], ["--load_features", str(tmp_path)],
+                 ["--pretrained_weights", "", "--arch", "vit_nano", "--data_path", str(tmp_path / "nowhere")]):
+        with pytest.raises(SystemExit) as e:
+            eval_knn.main(argv + ["--output_dir", str(tmp_path)])
+        assert e.value.code == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err, err
+
+
+def test_random_init_is_announced(tmp_path, capsys):
+    eval_knn.main(["--arch", "vit_nano", "--patch_size", "7", "--image_size", "28", "--subset", "3",
+                   "--val_subset", "2", "--nb_knn", "3", "--output_dir", str(tmp_path)])
+    assert "WARNING: no --pretrained_weights given: evaluating a RANDOMLY INITIALISED" in capsys.readouterr().out
+    assert json.loads((tmp_path / "knn.json").read_text())["pretrained_weights"] is None
+
+
+def test_imagefolder_with_an_unreadable_file(checkpoint, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 2)):
+        for c in ("cat", "dog"):
+            folder = tmp_path / "data" / split / c
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (tmp_path / "data" / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
+    results = eval_knn.main(["--pretrained_weights", str(checkpoint), "--data_path", str(tmp_path / "data"),
+                             "--nb_knn", "3", "--num_workers", "0", "--output_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "skipped unreadable image" in out and "broken.jpg" in out and "1 unreadable images left out" in out
+    assert json.loads((tmp_path / "knn.json").read_text())["n_train"] == 8 and 3 in results
