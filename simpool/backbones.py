@@ -82,6 +82,10 @@ class ConvNetBackbone(nn.Module):
     """
 
     supports_masking = False  # no patch tokens: iBOT / AttMask masking does not apply
+    # Smallest input side: one stride-32 cell. Below it ConvNeXt's last 2x2/2 conv has no room, and
+    # ResNet's / FCViT's last 3x3/2 conv sees a 1x1 map, whose bf16 backward on CPU returns NaN
+    # gradients at random with 2 threads (torch 2.14.1, oneDNN; docs/backbones.md).
+    min_input_size = 32
 
     def __init__(self, trunk, strided_layers, mode="simpool", gamma=CONVNET_GAMMA, use_beta=False, head_norm=None):
         super().__init__()
@@ -110,6 +114,11 @@ class ConvNetBackbone(nn.Module):
         if mask is not None:
             raise ValueError(f"{type(self.trunk).__name__} has no patch tokens to mask; "
                              "check supports_masking before passing a mask")
+        if min(x.shape[-2:]) < self.min_input_size:
+            raise ValueError(f"{getattr(self, 'arch', type(self.trunk).__name__)} needs inputs of at least "
+                             f"{self.min_input_size}x{self.min_input_size} pixels, got "
+                             f"{x.shape[-2]}x{x.shape[-1]}; use larger crops (--global_crops_size, "
+                             "--local_crops_size)")
         fmap = self.trunk.forward_features(x)
         attention = None
         if self.simpool is not None:

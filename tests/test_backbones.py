@@ -87,6 +87,17 @@ def test_grid_size_follows_the_feature_map(arch):
 
 
 @pytest.mark.parametrize("arch", CONVNETS)
+def test_inputs_below_one_stride_32_cell_are_refused(arch):
+    """ConvNeXt cannot run them; ResNet's / FCViT's last 3x3/2 conv would see a 1x1 map, whose
+    bf16 CPU backward gives NaN gradients at random (docs/backbones.md)."""
+    with torch.device("meta"):
+        backbone = build_backbone(arch)
+        assert backbone.min_input_size == 32
+        with pytest.raises(ValueError, match=f"{arch} needs inputs of at least 32x32 pixels, got 32x16"):
+            backbone(torch.empty(2, 3, 32, 16))
+
+
+@pytest.mark.parametrize("arch", CONVNETS)
 def test_official_mode_is_the_architectures_own_pooling(arch):
     """'official' gives exactly what timm's model (GAP, then ConvNeXt/FCViT's head norm) gives."""
     torch.manual_seed(0)
