@@ -4,10 +4,12 @@
     torchrun --nproc_per_node 8 eval_knn.py --pretrained_weights dino_deitsmall16_pretrain.pth --data_path /imagenet
 
 Features are the backbone's pooled vectors (SimPool, or the [CLS] token in official
-mode), L2-normalised; each test image takes the k nearest training images by cosine
-similarity (exact faiss inner-product search, on GPU when faiss-gpu and CUDA exist) and
-each neighbour votes for its class with weight exp(similarity / T). Prints top-1/top-5
-for every k and writes ``knn.json`` in --output_dir.
+mode; for convnets -- resnet50, convnext_*, fcvit_* -- SimPool or their own global average
+pooling over the last feature map, on images of 32 px or more), L2-normalised; each test
+image takes the k nearest training images by cosine similarity (exact faiss inner-product
+search, on GPU when faiss-gpu and CUDA exist) and each neighbour votes for its class with
+weight exp(similarity / T). Prints top-1/top-5 for every k and writes ``knn.json`` in
+--output_dir.
 """
 import argparse
 import json
@@ -34,7 +36,8 @@ def get_args_parser():
     g.add_argument("--data_path", default="fashion-mnist", type=str, help="ImageFolder root holding train/ and "
                    "val/ (<class>/<image> each), or 'fashion-mnist' (its train and test splits).")
     g.add_argument("--image_size", default=None, type=int, help="Side of the evaluated images; default: the "
-                   "checkpoint's training size (global_crops_size), else 224. pos_embed is resized to fit.")
+                   "checkpoint's training size (global_crops_size), else 224. pos_embed is resized to fit; "
+                   "convnets see at least 32 px (a smaller size is raised to 32, logged).")
     g.add_argument("--subset", default=-1, type=int, help="Keep this many training images per class (-1: all).")
     g.add_argument("--val_subset", default=-1, type=int, help="Keep this many evaluation images per class "
                    "(-1: all).")
@@ -131,17 +134,21 @@ def eval_knn(args):
     ks = sorted(set(args.nb_knn))
     if ks[-1] > len(train_f):
         logger.warning(f"k > {len(train_f)} training images: those k are clipped to {len(train_f)}.")
+    features_done = time.time()
     results = knn_classify(train_f, train_y, test_f, test_y, ks=ks, temperature=args.temperature,
                            num_classes=num_classes, use_gpu=args.device.type == "cuda")
+    knn_seconds = time.time() - features_done
     print(f"Weighted k-NN (T={args.temperature}) on {len(test_f)} images, {len(train_f)} neighbours to choose from:")
     print(format_table(results))
+    print(f"Time: features {features_done - start:.1f} s, k-NN search and vote {knn_seconds:.1f} s.")
     record = {"results": {str(k): r for k, r in sorted(results.items())},
               "best": dict(zip(("k", "top1"), max(((k, r["top1"]) for k, r in results.items()), key=lambda t: t[1]))),
               "temperature": args.temperature, "n_train": len(train_f), "n_test": len(test_f),
               "data_path": args.data_path, "pretrained_weights": args.pretrained_weights or None,
               "checkpoint_key": args.checkpoint_key,
               "model": {k: info.get(k) for k in ("arch", "patch_size", "mode", "gamma", "image_size", "epoch")},
-              "seconds": round(time.time() - start, 1)}
+              "seconds": round(time.time() - start, 1), "feature_seconds": round(features_done - start, 1),
+              "knn_seconds": round(knn_seconds, 2)}
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "knn.json")
     with open(path, "w") as f:

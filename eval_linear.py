@@ -6,6 +6,9 @@
 Features are frozen: SimPool's pooled vector (simpool mode), or in official [CLS] mode
 the concatenated [CLS] tokens of the --n_last_blocks last blocks (each through the final
 norm), optionally with the average of the last block's patch tokens (DINO's protocol).
+Convnets (resnet50, convnext_*, fcvit_*) give their pooled vector (SimPool, or their own
+global average pooling in official mode); --n_last_blocks and --avgpool_patchtokens do not
+apply to them and are ignored (logged once). Convnets see images of at least 32 px.
 One linear head per (lr, wd) pair is trained on the same features: one backbone forward
 per batch, all heads updated by one batched einsum (SGD, momentum 0.9, cosine schedule).
 The head with the best top-1 on the evaluation split wins; linear.json holds every
@@ -31,7 +34,7 @@ from torchvision.transforms import v2
 
 import utils
 from simpool.augment import random_resized_crop_boxes
-from simpool.checkpoints import add_model_args, load_pretrained
+from simpool.checkpoints import add_model_args, is_convnet, load_pretrained
 from simpool.data import normalize_batch
 from simpool.evaluation import (EvalError, amp_dtype, build_eval_splits, drop_unreadable, is_in_memory,
                                 run_main, tolerant_collate)
@@ -49,14 +52,17 @@ def get_args_parser():
     add_model_args(p)
     g = p.add_argument_group("features")
     g.add_argument("--n_last_blocks", default=4, type=int, help="[CLS] models: concatenate the [CLS] token of "
-                   "this many last blocks (DINO: 4 for ViT-S, 1 for ViT-B). SimPool models use their pooled vector.")
+                   "this many last blocks (DINO: 4 for ViT-S, 1 for ViT-B). SimPool models and convnets use their "
+                   "pooled vector.")
     g.add_argument("--avgpool_patchtokens", default=False, type=b, help="Also concatenate the average of the "
-                   "last block's patch tokens (DINO: False for ViT-S, True for ViT-B).")
+                   "last block's patch tokens (DINO: False for ViT-S, True for ViT-B); ViTs only (convnets have "
+                   "no patch tokens: ignored).")
     g = p.add_argument_group("data")
     g.add_argument("--data_path", default="fashion-mnist", type=str, help="ImageFolder root holding train/ and "
                    "val/, or 'fashion-mnist' (its train and test splits).")
     g.add_argument("--image_size", default=None, type=int, help="Side of the images the backbone sees; "
-                   "default: the checkpoint's training size, else 224.")
+                   "default: the checkpoint's training size, else 224. Convnets: at least 32 (smaller is raised "
+                   "to 32, logged).")
     g.add_argument("--subset", default=-1, type=int, help="Keep this many training images per class (-1: all).")
     g.add_argument("--val_subset", default=-1, type=int, help="Keep this many evaluation images per class "
                    "(-1: all).")
@@ -102,6 +108,8 @@ class LinearFeatures(nn.Module):
     simpool mode: the pooled vector (+ mean patch token with ``avgpool``); official mode:
     the [CLS] tokens of the last ``n_last_blocks`` blocks after the final norm
     (+ the mean of the last block's normalised patch tokens with ``avgpool``).
+    Convnets (no blocks, no patch tokens): the pooled vector in either mode;
+    ``n_last_blocks`` and ``avgpool`` are ignored.
 
     Example:
         >>> vit = vision_transformer.build_vit("vit_nano", patch_size=7, img_size=28, mode="official")
@@ -112,13 +120,15 @@ class LinearFeatures(nn.Module):
 
     def __init__(self, backbone, n_last_blocks=4, avgpool=False):
         super().__init__()
-        self.backbone, self.avgpool = backbone, avgpool
-        self.n_last_blocks = min(n_last_blocks, len(backbone.blocks)) if backbone.mode == "official" else 1
-        self.dim = backbone.embed_dim * (self.n_last_blocks + int(avgpool))
+        vit = hasattr(backbone, "blocks") and hasattr(backbone, "prepare_tokens")  # convnets have neither
+        self.backbone, self.avgpool = backbone, bool(avgpool) and vit
+        self.cls_blocks = vit and backbone.mode == "official"
+        self.n_last_blocks = min(n_last_blocks, len(backbone.blocks)) if self.cls_blocks else 1
+        self.dim = backbone.embed_dim * (self.n_last_blocks + int(self.avgpool))
 
     def forward(self, x):
         bb = self.backbone
-        if bb.mode != "official":
+        if not self.cls_blocks:
             out = bb.forward_features(x)
             feats = [out["pooled"]]
             if self.avgpool:
@@ -316,7 +326,11 @@ def eval_linear(args):
     backbone.requires_grad_(False)
     args.image_size_used = image_size = info["image_size"]
     features = LinearFeatures(backbone, args.n_last_blocks, args.avgpool_patchtokens).to(device).eval()
-    if info["mode"] != "official" and args.n_last_blocks != 1:
+    if is_convnet(info["arch"]):
+        if args.n_last_blocks != 1 or args.avgpool_patchtokens:
+            logger.info(f"{info['arch']} is a convnet: features are its pooled vector ({info['mode']} pooling); "
+                        "--n_last_blocks and --avgpool_patchtokens apply to ViTs only and are ignored.")
+    elif info["mode"] != "official" and args.n_last_blocks != 1:
         logger.info("SimPool backbone: features are its pooled vector (--n_last_blocks applies to [CLS] models).")
     train_tf = train_transform(image_size, args.crop_scale) if args.train_augment else None
     train, val = build_eval_splits(args.data_path, image_size, args.subset, args.val_subset, train_transform=train_tf,
@@ -397,7 +411,7 @@ def eval_linear(args):
     record = {"best": best["best"], "per_head": rows, "epochs": args.epochs, "n_train": len(train),
               "n_val": len(val_f), "global_batch": global_batch, "train_augment": args.train_augment,
               "features": {"dim": features.dim, "n_last_blocks": features.n_last_blocks,
-                           "avgpool_patchtokens": args.avgpool_patchtokens},
+                           "avgpool_patchtokens": features.avgpool},
               "data_path": args.data_path, "pretrained_weights": args.pretrained_weights or None,
               "model": {k: info.get(k) for k in ("arch", "patch_size", "mode", "gamma", "image_size", "epoch")}}
     with open(os.path.join(args.output_dir, "linear.json"), "w") as f:
@@ -430,7 +444,7 @@ def score_heads(sweep, val_f, val_y, epoch, best, base_pairs):
 def best_head_file(best, args, info, features, classes):
     return {**best["best_head"], "result": best["best"], "classes": list(classes),
             "features": {"dim": features.dim, "n_last_blocks": features.n_last_blocks,
-                         "avgpool_patchtokens": args.avgpool_patchtokens},
+                         "avgpool_patchtokens": features.avgpool},
             "model": {k: info.get(k) for k in ("arch", "patch_size", "mode", "gamma", "image_size")},
             "pretrained_weights": args.pretrained_weights or None, "checkpoint_key": args.checkpoint_key}
 

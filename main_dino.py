@@ -39,12 +39,13 @@ from simpool.optim import (build_optimizer, cancel_last_layer_gradients, clip_gr
 logger = logging.getLogger("simpool")
 
 # Zero-config demo (no --data_path): a 6-block ViT on 28x28 Fashion-MNIST, 2 epochs on a 2-core CPU in
-# about 12 minutes. Short runs need strong early targets: a sharp teacher (temperature 0.02), BatchNorm in
-# the head, no frozen last layer, a fast teacher (momentum 0.99) and lr 2e-3; with DINO's own defaults the
-# same 2 epochs move k-NN by under 1 point (see README). Flags given on the command line override these.
+# about 10 minutes. Short runs need strong early targets: a sharp teacher (temperature 0.02), BatchNorm in
+# the head, no frozen last layer, a fast teacher (momentum 0.99), lr 2e-3, and many cheap 14-px local crops;
+# with DINO's own defaults the same 2 epochs move k-NN by under 1 point (see README). Flags given on the
+# command line override these.
 DEMO_RECIPE = dict(
     data_path=FASHION_MNIST, arch="vit_nano", patch_size=7, global_crops_size=28, local_crops_size=14,
-    global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4), local_crops_number=4, blur_sigma=(0.1, 1.0),
+    global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4), local_crops_number=8, blur_sigma=(0.1, 1.0),
     out_dim=1024, patch_out_dim=1024, shared_head=True, use_bn_in_head=True, batch_size_per_gpu=256, epochs=2,
     lr=2e-3, warmup_epochs=0.5, min_lr=1e-5, weight_decay=0.04, weight_decay_end=0.1, momentum_teacher=0.99,
     warmup_teacher_temp=0.02, teacher_temp=0.02, warmup_teacher_temp_epochs=0, freeze_last_layer=0,
@@ -191,7 +192,24 @@ def parse_args(argv=None):
         args.demo = True
     else:
         args.demo = False
+    check_args(args)
     return args
+
+
+def check_args(args):
+    """Resolve --gamma auto into the value the backbone uses (so args and checkpoints record
+    it) and refuse crops below a convnet's smallest input, as one-line RunErrors."""
+    args.gamma = backbones.resolve_gamma(args.arch, args.gamma)
+    if args.arch not in backbones.VIT_ARCHS:
+        smallest = backbones.ConvNetBackbone.min_input_size
+        sizes = [("--global_crops_size", args.global_crops_size)]
+        if args.local_crops_number > 0:
+            sizes.append(("--local_crops_size", args.local_crops_size))
+        small = [(flag, size) for flag, size in sizes if size < smallest]
+        if small:
+            raise utils.RunError(f"--arch {args.arch} needs crops of at least {smallest} pixels, got "
+                                 f"{' and '.join(f'{flag} {size}' for flag, size in small)}; pass "
+                                 f"{' '.join(f'{flag} {smallest}' for flag, _ in small)} or larger (docs/backbones.md)")
 
 
 class MultiCropNetwork(nn.Module):
@@ -250,6 +268,11 @@ def train_dino(args):
                                     blur_prob=args.blur_prob, solarization_prob=args.solarization_prob)
     dataset = build_dataset(args.data_path, "train", args.subset, transform=augment.crop_image, seed=args.seed)
     augment.set_normalization(dataset.mean, dataset.std)
+    world_size = utils.launch_environment()[1]  # the sampler drops each epoch's last incomplete global batch
+    if len(dataset) < args.batch_size_per_gpu * world_size:
+        raise DataError(f"{len(dataset)} training images in {args.data_path} are fewer than one global batch of "
+                        f"{args.batch_size_per_gpu * world_size} (--batch_size_per_gpu {args.batch_size_per_gpu} x "
+                        f"{world_size} process(es)); lower --batch_size_per_gpu or use fewer processes")
     utils.ensure_writable_dir(args.output_dir)
 
     utils.init_distributed_mode(args)
@@ -270,10 +293,7 @@ def train_dino(args):
                             lambda s: (augment.collate([x for x, _ in s]), torch.tensor([y for _, y in s]))),
                         generator=torch.Generator())  # own RNG: iter(loader) must not draw from the training
     # stream, or a mid-epoch resume (RNG restored, then a new iterator) would shift every later draw
-    niter = sampler.num_samples // args.batch_size_per_gpu  # steps per epoch
-    if niter == 0:
-        raise DataError(f"{len(dataset)} training images are fewer than one batch of "
-                        f"{args.batch_size_per_gpu * args.world_size}; lower --batch_size_per_gpu")
+    niter = sampler.num_samples // args.batch_size_per_gpu  # steps per epoch (>= 1: checked before init)
     logger.info(f"Data: {len(dataset)} training images from {args.data_path}, {niter} steps per epoch.")
 
     # ---- student, teacher (EMA of the student, no gradients), losses, optimizer
@@ -322,6 +342,8 @@ def train_dino(args):
     # ---- resume from the newest readable checkpoint in output_dir
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
     start_epoch, start_step = 0, 0
+    if utils.is_main_process():  # no writer of this run is alive yet: a temp file here is a killed write's
+        utils.remove_stale_temporaries(args.output_dir)
     ckpt, ckpt_file = utils.load_latest_checkpoint(ckpt_path, args.keep_checkpoints)
     if ckpt is not None:
         check_compatible(ckpt.get("args", {}), args, ckpt_file)
@@ -556,6 +578,9 @@ def restore_rng(states, rank):
 
 def check_compatible(saved, args, path):
     """A resume whose model differs from the checkpoint's is a one-line error."""
+    saved = dict(saved)
+    if saved.get("gamma") == "auto":  # checkpoints written before --gamma auto was resolved at parse time
+        saved["gamma"] = backbones.resolve_gamma(saved.get("arch", args.arch), "auto")
     for key in ("arch", "patch_size", "out_dim", "mode", "patch_out_dim", "shared_head", "gamma"):
         if key in saved and saved[key] != getattr(args, key):
             raise utils.RunError(f"{path} was trained with --{key} {saved[key]} but this run asks for "
@@ -573,8 +598,8 @@ def print_demo_summary(log_path):
 
 
 def main(argv=None):
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         train_dino(args)
     except (DataError, utils.RunError, Diverged) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -5,6 +5,7 @@ import logging
 import math
 import os
 import random
+import re
 import sys
 import time
 from collections import defaultdict, deque
@@ -17,6 +18,19 @@ logger = logging.getLogger("simpool")
 
 
 # ---------------------------------------------------------------- distributed
+def launch_environment():
+    """(rank, world size, local rank, local world size) as torchrun or SLURM set them,
+    (0, 1, 0, 1) for a plain run; readable before any process group exists."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return (int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                int(env.get("LOCAL_WORLD_SIZE", 1)))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return (int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]))
+    return 0, 1, 0, 1
+
+
 def init_distributed_mode(args):
     """Join the process group when launched by torchrun/SLURM, else run alone.
 
@@ -25,16 +39,7 @@ def init_distributed_mode(args):
     processes so two ranks on one machine do not oversubscribe its cores.
     """
     env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        args.rank, args.world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
-        args.gpu = int(env.get("LOCAL_RANK", 0))
-        local_world = int(env.get("LOCAL_WORLD_SIZE", 1))
-    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        args.rank, args.world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-        args.gpu = int(env.get("SLURM_LOCALID", 0))
-        local_world = int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
-    else:
-        args.rank, args.world_size, args.gpu, local_world = 0, 1, 0, 1
+    args.rank, args.world_size, args.gpu, local_world = launch_environment()
     use_cuda = torch.cuda.is_available() and not getattr(args, "cpu", False)
     args.device = torch.device("cuda", args.gpu) if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -139,17 +144,65 @@ def save_checkpoint(state, path, keep=1):
 
 
 def load_latest_checkpoint(path, keep=1, map_location="cpu"):
-    """The newest readable of ``path``, ``path.1`` ... ``path.{keep-1}`` as (state, file),
-    or (None, None) when there is none. An unreadable file is reported in one line
-    and the previous one is tried."""
-    for candidate in [path] + [f"{path}.{i}" for i in range(1, keep)]:
+    """The newest readable of ``path``, ``path.1`` ... ``path.{keep-1}`` (and any older
+    ``path.N`` still on disk) as (state, file), or (None, None) when there is none.
+    An unreadable file is reported in one line and the previous one is tried; when
+    every one of them is unreadable, a one-line CheckpointError names them all
+    (starting from scratch over a run's checkpoints must be the user's decision)."""
+    candidates, i = [path], 1
+    while i < keep or os.path.exists(f"{path}.{i}"):
+        candidates.append(f"{path}.{i}")
+        i += 1
+    unreadable = []
+    for candidate in candidates:
         if not os.path.exists(candidate):
             continue
         try:
-            return load_checkpoint(candidate, map_location), candidate
+            state = load_checkpoint(candidate, map_location)
         except CheckpointError as e:
+            unreadable.append((candidate, e))
+            continue
+        for _, e in unreadable:
             logger.warning(f"warning: {e}; falling back to the previous checkpoint")
+        return state, candidate
+    if unreadable:
+        names = ", ".join(os.path.basename(c) for c, _ in unreadable)
+        raise CheckpointError(f"no readable checkpoint in {os.path.dirname(os.path.abspath(path))}: "
+                              f"{names} {'is' if len(unreadable) == 1 else 'are all'} unreadable "
+                              f"({getattr(unreadable[0][1], 'reason', unreadable[0][1])}); move "
+                              f"{'it' if len(unreadable) == 1 else 'them'} away to start from scratch, "
+                              "or use a new --output_dir") from None
     return None, None
+
+
+STALE_TEMPORARY = re.compile(r"^\.checkpoint(\d+)?\.pth\.tmp\d+$")  # save_checkpoint's temporary names
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporary files that a checkpoint write killed before its rename left in
+    ``folder`` (``.checkpoint.pth.tmp<pid>``, ``.checkpoint0010.pth.tmp<pid>``), logging each.
+    Only call it while no writer of this run is alive (at start, on the main process).
+    Returns the paths removed."""
+    removed = []
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return removed
+    for name in names:
+        full = os.path.join(folder, name)
+        if not STALE_TEMPORARY.match(name) or not os.path.isfile(full) or os.path.islink(full):
+            continue
+        try:
+            size = os.path.getsize(full)
+            os.remove(full)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            logger.warning(f"warning: could not remove the stale temporary file {full} ({e.strerror or e})")
+            continue
+        logger.info(f"Removed {full} ({size} bytes), left by a checkpoint write that was interrupted.")
+        removed.append(full)
+    return removed
 
 
 def ensure_writable_dir(path):
@@ -175,7 +228,9 @@ def load_checkpoint(path, map_location="cpu"):
         reason = next((line for line in lines if "Unsupported global" in line), lines[0])
         if reason.startswith("Weights only load failed"):
             reason = "not a PyTorch checkpoint of tensors and plain data"
-        raise CheckpointError(f"{path} is not a readable checkpoint ({reason[:200]})") from None
+        error = CheckpointError(f"{path} is not a readable checkpoint ({reason[:200]})")
+        error.reason = reason[:200]
+        raise error from None
 
 
 def restore_modules(checkpoint, **modules):

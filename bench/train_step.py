@@ -1,16 +1,32 @@
-"""Time one full pretraining step (teacher forward, AttMask masks, student forward, DINO + iBOT
-losses, backward, clip, optimizer step, EMA) on random images, and print the machine.
+"""Time one full pretraining step, ours against a reference of the official DINO step, and
+print the machine.
 
     python bench/train_step.py --arch vit_small --patch_size 16 --batch_size_per_gpu 8 \\
-        --local_crops_number 6 --out_dim 65536 --precision bf16
+        --local_crops_number 6 --out_dim 65536 --precision bf16 [--compare | --reference]
 
-Any main_dino.py flag is accepted. Prints the median of --steps timed steps after --warmup.
+Ours (default): main_dino.py's step on random uint8 crops (made once, as the ImageFolder
+loader's workers hand them over): photometric augmentation, teacher forward, AttMask masks,
+student forward, DINO + iBOT losses, backward, clip, optimizer step, EMA. Any main_dino.py flag is accepted (``--pred_ratio 0`` is plain
+DINO, the official objective).
+``--reference``: ``bench/reference.py``'s DINO step (explicit-attention [CLS] ViT, DINO head
+with weight_norm, double-loop loss, per-parameter clip and EMA loops, default AdamW) on
+crops of the same shapes, in the same precision (``--precision fp32`` or bf16 autocast).
+``--compare``: both, alternating step by step in this process (so both see the same load),
+then the ratio; ``--reference_precision`` sets the reference's precision separately (e.g. the
+official default fp32 against our default bf16).
+
+Figures are medians of ``--steps`` timed steps after ``--warmup``, in wall time and in this
+process's CPU time. Memory: the persistent training state (parameters, gradients, optimizer
+state, teacher) and the process's peak resident memory (state + the step's
+transient peak + the interpreter; Linux VmHWM). With ``--compare`` the two share a process, so their
+peaks are measured by running each alone in a child process (``--steps 1 --warmup 1``).
 """
 import argparse
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 
@@ -18,6 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import main_dino  # noqa: E402
+from bench.reference import ReferenceStep  # noqa: E402
 from simpool.augment import MultiCropAugmentation  # noqa: E402
 from simpool.losses import DINOLoss, PatchLoss  # noqa: E402
 from simpool.optim import build_optimizer, param_groups  # noqa: E402
@@ -34,57 +51,181 @@ def machine():
     return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+def state_mib(*objects):
+    """MiB held by the tensors of modules / optimizers (parameters, buffers, grads, state)."""
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if torch.is_tensor(t) and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+
+    for obj in objects:
+        if isinstance(obj, torch.nn.Module):
+            for t in list(obj.parameters()) + list(obj.buffers()):
+                add(t)
+                add(t.grad)
+        elif isinstance(obj, torch.optim.Optimizer):
+            for st in obj.state.values():
+                for v in st.values():
+                    add(v)
+    return total / 2 ** 20
+
+
+class Ours:
+    name = "ours"
+
+    def __init__(self, args):
+        device = args.device
+        self.args = args
+        self.student = main_dino.build_network(args, args.drop_path_rate).to(device)
+        self.teacher = main_dino.build_network(args, 0.0).to(device)
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+        self.optimizer = build_optimizer(args.optimizer, param_groups(self.student))
+        for group in self.optimizer.param_groups:
+            group["lr"] = 1e-4
+        self.dino_loss = DINOLoss(args.out_dim, 2 + args.local_crops_number).to(device)
+        self.patch_loss = PatchLoss(args.out_dim if args.shared_head else args.patch_out_dim).to(device)
+        self.augment = MultiCropAugmentation(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
+                                             args.global_crops_size, args.local_crops_size)
+        fp16 = args.use_fp16 and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
+        self.amp_dtype = torch.float16 if fp16 else (torch.bfloat16 if args.precision == "bf16" else None)
+        self.precision = "fp16" if fp16 else args.precision
+        self.masking = args.pred_ratio > 0 and args.masking_prob > 0 and args.lambda2 > 0
+        B, size = args.batch_size_per_gpu, args.global_crops_size
+        # uint8 crops as the ImageFolder loader's workers hand them over (crop_image + collate);
+        # the step runs the photometric stage on them, as main_dino.py does
+        images = torch.randint(0, 256, (B, 3, size * 5 // 4, size * 5 // 4), dtype=torch.uint8)
+        self.crops = tuple(c.to(device) if c is not None else None
+                           for c in self.augment.collate([self.augment.crop_image(im) for im in images]))
+
+    def step(self):
+        a = self.args
+        globals_, locals_ = self.augment.photometric(*self.crops)
+        loss, _ = main_dino.distillation_loss(self.student, self.teacher, self.dino_loss, self.patch_loss, globals_,
+                                              locals_, self.masking, 0.04, 0.04, self.amp_dtype, a)
+        main_dino.optimizer_step(loss, self.student, self.teacher, self.optimizer, self.scaler, 1, 0.996, a)
+        return loss
+
+    def state(self):
+        return state_mib(self.student, self.teacher, self.optimizer)
+
+    def describe(self):
+        a = self.args
+        return (f"ours: {a.arch}/{a.patch_size} {a.mode}, precision {self.precision}, "
+                f"masking + iBOT loss {'on' if self.masking else 'off (plain DINO)'}, optimizer {a.optimizer}")
+
+
+class Reference:
+    name = "reference"
+
+    def __init__(self, args, precision):
+        device = args.device
+        amp_dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
+        self.precision = precision
+        self.args = args
+        self.impl = ReferenceStep(args.arch, args.patch_size, args.out_dim, 2 + args.local_crops_number,
+                                  drop_path_rate=args.drop_path_rate, norm_last_layer=args.norm_last_layer,
+                                  clip_grad=args.clip_grad, freeze_last_layer=args.freeze_last_layer,
+                                  amp_dtype=amp_dtype, device=device)
+        B, g, l_ = args.batch_size_per_gpu, args.global_crops_size, args.local_crops_size
+        gen = torch.Generator().manual_seed(0)
+        self.crops = [torch.randn(B, 3, g, g, generator=gen).to(device) for _ in range(2)]
+        self.crops += [torch.randn(B, 3, l_, l_, generator=gen).to(device) for _ in range(args.local_crops_number)]
+
+    def step(self):
+        return self.impl.step(self.crops)
+
+    def state(self):
+        return state_mib(self.impl.student, self.impl.teacher, self.impl.optimizer)
+
+    def describe(self):
+        a = self.args
+        return (f"reference (official DINO step, bench/reference.py): {a.arch}/{a.patch_size} [CLS], "
+                f"precision {self.precision}, DINO loss only, default AdamW")
+
+
+def run(runners, steps, warmup, device):
+    times = {r.name: [] for r in runners}
+    for i in range(warmup + steps):
+        for r in runners:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            w, c = time.perf_counter(), time.process_time()
+            loss = r.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            wall, cpu = time.perf_counter() - w, time.process_time() - c
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"{r.name}: non-finite loss {loss.item()}")
+            if i >= warmup:
+                times[r.name].append((wall, cpu))
+    return times
+
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB GPU max allocated"
+    try:  # VmHWM: this address space's peak (ru_maxrss would include a parent's peak, kept across fork+exec)
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return f"{kib / 2 ** 20:.2f} GiB process peak RSS"
+
+
+def child_peak(argv, reference):
+    """Peak memory of ours or the reference run alone in a child process."""
+    cmd = [sys.executable, os.path.abspath(__file__)] + argv + ["--steps", "1", "--warmup", "1"] + \
+        (["--reference"] if reference else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return next(line.split("peak memory: ", 1)[1] for line in out.splitlines() if "peak memory: " in line)
+
+
 def main():
     extra = argparse.ArgumentParser(add_help=False)
-    extra.add_argument("--steps", type=int, default=5, help="Timed steps.")
+    extra.add_argument("--steps", type=int, default=5, help="Timed steps (of each, with --compare).")
     extra.add_argument("--warmup", type=int, default=2, help="Untimed steps first.")
+    extra.add_argument("--reference", action="store_true", help="Time the reference DINO step only.")
+    extra.add_argument("--compare", action="store_true", help="Time ours and the reference, alternating.")
+    extra.add_argument("--reference_precision", default=None, choices=["fp32", "bf16"],
+                       help="The reference's precision (default: --precision).")
+    extra.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default).")
     bench_args, rest = extra.parse_known_args()
+    if bench_args.threads:
+        torch.set_num_threads(bench_args.threads)
     args = main_dino.parse_args(rest + ([] if "--data_path" in rest else ["--data_path", "synthetic"]))
     args.device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    device = args.device
-    student = main_dino.build_network(args, args.drop_path_rate).to(device)
-    teacher = main_dino.build_network(args, 0.0).to(device)
-    teacher.load_state_dict(student.state_dict())
-    teacher.requires_grad_(False)
-    optimizer = build_optimizer(args.optimizer, param_groups(student))
-    for group in optimizer.param_groups:
-        group["lr"] = 1e-4
-    dino_loss = DINOLoss(args.out_dim, 2 + args.local_crops_number).to(device)
-    patch_loss = PatchLoss(args.out_dim if args.shared_head else args.patch_out_dim).to(device)
-    augment = MultiCropAugmentation(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
-                                    args.global_crops_size, args.local_crops_size)
-    fp16 = args.use_fp16 and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if fp16 else None
-    amp_dtype = torch.float16 if fp16 else (torch.bfloat16 if args.precision == "bf16" else None)
-    masking = args.pred_ratio > 0 and args.masking_prob > 0 and args.lambda2 > 0
-    B, size = args.batch_size_per_gpu, args.global_crops_size
-    images = torch.randint(0, 256, (B, 3, size, size), dtype=torch.uint8, device=device)
-    times = []
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for step in range(bench_args.warmup + bench_args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        globals_, locals_ = augment(images)
-        loss, _ = main_dino.distillation_loss(student, teacher, dino_loss, patch_loss, globals_, locals_, masking,
-                                              0.04, 0.04, amp_dtype, args)
-        main_dino.optimizer_step(loss, student, teacher, optimizer, scaler, 1, 0.996, args)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step >= bench_args.warmup:
-            times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
-    if device.type == "cuda":
-        peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB GPU (max allocated)"
-    else:
-        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB process peak RSS " \
-               f"(+{(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 2**20:.2f} during steps)"
+    torch.manual_seed(args.seed)
+    runners = []
+    if not bench_args.reference:
+        runners.append(Ours(args))
+    if bench_args.reference or bench_args.compare:
+        runners.append(Reference(args, bench_args.reference_precision or args.precision))
+    times = run(runners, bench_args.steps, bench_args.warmup, args.device)
+    B = args.batch_size_per_gpu
     print(f"machine: {machine()}")
-    print(f"config: {args.arch}/{args.patch_size} {args.mode} batch {B}, 2x{size} + "
-          f"{args.local_crops_number}x{args.local_crops_size} crops, out_dim {args.out_dim}, "
-          f"precision {'fp16' if fp16 else args.precision}, masking {'on' if masking else 'off'}")
-    print(f"step: {median:.3f} s median of {len(times)} ({1 / median:.2f} steps/s, {B / median:.1f} images/s); "
-          f"peak memory: {peak}")
+    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} after the run (other jobs share the cores)")
+    print(f"config: batch {B}, 2x{args.global_crops_size} + {args.local_crops_number}x{args.local_crops_size} crops, "
+          f"out_dim {args.out_dim}; median of {bench_args.steps} steps after {bench_args.warmup} warm-up"
+          + (", alternating" if len(runners) > 1 else ""))
+    med = {}
+    for r in runners:
+        wall = statistics.median(t[0] for t in times[r.name])
+        cpu = statistics.median(t[1] for t in times[r.name])
+        med[r.name] = (wall, cpu)
+        print(f"  {r.describe()}")
+        peak = peak_memory(args.device) if len(runners) == 1 else \
+            child_peak([a for a in sys.argv[1:] if a != "--compare"], r.name == "reference") + \
+            " (alone, in a child process)"
+        print(f"    step: {wall:.3f} s wall, {cpu:.3f} s CPU ({1 / wall:.2f} steps/s, {B / wall:.1f} images/s); "
+              f"training state {r.state():.0f} MiB; peak memory: {peak}")
+    if len(runners) == 2:
+        (ow, oc), (rw, rc) = med["ours"], med["reference"]
+        print(f"ratio reference/ours: {rw / ow:.2f}x (wall), {rc / oc:.2f}x (CPU time)")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@
 
 The map is SimPool's attention over patches (simpool mode) or the last block's [CLS]
 attention (official mode: per head, and their mean, which is the map the [CLS] pools with).
+Convnets (resnet50, convnext_*, fcvit_*) in simpool mode give SimPool's map over their last
+feature map (one cell per 32x32 pixels), upsampled to the image like the ViT maps
+(``image_attention``); in official mode they pool by global average and have no map.
 
 ``--evaluate`` scores the map against object masks (DINO's protocol): keep the most
 attended tokens until they hold 60% of the attention mass, upsample that token mask to
@@ -38,15 +41,18 @@ import torch.nn.functional as F
 from PIL import Image
 
 import utils
+import vision_transformer as vits
 from simpool.augment import IMAGENET_MEAN, IMAGENET_STD
-from simpool.checkpoints import add_model_args, load_pretrained
+from simpool.backbones import ConvNetBackbone, upsample_attention
+from simpool.checkpoints import add_model_args, is_convnet, load_pretrained
 from simpool.data import FASHION_MNIST, FASHION_MNIST_MEAN, FASHION_MNIST_STD, DataError
 
 logger = logging.getLogger("simpool")
-__all__ = ["attention_maps", "cls_attention_heads", "mass_mask", "token_mask_to_pixels", "jaccard",
-           "largest_component", "mask_box", "box_iou", "score_map", "colormap", "overlay", "synthetic_set",
-           "folder_set", "evaluate_maps"]
+__all__ = ["attention_maps", "image_attention", "map_cell_size", "cls_attention_heads", "mass_mask",
+           "token_mask_to_pixels", "jaccard", "largest_component", "mask_box", "box_iou", "score_map", "colormap",
+           "overlay", "synthetic_set", "folder_set", "evaluate_maps"]
 TEXTURES = ("grass", "gravel", "brick", "moon")
+CONVNET_STRIDE = 32  # pixels per cell of a convnet's last feature map (ResNet-50, ConvNeXt, FCViT)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -58,24 +64,27 @@ class AttentionError(ValueError):
 @torch.no_grad()
 def cls_attention_heads(model, x):
     """The last block's [CLS] attention over the patch tokens, per head: (B, heads, N).
-    Its mean over heads is ``vision_transformer.cls_attention``."""
+    Its mean over heads is ``vision_transformer.cls_attention(..., average_heads=True)``."""
     tokens = model.prepare_tokens(x)
     for blk in model.blocks[:-1]:
         tokens = blk(tokens)
-    blk = model.blocks[-1]
-    attn = blk.attn
-    B, T, _ = tokens.shape
-    qkv = attn.qkv(blk.norm1(tokens)).reshape(B, T, 3, attn.num_heads, attn.head_dim)
-    q = attn.q_norm(qkv[:, :1, 0].transpose(1, 2))
-    k = attn.k_norm(qkv[:, :, 1].transpose(1, 2))
-    weights = ((q @ k.transpose(-2, -1)).float() * attn.scale).softmax(dim=-1)  # (B, h, 1, T)
-    return weights[:, :, 0, model.num_prefix_tokens:]
+    return vits.cls_attention(model.blocks[-1], tokens, model.num_prefix_tokens, average_heads=False)
+
+
+def map_cell_size(model):
+    """Pixels per map cell: a ViT's patch size, a convnet's stride (32)."""
+    return CONVNET_STRIDE if isinstance(model, ConvNetBackbone) else model.patch_size
 
 
 @torch.no_grad()
 def attention_maps(model, x):
     """(B, heads, gh, gw) attention over the patch grid: SimPool's map (one head unless
-    SimPool has several) or the [CLS] attention of each head of the last block."""
+    SimPool has several) or the [CLS] attention of each head of the last block. For a
+    convnet, SimPool's map over its last feature map (``grid_size``); a convnet in
+    official mode (global average pooling) has none: ``AttentionError``."""
+    if isinstance(model, ConvNetBackbone) and model.simpool is None:
+        raise AttentionError(f"{getattr(model, 'arch', 'this convnet')} in official mode pools by global average "
+                             "and has no attention map; maps need a --mode simpool backbone")
     gh, gw = model.grid_size(*x.shape[-2:])
     x = x.to(next(model.parameters()).device)
     if model.mode == "official":
@@ -85,6 +94,16 @@ def attention_maps(model, x):
         if attn.dim() == 2:
             attn = attn[:, None]
     return attn.float().reshape(x.shape[0], -1, gh, gw).cpu()
+
+
+@torch.no_grad()
+def image_attention(model, x):
+    """(B, heads, H, W): ``attention_maps`` upsampled (bilinear) to the input's H x W, for
+    any backbone (``simpool.backbones.upsample_attention`` over ``grid_size``)."""
+    maps = attention_maps(model, x)
+    B, heads, gh, gw = maps.shape
+    up = upsample_attention(maps.reshape(B * heads, gh * gw), (gh, gw), tuple(x.shape[-2:]))
+    return up.reshape(B, heads, *x.shape[-2:])
 
 
 # ---------------------------------------------------------------- metrics
@@ -184,7 +203,7 @@ def overlay(image, amap, alpha=0.55):
     """Blend the (gh, gw) map, bilinearly upsampled and min-max scaled, over a uint8
     (H, W, 3) image."""
     H, W = image.shape[:2]
-    up = F.interpolate(amap.float()[None, None], size=(H, W), mode="bilinear", align_corners=False)[0, 0]
+    up = upsample_attention(amap.reshape(1, -1), tuple(amap.shape), (H, W))[0]
     up = (up - up.min()) / (up.max() - up.min()).clamp_min(1e-12)
     colour = colormap(up.numpy()).astype(np.float32)
     return (alpha * colour + (1 - alpha) * image.astype(np.float32)).round().astype(np.uint8)
@@ -400,7 +419,7 @@ def draw_images(model, info, args, mean, std):
     os.makedirs(args.output_dir, exist_ok=True)
     written = []
     for path, image in images:
-        x = _normalize(torch.from_numpy(np.asarray(resize_for_model(image, info["image_size"], info["patch_size"]))
+        x = _normalize(torch.from_numpy(np.asarray(resize_for_model(image, info["image_size"], map_cell_size(model)))
                                         .copy()).permute(2, 0, 1)[None], mean, std)
         maps = attention_maps(model, x)[0]  # (heads, gh, gw)
         img = np.asarray(image)
@@ -423,6 +442,10 @@ def run(args):
         raise AttentionError(f"--threshold must be in (0, 1], got {args.threshold}")
     model, info = load_pretrained(args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size,
                                   args.mode, args.gamma, image_size=args.image_size)
+    convnet = is_convnet(info["arch"])
+    if convnet and info["mode"] == "official":
+        raise AttentionError(f"{info['arch']} in official mode pools by global average and has no attention map; "
+                             "maps need a --mode simpool backbone")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     model = model.to(device)
     mean, std = norm_stats(args.normalize, info)
@@ -430,7 +453,10 @@ def run(args):
     if args.images:
         draw_images(model, info, args, mean, std)
     if args.evaluate:
-        S, p = info["image_size"], info["patch_size"]
+        S, p = info["image_size"], map_cell_size(model)
+        if convnet and S % p:  # whole feature-map cells, so each cell covers exactly p x p pixels
+            S = max(p, round(S / p) * p)
+            logger.info(f"{info['arch']}: evaluation images are {S}x{S} (a multiple of its stride {p}).")
         if args.mask_dir:
             samples = folder_set(args.mask_dir, S, p)
             source = f"{args.mask_dir} ({len(samples)} pairs)"
@@ -447,7 +473,8 @@ def run(args):
         result = evaluate_maps(model, samples, mean, std, p, args.threshold, examples=args.save_examples,
                                example_dir=example_dir)
         kind = "SimPool attention" if info["mode"] != "official" else "[CLS] attention (mean of heads)"
-        print(f"{kind} of {info['arch']}/{p} on {source}:")
+        name = info["arch"] if convnet else f"{info['arch']}/{p}"
+        print(f"{kind} of {name} on {source}:")
         print(f"  Jaccard (top {args.threshold:.0%} mass) {result['jaccard']:6.2f}   CorLoc {result['corloc']:6.2f}")
         if "best_head" in result:
             print(f"  per head Jaccard {result['per_head_jaccard']}  (best: head {result['best_head']}, "

@@ -21,6 +21,7 @@ Example:
 """
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -87,13 +88,53 @@ class MultiCropAugmentation:
     # ---- stage 1: geometry -------------------------------------------------------
     def crop_image(self, image):
         """Per-image geometry for the data loader: a PIL image or (C, H, W) uint8
-        tensor -> list of ``num_crops`` uint8 tensors (3, h, w)."""
-        if isinstance(image, Image.Image) and image.mode not in ("RGB", "L"):
-            image = image.convert("RGB")  # palette, CMYK, LA...: let PIL map them to colours
+        tensor -> list of ``num_crops`` uint8 tensors (3, h, w).
+
+        A PIL image may still be undecoded (``Image.open`` without ``load``): the crop
+        boxes are drawn from its header size first, and a JPEG is then decoded at the
+        smallest DCT scale (1/2, 1/4, 1/8) that still leaves every crop at least its
+        output size, so each crop is still a downscale of the pixels it covers. Each crop
+        is one antialiased bicubic resize of its box (PIL's filter, in torch's vectorised
+        uint8 resampler)."""
+        if isinstance(image, Image.Image):
+            return self._crop_pil(image)
         image = _to_rgb(v2.functional.to_image(image))
         crops = [self._global_crop(image) for _ in range(2)]
         crops += [self._local_crop(image) for _ in range(self.local_crops_number)]
         return [c.as_subclass(torch.Tensor) for c in crops]
+
+    crop_image.decodes = True  # SafeImageFolder hands it the opened, undecoded image
+
+    def _crop_pil(self, image):
+        W, H = image.size
+        n_local = self.local_crops_number
+        boxes = random_resized_crop_boxes(2, H, W, self.global_crops_scale)
+        sizes = [_pair(self.global_crops_size)] * 2 + [_pair(self.local_crops_size)] * n_local
+        if n_local:
+            boxes = torch.cat([boxes, random_resized_crop_boxes(n_local, H, W, self.local_crops_scale)])
+        flips = (torch.rand(len(sizes)) < 0.5).tolist()
+        if image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK"):
+            side = torch.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+            room = float((side / torch.tensor([max(hw) for hw in sizes], dtype=side.dtype)).min())  # shrink room
+            factor = next((f for f in (8, 4, 2) if f <= room), 1)
+            if factor > 1:
+                drafted = image.draft(image.mode, (W // factor, H // factor))
+                if drafted is not None:  # decoded at 1/scale: box coordinates scale with it
+                    boxes = boxes * (drafted[1][2] / W)
+        if image.mode not in ("RGB", "L"):
+            image = image.convert("RGB")  # palette, CMYK, LA, 16-bit...: let PIL map them to colours
+        pixels = torch.from_numpy(np.array(image))  # decodes; (H, W, 3) or (H, W)
+        pixels = pixels.permute(2, 0, 1) if pixels.ndim == 3 else pixels.unsqueeze(0)  # channels-last strides
+        H, W = pixels.shape[-2:]
+        crops = []
+        for (x1, y1, x2, y2), size, flip in zip(boxes.round().long().tolist(), sizes, flips):
+            x1, y1 = min(max(x1, 0), W - 1), min(max(y1, 0), H - 1)
+            x2, y2 = min(max(x2, x1 + 1), W), min(max(y2, y1 + 1), H)
+            # uint8 channels-last bicubic with antialiasing: torch's vectorised resampler (PIL's filter)
+            crop = F.interpolate(pixels[None, :, y1:y2, x1:x2], size=size, mode="bicubic",
+                                 antialias=True)[0]
+            crops.append(crop.flip(-1) if flip else crop)
+        return [c.expand(3, -1, -1) if c.shape[0] == 1 else c for c in crops]
 
     @staticmethod
     def collate(samples):
@@ -143,15 +184,55 @@ class MultiCropAugmentation:
         return out_g, out_l
 
     def _photometric(self, x, blur_p, solarize_p):
-        if x.dtype == torch.uint8:
-            x = x.float().div_(255)
         n = x.shape[0]
-        x = color_jitter(x, torch.rand(n, device=x.device) < self.color_jitter_prob)
-        x = torch.where((torch.rand(n, device=x.device) < self.grayscale_prob)[:, None, None, None],
-                        _gray(x).expand_as(x), x)
-        x = gaussian_blur(x, torch.rand(n, device=x.device) < blur_p, self.blur_sigma)
-        x = torch.where((torch.rand(n, device=x.device) < solarize_p)[:, None, None, None] & (x >= 0.5), 1 - x, x)
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        device = x.device
+        # every random draw for the whole batch first, so chunking below changes no result
+        jitter = torch.rand(n, device=device) < self.color_jitter_prob
+        factors = jitter_factors(jitter)
+        gray = torch.rand(n, device=device) < self.grayscale_prob
+        blur = torch.rand(n, device=device) < blur_p
+        sigma = torch.empty(n, device=device).uniform_(*self.blur_sigma)
+        solarize = torch.rand(n, device=device) < solarize_p
+        dtype = torch.float32 if x.dtype == torch.uint8 else torch.promote_types(x.dtype, torch.float32)
+        scale = (1 / self.std).to(device, dtype)
+        shift = (-self.mean / self.std).to(device, dtype)
+        out = torch.empty(x.shape, dtype=dtype, device=device)
+        # On the CPU the ops run on chunks that stay in cache (one global crop, or ~9 locals),
+        # with the rarely-applied ops on their rows only; elsewhere, on the whole batch.
+        step = max(1, _CHUNK // x[0].numel()) if device.type == "cpu" else n
+        for i in range(0, n, step):
+            rows = slice(i, i + step)
+            y = x[rows] if x.dtype != torch.uint8 else x[rows] * (1 / 255)  # one pass, to float32
+            y = _on_rows(y, jitter[rows], _jitter, factors[rows])
+            y = _on_rows(y, gray[rows], lambda t: _gray(t).expand_as(t))
+            y = _on_rows(y, blur[rows], lambda t, sg: _blur(t, sg, self.blur_sigma[1]), sigma[rows])
+            y = _on_rows(y, solarize[rows], lambda t: torch.where(t >= 0.5, 1 - t, t))
+            out[rows].copy_(y).mul_(scale).add_(shift)  # (y - mean) / std; faster than one addcmul
+        return out
+
+
+# Elements per chunk on the CPU: a 224x224 RGB crop (600 KB of float32) stays in the L2 cache.
+_CHUNK = 3 * 224 * 224
+
+
+def _on_rows(x, mask, fn, *params):
+    """``fn(rows, *row_params)`` on the rows of ``x`` where ``mask`` holds (``params`` are
+    per-row tensors); ``fn`` returns a new tensor. On the CPU only the selected rows are
+    computed; elsewhere (no host syncs) every row is, and ``where`` keeps the others."""
+    if x.device.type != "cpu":
+        return torch.where(mask.view(-1, 1, 1, 1), fn(x, *params), x)
+    n_sel = int(mask.sum())
+    if n_sel == 0:
+        return x
+    if n_sel == len(mask):
+        return fn(x, *params)
+    out = x.clone()
+    out[mask] = fn(x[mask], *(p[mask] for p in params))
+    return out
+
+
+def _pair(size):
+    return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
 
 
 def _to_rgb(images):
@@ -163,8 +244,10 @@ def _to_rgb(images):
 
 
 def _gray(x):
-    r, g, b = x.unbind(1)
-    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
+    """Luma (n, 1, h, w) of float RGB (n, 3, h, w)."""
+    y = x[:, 0] * _LUMA[0]
+    y.add_(x[:, 1], alpha=_LUMA[1]).add_(x[:, 2], alpha=_LUMA[2])
+    return y.unsqueeze(1)
 
 
 def random_resized_crop_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), device=None, attempts=10):
@@ -201,53 +284,78 @@ def random_resized_crop_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), dev
 
 def color_jitter(x, apply, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
     """Per-sample colour jitter on float (n, 3, h, w) in [0, 1]; rows with
-    ``apply`` False are returned unchanged. Hue is a rotation of the chroma
-    plane in YIQ space by up to ``hue`` of a turn."""
+    ``apply`` False are returned unchanged. Brightness, contrast and saturation
+    factors are uniform in 1 +- their strength (contrast pivots on the mean luma,
+    saturation on each pixel's luma), clamped to [0, 1] after each; hue is a rotation
+    of the chroma plane in YIQ space by up to ``hue`` of a turn."""
+    return _jitter(x, jitter_factors(apply, brightness, contrast, saturation, hue))
+
+
+def jitter_factors(apply, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
+    """(n, 4) colour-jitter draws: brightness, contrast and saturation factors and the hue
+    angle in radians; rows with ``apply`` False get the identity (1, 1, 1, 0)."""
+    n, device = apply.shape[0], apply.device
+    draws = [torch.empty(n, device=device).uniform_(1 - s, 1 + s) for s in (brightness, contrast, saturation)]
+    draws.append(torch.empty(n, device=device).uniform_(-hue, hue) * 2 * math.pi)
+    identity = torch.tensor([1.0, 1.0, 1.0, 0.0], device=device)
+    return torch.where(apply[:, None], torch.stack(draws, 1), identity)
+
+
+def _jitter(x, factors):
+    """Colour jitter with the (n, 4) ``factors`` of ``jitter_factors``; returns a new tensor."""
     n = x.shape[0]
-
-    def factor(strength):
-        f = torch.empty(n, device=x.device).uniform_(1 - strength, 1 + strength)
-        return torch.where(apply, f, 1.0).view(n, 1, 1, 1)
-
-    x = (x * factor(brightness)).clamp_(0, 1)
-    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
-    x = ((x - mean) * factor(contrast) + mean).clamp_(0, 1)
-    gray = _gray(x)
-    x = ((x - gray) * factor(saturation) + gray).clamp_(0, 1)
-    angle = torch.where(apply, torch.empty(n, device=x.device).uniform_(-hue, hue), 0.0) * 2 * math.pi
-    return hue_rotate(x, angle).clamp_(0, 1)
+    f = factors.to(x.dtype).view(n, 4, 1, 1)
+    x = (x * f[:, 0:1]).clamp_(0, 1)  # brightness
+    luma = torch.tensor(_LUMA, dtype=x.dtype, device=x.device)
+    mean = (x.mean(dim=(2, 3)) @ luma).view(n, 1, 1, 1)
+    x = x.mul_(f[:, 1:2]).add_(mean * (1 - f[:, 1:2])).clamp_(0, 1)  # contrast: (x - mean) * c + mean
+    x = torch.lerp(_gray(x).expand_as(x), x, f[:, 2:3]).clamp_(0, 1)  # saturation
+    return hue_rotate(x, factors[:, 3]).clamp_(0, 1)
 
 
-_RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                        dtype=torch.float64)
+_YIQ2RGB = torch.linalg.inv(_RGB2YIQ)
 
 
 def hue_rotate(x, angle):
     """Rotate the hue of float RGB (n, 3, h, w) by ``angle`` (n,) radians (YIQ rotation)."""
     n = x.shape[0]
-    cos, sin = angle.cos(), angle.sin()
-    rot = torch.zeros(n, 3, 3, device=x.device)
+    cos, sin = angle.double().cos(), angle.double().sin()
+    rot = torch.zeros(n, 3, 3, dtype=torch.float64, device=angle.device)
     rot[:, 0, 0] = 1
     rot[:, 1, 1], rot[:, 1, 2] = cos, -sin
     rot[:, 2, 1], rot[:, 2, 2] = sin, cos
-    rgb2yiq = _RGB2YIQ.to(x.device)
-    mat = torch.linalg.inv(rgb2yiq) @ rot @ rgb2yiq  # (n, 3, 3)
-    return torch.einsum("nij,njhw->nihw", mat, x)
+    mat = _YIQ2RGB.to(angle.device) @ rot @ _RGB2YIQ.to(angle.device)  # (n, 3, 3)
+    return torch.bmm(mat.to(x.device, x.dtype), x.reshape(n, 3, -1)).view(x.shape)
 
 
 def gaussian_blur(x, apply, sigma_range):
     """Separable Gaussian blur with a per-sample sigma ~ U(sigma_range) where
-    ``apply`` is True; other rows pass unchanged. Borders are reflected."""
+    ``apply`` is True; other rows pass unchanged. The kernel has radius
+    ceil(3 * max sigma) (at most the image side - 1) for every sample; borders are reflected."""
+    sigma = torch.empty(x.shape[0], device=x.device).uniform_(*sigma_range)
+    return torch.where(apply.view(-1, 1, 1, 1), _blur(x, sigma, sigma_range[1]), x)
+
+
+def _blur(x, sigma, max_sigma):
+    """Blur each sample of float (n, c, h, w) with its own ``sigma`` (n,), taps out to
+    ceil(3 * max_sigma): a sum of shifted copies per direction (cheaper on the CPU than a
+    grouped convolution with per-sample kernels)."""
     n, c, h, w = x.shape
-    radius = min(math.ceil(3 * sigma_range[1]), (min(h, w) - 1))
+    radius = min(math.ceil(3 * max_sigma), min(h, w) - 1)
     if radius < 1:
         return x
-    sigma = torch.empty(n, device=x.device).uniform_(*sigma_range)
     taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    kernel = torch.exp(-0.5 * (taps[None] / sigma[:, None]) ** 2)
-    kernel = kernel / kernel.sum(1, keepdim=True)
-    identity = (taps == 0).to(x.dtype).expand(n, -1)
-    kernel = torch.where(apply[:, None], kernel, identity).repeat_interleave(c, 0)  # (n*c, k)
-    y = F.pad(x.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="reflect")
-    y = F.conv2d(y, kernel[:, None, None, :], groups=n * c)
-    y = F.conv2d(y, kernel[:, None, :, None], groups=n * c)
-    return y.reshape(n, c, h, w)
+    kernel = torch.exp(-0.5 * (taps[None] / sigma.to(x.dtype)[:, None]) ** 2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).view(n, 1, 1, 2 * radius + 1)
+    k = [kernel[..., t:t + 1] for t in range(2 * radius + 1)]
+    p = F.pad(x, (radius, radius, 0, 0), mode="reflect")
+    y = p[..., :w] * k[0]
+    for t in range(1, 2 * radius + 1):
+        y.addcmul_(p[..., t:t + w], k[t])
+    p = F.pad(y, (0, 0, radius, radius), mode="reflect")
+    y = p[..., :h, :] * k[0]
+    for t in range(1, 2 * radius + 1):
+        y.addcmul_(p[..., t:t + h, :], k[t])
+    return y

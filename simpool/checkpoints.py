@@ -4,10 +4,14 @@ One entry point, ``load_pretrained``, serves eval_knn, eval_linear, export and a
 it reads the file safely (``torch.load(weights_only=True)``, or safetensors), picks the
 state dict (``--checkpoint_key``), drops ``module.`` / ``backbone.`` prefixes and head
 keys, works out the architecture (command line > stored args/metadata > the weights
-themselves), builds the ViT and loads it **strictly**: any missing or unexpected key or
-shape mismatch is one ``CheckpointError`` line naming them. Resizing ``pos_embed`` to
-another image size is the one adaptation allowed (logged). ``masked_embed`` (iBOT's mask
-token, absent from DINO checkpoints and unused at evaluation) may be missing.
+themselves), builds the backbone with ``simpool.backbones.build_backbone`` (any of its
+``ARCHS``: ViTs, ResNet-50, ConvNeXt, FCViT) and loads it **strictly**: any missing or
+unexpected key or shape mismatch is one ``CheckpointError`` line naming them. Resizing a
+ViT's ``pos_embed`` to another image size is the one adaptation allowed (logged).
+``masked_embed`` (iBOT's mask token, absent from DINO checkpoints and unused at evaluation)
+may be missing. Convnets have no patch size; their image size is raised to their smallest
+input (32 px) when a smaller one is asked for (logged). A flat ResNet-50 state dict with
+torchvision/timm names (e.g. DINO's ResNet-50 release) is read as ``trunk.*``.
 
 Example:
     >>> model, info = load_pretrained("output/checkpoint.pth", checkpoint_key="teacher")
@@ -15,6 +19,7 @@ Example:
     ('vit_nano', 7, 'simpool', 28)
 """
 import argparse
+import functools
 import logging
 import math
 import os
@@ -26,6 +31,7 @@ from timm.layers import resample_abs_pos_embed
 
 import utils
 import vision_transformer as vits
+from simpool import backbones
 from utils import CheckpointError
 
 logger = logging.getLogger("simpool")
@@ -35,7 +41,7 @@ FORMAT_VERSION = 1
 AUTO = "auto"  # --gamma default: read it from the checkpoint
 OPTIONAL_KEYS = ("masked_embed",)  # may be absent (DINO checkpoints); unused at evaluation
 __all__ = ["load_pretrained", "read_checkpoint", "backbone_state_dict", "load_backbone_weights", "infer_arch",
-           "gamma_arg", "add_model_args", "AUTO", "FORMAT", "FORMAT_VERSION", "CheckpointError"]
+           "is_convnet", "gamma_arg", "add_model_args", "AUTO", "FORMAT", "FORMAT_VERSION", "CheckpointError"]
 
 
 def _numpy_core():
@@ -69,14 +75,17 @@ def add_model_args(parser):
                    "SimPool checkpoint. Empty: random initialisation (a baseline).")
     g.add_argument("--checkpoint_key", default="teacher", type=str, help="Which network of a training "
                    "checkpoint to load ('teacher' or 'student'); ignored for exported and flat files.")
-    g.add_argument("--arch", default=None, choices=list(vits.ARCHS), help="Backbone architecture; default: "
-                   "from the checkpoint (its stored args, else its weights); vit_small for random init.")
-    g.add_argument("--patch_size", default=None, type=int, help="Patch size; default: from the checkpoint "
-                   "(16 for random init).")
-    g.add_argument("--mode", default=None, choices=vits.MODES, help="'simpool' (no [CLS]) or 'official' "
-                   "([CLS] token); default: from the checkpoint's weights (cls_token present -> official).")
+    g.add_argument("--arch", default=None, choices=list(backbones.ARCHS), help="Backbone architecture (a ViT, "
+                   "resnet50, convnext_* or fcvit_*); default: from the checkpoint (its stored args, else its "
+                   "weights); vit_small for random init.")
+    g.add_argument("--patch_size", default=None, type=int, help="Patch size (ViTs only); default: from the "
+                   "checkpoint (16 for random init).")
+    g.add_argument("--mode", default=None, choices=backbones.MODES, help="'simpool' (SimPool pooling, no [CLS]) or "
+                   "'official' ([CLS] token for ViTs, the architecture's own pooling for convnets); default: from "
+                   "the checkpoint's weights (cls_token, or no simpool.* weights for convnets -> official).")
     g.add_argument("--gamma", default=AUTO, type=gamma_arg, help="SimPool's generalised-mean exponent: 'auto' "
-                   "reads it from the checkpoint (None when it is not recorded), 'None' or a number overrides.")
+                   "reads it from the checkpoint (when it is not recorded: None for ViTs, 2.0 for convnets), "
+                   "'None' or a number overrides.")
     return g
 
 
@@ -179,8 +188,37 @@ def _strip_prefixes(state, path):
 
 
 # ---------------------------------------------------------------- architecture
+CONVNET_ARCHS = backbones.TIMM_ARCHS + backbones.FCVIT_ARCHS
+# The first key of each convnet family's trunk: which candidates infer_arch compares against.
+CONVNET_FAMILIES = {"trunk.conv1.weight": ("resnet",), "trunk.stem.0.weight": ("convnext",),
+                    "trunk.stem.conv.weight": ("fcvit",)}
+
+
+def is_convnet(arch):
+    return arch in CONVNET_ARCHS
+
+
+@functools.lru_cache(maxsize=None)
+def _trunk_signature(arch):
+    """{name: shape} of ``arch``'s trunk weights, from a build on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        model = backbones.build_backbone(arch, mode="official")
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("trunk.")}
+
+
+def _convnet_arch(state):
+    """The convnet whose trunk weights have exactly the names and shapes of ``state``'s, or None."""
+    trunk = {k: tuple(v.shape) for k, v in state.items() if k.startswith("trunk.")}
+    families = next((f for key, f in CONVNET_FAMILIES.items() if key in trunk), ())
+    for arch in CONVNET_ARCHS:
+        if arch.startswith(families) and _trunk_signature(arch) == trunk:
+            return arch
+    return None
+
+
 def infer_arch(state):
-    """What the weights themselves say: arch, patch_size, mode, use_beta, img_size."""
+    """What the weights themselves say: arch, patch_size, mode, use_beta, img_size (ViTs),
+    or arch, embed_dim, mode, use_beta (convnets: ``trunk.*`` weights)."""
     out = {}
     w = state.get("patch_embed.proj.weight")
     if w is not None and w.ndim == 4:
@@ -191,10 +229,17 @@ def infer_arch(state):
         if names:
             out["arch"] = names[0]
         out["embed_dim"], out["depth"] = embed_dim, depth
+    elif any(k.startswith("trunk.") for k in state):
+        out["convnet"] = True
+        arch = _convnet_arch(state)
+        if arch is not None:
+            out["arch"] = arch
     if "cls_token" in state:
         out["mode"] = "official"
     elif any(k.startswith("simpool.") for k in state):
         out["mode"] = "simpool"
+    elif out.get("convnet"):
+        out["mode"] = "official"  # a convnet without SimPool pools with its own global average
     out["use_beta"] = "simpool.beta" in state
     pos = state.get("pos_embed")
     if pos is not None and pos.ndim == 3 and "patch_size" in out:
@@ -224,62 +269,107 @@ def load_pretrained(path, checkpoint_key="teacher", arch=None, patch_size=None, 
     depth, num_heads, data_path (when recorded), epoch, source. An empty ``path`` gives
     a randomly initialised model and a loud warning."""
     if not path:
-        arch, patch_size, mode = arch or "vit_small", patch_size or 16, mode or "simpool"
-        gamma = None if gamma == AUTO else gamma
-        image_size = image_size or 224
+        arch, mode = arch or "vit_small", mode or "simpool"
+        patch_size = None if is_convnet(arch) else patch_size or 16
+        gamma = backbones.resolve_gamma(arch, gamma)  # 'auto': None for ViTs, 2.0 for convnets
+        image_size = _at_least_min_input(arch, image_size or 224)
         logger.warning("WARNING: no --pretrained_weights given: evaluating a RANDOMLY INITIALISED "
-                       f"{arch}/{patch_size} ({mode}). Its numbers are a chance-level baseline, not a result.")
-        model = vits.build_vit(arch, patch_size=patch_size, img_size=image_size, mode=mode, gamma=gamma,
-                               use_beta=bool(use_beta))
+                       f"{_describe(arch, patch_size, mode)}. Its numbers are a chance-level baseline, not a result.")
+        model = backbones.build_backbone(arch, patch_size=patch_size, img_size=image_size, mode=mode, gamma=gamma,
+                                         use_beta=bool(use_beta))
         info = dict(arch=arch, patch_size=patch_size, mode=mode, gamma=gamma, use_beta=bool(use_beta),
                     img_size=image_size, image_size=image_size, data_path=None, epoch=None, source="random init")
-        return model.eval(), _with_dims(info)
+        return model.eval(), _with_dims(info, model)
 
     ckpt = read_checkpoint(path)
     state, meta, what = backbone_state_dict(ckpt, checkpoint_key, path)
+    state = _timm_resnet_layout(state, path)
     found = infer_arch(state)
-    arch = _resolve(arch, meta.get("arch") if meta.get("arch") in vits.ARCHS else None, found.get("arch"))
+    arch = _resolve(arch, meta.get("arch") if meta.get("arch") in backbones.ARCHS else None, found.get("arch"))
     if arch is None and isinstance(meta.get("arch"), str) and "patch_embed.proj.weight" not in state:
-        raise CheckpointError(f"{path} holds a {meta['arch']} backbone; the evaluation tools read ViTs only "
-                              f"({', '.join(vits.ARCHS)})")
+        raise CheckpointError(f"{path} holds a {meta['arch']} backbone, which is none of the architectures the "
+                              f"tools build ({', '.join(backbones.ARCHS)}); pass --arch if it is one of them")
+    if arch is None and found.get("convnet"):
+        raise CheckpointError(f"{path}: cannot tell the architecture (its trunk.* weights match none of "
+                              f"{', '.join(CONVNET_ARCHS)}); pass --arch")
     if arch is None:
         raise CheckpointError(f"{path}: cannot tell the architecture (embed_dim {found.get('embed_dim')}, "
                               f"depth {found.get('depth')} match none of {', '.join(vits.ARCHS)}); pass --arch")
-    patch_size = _resolve(patch_size, found.get("patch_size"), meta.get("patch_size"), default=16)
-    mode = _resolve(mode, found.get("mode"), meta.get("mode") if meta.get("mode") in vits.MODES else None,
+    convnet = is_convnet(arch)
+    if convnet and patch_size is not None:
+        logger.info(f"--patch_size {patch_size} ignored: {arch} has no patches.")
+    patch_size = None if convnet else _resolve(patch_size, found.get("patch_size"), meta.get("patch_size"),
+                                               default=16)
+    mode = _resolve(mode, found.get("mode"), meta.get("mode") if meta.get("mode") in backbones.MODES else None,
                     default="simpool")
     use_beta = _resolve(use_beta, found.get("use_beta"), default=False)
     if gamma == AUTO:
         if "gamma" in meta:
-            # main_dino stores 'auto' (simpool.backbones: None for ViTs) or the number it used
-            gamma = None if meta["gamma"] in (None, AUTO, "None", "none") else meta["gamma"]
+            # main_dino stores the number it used, or (older runs) 'auto': None for ViTs, 2.0 for convnets
+            stored = meta["gamma"]
+            gamma = backbones.resolve_gamma(arch, AUTO) if stored == AUTO else \
+                None if stored in (None, "None", "none") else stored
             if gamma is not None and not isinstance(gamma, (int, float)):
                 raise CheckpointError(f"{path} records gamma {gamma!r}, not a number; pass --gamma")
         else:
-            gamma = None
-            if mode == "simpool":
+            gamma = backbones.resolve_gamma(arch, AUTO)
+            if mode == "simpool" and not convnet:
                 logger.warning(f"{path} does not record SimPool's gamma; using None (plain attention average). "
                                "Pass --gamma 1.25 for checkpoints of the official SimPool ViT-S recipe.")
+            elif mode == "simpool":
+                logger.warning(f"{path} does not record SimPool's gamma; using {gamma} (the convnet default). "
+                               "Pass --gamma if it was trained with another.")
     img_size = _resolve(meta.get("img_size"), meta.get("global_crops_size"), found.get("img_size"), default=224)
-    image_size = image_size or img_size
+    image_size = _at_least_min_input(arch, image_size or img_size)
     model = _build_uninitialised(arch, patch_size=patch_size, img_size=image_size, mode=mode, gamma=gamma,
                                  use_beta=use_beta)
-    desc = f"{arch}/{patch_size} ({mode})"
-    load_backbone_weights(model, state, f"{path} [{what}]", desc)
+    desc = _describe(arch, patch_size, mode)
+    load_backbone_weights(model, state, f"{path} [{what}]", desc, weights_arch=found.get("arch"))
     info = dict(arch=arch, patch_size=patch_size, mode=mode, gamma=gamma, use_beta=use_beta, img_size=img_size,
                 image_size=image_size, data_path=meta.get("data_path"), epoch=meta.get("epoch"),
                 source=f"{path} [{what}]")
     logger.info(f"Loaded {desc}, gamma {gamma}, from {info['source']}"
                 + (f" (epoch {info['epoch']})" if info["epoch"] is not None else "") + ".")
-    return model.eval(), _with_dims(info)
+    return model.eval(), _with_dims(info, model)
+
+
+def _describe(arch, patch_size, mode):
+    """'vit_nano/7 (simpool)' for ViTs, 'resnet50 (simpool)' for convnets."""
+    return f"{arch} ({mode})" if is_convnet(arch) else f"{arch}/{patch_size} ({mode})"
+
+
+def _at_least_min_input(arch, image_size):
+    """``image_size``, raised to the convnet's smallest input (one stride-32 cell) when below it."""
+    smallest = backbones.ConvNetBackbone.min_input_size if is_convnet(arch) else 0
+    if image_size < smallest:
+        logger.info(f"{arch} needs inputs of at least {smallest}x{smallest} pixels: images are resized to "
+                    f"{smallest} px instead of {image_size} px.")
+        return smallest
+    return image_size
+
+
+def _timm_resnet_layout(state, path):
+    """A flat ResNet-50 state dict under torchvision/timm names (``conv1.weight``, ``layer1.*``;
+    DINO's ResNet-50 release) as our ``trunk.*`` names, its classifier (``fc.*``) dropped."""
+    if "conv1.weight" not in state or "layer4.0.conv1.weight" not in state or \
+            any(k.startswith(("trunk.", "patch_embed.")) for k in state):
+        return state
+    fc = [k for k in state if k.startswith("fc.")]
+    if fc:
+        logger.info(f"{path}: dropped the classifier ({', '.join(fc)}).")
+    return {f"trunk.{k}": v for k, v in state.items() if k not in fc}
 
 
 def _build_uninitialised(arch, **kwargs):
-    """The ViT on the meta device (no random initialisation: every weight is loaded next,
-    with ``assign``); a plain CPU build where construction cannot run on meta tensors."""
+    """The backbone on the meta device (no random initialisation: every weight is loaded next,
+    with ``assign``); a plain CPU build where construction cannot run on meta tensors, or
+    where the model holds buffers that the state dict does not carry."""
     try:
         with torch.device("meta"):
-            return vits.build_vit(arch, **kwargs)
+            model = backbones.build_backbone(arch, **kwargs)
+        persistent = set(model.state_dict())
+        if all(name in persistent for name, _ in model.named_buffers()):
+            return model
     except (NotImplementedError, RuntimeError):
         pass
     # The random initialisation is thrown away; on one thread it costs far less on a busy
@@ -287,13 +377,16 @@ def _build_uninitialised(arch, **kwargs):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return vits.build_vit(arch, **kwargs)
+        return backbones.build_backbone(arch, **kwargs)
     finally:
         torch.set_num_threads(threads)
 
 
-def _with_dims(info):
-    embed_dim, depth, num_heads = vits.ARCHS[info["arch"]]
+def _with_dims(info, model):
+    if info["arch"] in vits.ARCHS:
+        embed_dim, depth, num_heads = vits.ARCHS[info["arch"]]
+    else:  # convnets: no blocks of one width, no heads
+        embed_dim, depth, num_heads = model.embed_dim, None, None
     info.update(embed_dim=embed_dim, depth=depth, num_heads=num_heads)
     return info
 
@@ -305,11 +398,13 @@ def _names(items, limit=6):
     return text + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
-def load_backbone_weights(model, state, source="checkpoint", desc=None):
+def load_backbone_weights(model, state, source="checkpoint", desc=None, weights_arch=None):
     """Load ``state`` into ``model`` strictly; the only adaptations are resizing
     ``pos_embed`` to the model's grid and keeping the model's own ``masked_embed``
     when the checkpoint has none. Anything else that does not fit raises one
-    ``CheckpointError`` line naming the missing/unexpected keys and shape mismatches."""
+    ``CheckpointError`` line naming the missing/unexpected keys and shape mismatches
+    (``weights_arch``, what the weights look like, goes into the hint when a convnet
+    is involved)."""
     own = model.state_dict()
     on_meta = any(t.is_meta for t in own.values())  # built without initialisation: take the tensors as they are
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
@@ -330,12 +425,21 @@ def load_backbone_weights(model, state, source="checkpoint", desc=None):
         if mismatched:
             parts.append(f"shape mismatches: {_names(mismatched, 3)}")
         hint = ""
-        if "cls_token" in unexpected:
+        convnet = hasattr(model, "trunk")
+        if any(k.startswith("trunk.") for k in missing + unexpected):  # a ViT for a convnet or the other way
+            hint = f" (the weights are a {weights_arch}: check --arch)" if weights_arch else " (check --arch)"
+        elif "cls_token" in unexpected:
             hint = " (a [CLS] checkpoint: try --mode official)"
         elif "cls_token" in missing and any(k.startswith("simpool.") for k in unexpected):
             hint = " (a SimPool checkpoint: try --mode simpool)"
         elif any(k.startswith("patch_embed") for k in (m.split()[0] for m in mismatched)):
             hint = " (check --patch_size / --arch)"
+        elif convnet and any(k.startswith("simpool.") for k in unexpected):
+            hint = " (a SimPool checkpoint: try --mode simpool)"
+        elif convnet and any(k.startswith("simpool.") for k in missing):
+            hint = " (no SimPool weights: try --mode official)"
+        elif convnet and mismatched:
+            hint = f" (the weights are a {weights_arch}: check --arch)" if weights_arch else " (check --arch)"
         raise CheckpointError(f"{source} does not fit {desc}: {'; '.join(parts)}{hint}")
     for k in OPTIONAL_KEYS:
         if k in own and k not in state:

@@ -109,6 +109,10 @@ class SafeImageFolder(ImageFolder):
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with open(path, "rb") as f:
                     image = Image.open(f)
+                    if getattr(self.transform, "decodes", False):
+                        # the transform decodes (e.g. MultiCropAugmentation.crop_image: a JPEG at a
+                        # reduced DCT scale when every crop allows it); errors still land below
+                        return self.transform(image), target
                     image.load()
                     image = image.convert("RGB")
             if self.transform is not None:

@@ -9,9 +9,15 @@ file is ``{"format": "simpool-backbone", "version", "meta", "state_dict"}`` writ
 atomically; a .safetensors file stores the tensors and, as string metadata, ``format``,
 ``version`` and ``meta`` (JSON). Loading back is strict (see simpool/checkpoints.py).
 
-The block weights are timm's: ``to_timm_state_dict`` drops ``simpool.*`` and
+Every architecture of ``simpool.backbones.ARCHS`` exports. Convnets (resnet50, convnext_*,
+fcvit_*) carry no patch_size, depth or num_heads; their ``img_size`` is only the training
+crop size, the default size of later evaluations (they take any input of 32 px or more).
+
+The ViT block weights are timm's: ``to_timm_state_dict`` drops ``simpool.*`` and
 ``masked_embed`` and ``build_timm_vit`` makes the matching ``timm`` VisionTransformer,
-whose ``forward_features`` then equals our ``forward_features()['patch_tokens']``.
+whose ``forward_features`` then equals our ``forward_features()['patch_tokens']``. That
+timm route is for ViTs only; a loaded convnet's ``model.trunk`` is itself the timm model
+(ResNet-50, ConvNeXt) or FCViT's timm ``MetaFormer``, under timm's own names.
 
 Example:
     >>> meta = export_backbone("output/checkpoint.pth", "backbone.safetensors")
@@ -27,12 +33,14 @@ import os
 import sys
 
 import utils
-from simpool.checkpoints import (AUTO, FORMAT, FORMAT_VERSION, CheckpointError, add_model_args, load_pretrained)
+from simpool.checkpoints import (AUTO, FORMAT, FORMAT_VERSION, CheckpointError, add_model_args, is_convnet,
+                                 load_pretrained)
 
 logger = logging.getLogger("simpool")
 __all__ = ["export_backbone", "load_backbone", "to_timm_state_dict", "build_timm_vit"]
 META_KEYS = ("arch", "patch_size", "mode", "gamma", "use_beta", "img_size", "embed_dim", "depth", "num_heads",
              "data_path", "epoch")
+VIT_ONLY_KEYS = ("patch_size", "depth", "num_heads")  # not in a convnet's metadata
 
 
 def export_backbone(checkpoint, output, checkpoint_key="teacher", arch=None, patch_size=None, mode=None,
@@ -41,7 +49,7 @@ def export_backbone(checkpoint, output, checkpoint_key="teacher", arch=None, pat
     The weights go through a strict load first, so a file that exports also loads."""
     model, info = load_pretrained(checkpoint, checkpoint_key, arch=arch, patch_size=patch_size, mode=mode,
                                   gamma=gamma)
-    meta = {k: info.get(k) for k in META_KEYS}
+    meta = {k: info.get(k) for k in META_KEYS if not (is_convnet(info["arch"]) and k in VIT_ONLY_KEYS)}
     meta.update(format_version=FORMAT_VERSION, source=f"{os.path.basename(checkpoint)} [{checkpoint_key}]")
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     folder = os.path.dirname(os.path.abspath(output))
@@ -72,34 +80,38 @@ def load_backbone(path, checkpoint_key="teacher", image_size=None, **overrides):
 
 
 def to_timm_state_dict(model_or_state):
-    """Our backbone's weights under timm's VisionTransformer names: identical for
+    """Our ViT's weights under timm's VisionTransformer names: identical for
     patch_embed / pos_embed / cls_token / blocks / norm; SimPool and the mask token
-    have no timm counterpart and are dropped."""
+    have no timm counterpart and are dropped. ViTs only (a convnet's ``trunk`` is
+    already a timm model: ``model.trunk.state_dict()``)."""
     state = model_or_state.state_dict() if hasattr(model_or_state, "state_dict") else model_or_state
+    if any(k.startswith("trunk.") for k in state):
+        raise ValueError("to_timm_state_dict is for ViTs; a convnet's weights are timm's already: "
+                         "model.trunk.state_dict()")
     return {k: v for k, v in state.items() if not k.startswith("simpool.") and k != "masked_embed"}
 
 
 def build_timm_vit(meta):
     """The timm VisionTransformer whose weights ``to_timm_state_dict`` fills: no head,
-    no pooling, a class token only in official mode. Its blocks' LayerNorms use eps
-    1e-5 as ours do (timm's default is 1e-6); the final norm uses 1e-6."""
-    from functools import partial
-
-    import torch.nn as nn
+    no pooling, a class token only in official mode; LayerNorm eps 1e-6 everywhere, as
+    ours (and DINO's). ViTs only."""
     from timm.models.vision_transformer import VisionTransformer
 
     import vision_transformer as vits
+    if meta.get("arch") not in vits.ARCHS:
+        raise ValueError(f"build_timm_vit builds ViTs only, not {meta.get('arch')}; a convnet's model.trunk is "
+                         "already the timm model")
     embed_dim, depth, num_heads = vits.ARCHS[meta["arch"]]
     model = VisionTransformer(img_size=meta["img_size"], patch_size=meta["patch_size"], embed_dim=embed_dim,
                               depth=depth, num_heads=num_heads, mlp_ratio=4.0, qkv_bias=True,
-                              class_token=meta["mode"] == "official", global_pool="", num_classes=0,
-                              norm_layer=partial(nn.LayerNorm, eps=1e-5))
-    model.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+                              class_token=meta["mode"] == "official", global_pool="", num_classes=0)
     return model.eval()
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("Export a SimPool-SSL backbone (no head) with its metadata",
+    p = argparse.ArgumentParser("Export a SimPool-SSL backbone (no head) with its metadata: any --arch (ViTs, "
+                                "resnet50, convnext_*, fcvit_*); the timm ViT helpers (to_timm_state_dict, "
+                                "build_timm_vit) are for ViTs only",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, type=str, help="Training checkpoint (or any checkpoint "
                    "eval_knn reads: official DINO/iBOT/AttMask/SimPool, or an exported backbone).")
@@ -122,7 +134,8 @@ def main(argv=None):
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    logger.info(f"Exported {meta['arch']}/{meta['patch_size']} ({meta['mode']}, gamma {meta['gamma']}, "
+    name = meta["arch"] if meta.get("patch_size") is None else f"{meta['arch']}/{meta['patch_size']}"
+    logger.info(f"Exported {name} ({meta['mode']}, gamma {meta['gamma']}, "
                 f"{meta['img_size']}px, embed_dim {meta['embed_dim']}) from {args.checkpoint} "
                 f"[{args.checkpoint_key}] to {args.output} ({size:.1f} MiB, format v{FORMAT_VERSION}).")
 

@@ -53,12 +53,20 @@ class LARS(torch.optim.Optimizer):
 def build_optimizer(name, groups):
     """``name`` in adamw / sgd / lars; lr and weight decay are set per iteration by the trainer."""
     if name == "adamw":
-        return torch.optim.AdamW(groups)
+        # fused: one kernel per step over each parameter instead of ~10 passes; on the CPU the
+        # default for-loop AdamW over a ViT-S + 65k-prototype head costs more than its forward
+        return torch.optim.AdamW(groups, fused=_fusable(groups))
     if name == "sgd":
         return torch.optim.SGD(groups, lr=0, momentum=0.9)
     if name == "lars":
         return LARS(groups)
     raise ValueError(f"unknown optimizer {name!r}; choose adamw, sgd or lars")
+
+
+def _fusable(groups):
+    """torch's fused AdamW takes floating-point parameters on CPU or CUDA (torch >= 2.4)."""
+    params = [p for g in groups for p in g["params"]]
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
 @torch.no_grad()
@@ -69,8 +77,10 @@ def clip_gradients(model, clip):
     if not grads:
         return []
     norms = torch._foreach_norm(grads)
-    factors = [(clip / (n + 1e-6)).clamp(max=1.0) for n in norms]
-    torch._foreach_mul_(grads, factors)
+    factors = clip / (torch.stack(norms) + 1e-6)
+    over = (factors < 1).nonzero()[:, 0].tolist()  # only these are scaled: no pass over the rest
+    if over:
+        torch._foreach_mul_([grads[i] for i in over], list(factors[over].unbind()))
     return norms
 
 

@@ -181,3 +181,41 @@ def test_evaluation_pipeline_rates_an_object_finding_map_highly():
     assert r["jaccard"] > r["center_prior"]["jaccard"] + 5 and r["corloc"] > 45, r
     flipped = [(n, im, ~m) for n, im, m in samples]  # the same maps against the background are poor
     assert att.evaluate_maps(BrightnessOracle(), flipped, (0.5,) * 3, (0.25,) * 3, 7)["jaccard"] < r["jaccard"] - 20
+
+
+def test_convnet_maps_lie_on_the_feature_map_and_upsample_to_the_image(tmp_path, capsys):
+    from simpool.backbones import build_backbone
+    torch.manual_seed(0)
+    cnn = build_backbone("fcvit_tiny", mode="simpool").eval()
+    x = torch.randn(2, 3, 64, 96)
+    maps = att.attention_maps(cnn, x)
+    assert maps.shape == (2, 1, 2, 3) and att.map_cell_size(cnn) == 32  # one cell per 32x32 pixels
+    torch.testing.assert_close(maps.sum((1, 2, 3)), torch.ones(2))
+    pixels = att.image_attention(cnn, x)
+    assert pixels.shape == (2, 1, 64, 96)  # the image's size
+    with torch.no_grad():
+        torch.testing.assert_close(maps.flatten(1), cnn.forward_features(x, return_attention=True)["attention"])
+    with pytest.raises(att.AttentionError, match="no attention map"):
+        att.attention_maps(build_backbone("fcvit_tiny", mode="official"), x)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    common = ["--arch", "fcvit_tiny", "--images", str(tmp_path / "a.png"), "--output_dir", str(tmp_path / "o")]
+    att.main(common + ["--image_size", "64"])  # random init: the CLI path for convnets
+    assert "SimPool map on a 2x3 grid" in capsys.readouterr().out
+    assert Image.open(tmp_path / "o" / "a_attention.png").size == (6 * (60 * 2 + 2), 240)
+    with pytest.raises(SystemExit) as e:
+        att.main(common + ["--mode", "official"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: fcvit_tiny in official mode pools by global average and has no attention map; "
+                   "maps need a --mode simpool backbone")
+
+
+def test_cli_evaluates_a_convnet_map_on_whole_cells(tmp_path, capsys):
+    pytest.importorskip("skimage")
+    result = att.main(["--arch", "fcvit_tiny", "--evaluate", "--num_images", "4", "--image_size", "70",
+                       "--save_examples", "1", "--output_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "fcvit_tiny: evaluation images are 64x64 (a multiple of its stride 32)" in out
+    assert "SimPool attention of fcvit_tiny on synthetic: 4 Fashion-MNIST test items" in out
+    record = json.loads((tmp_path / "attention.json").read_text())
+    assert record["n_images"] == 4 == result["n_images"] and record["model"]["patch_size"] is None

@@ -221,6 +221,63 @@ def test_crop_image_other_pil_modes_give_their_rgb_colours(mode, colour):
         assert (c.to(torch.int16) - rgb.view(3, 1, 1)).abs().max() <= 1
 
 
+def _jpeg(path, size, colour=None):
+    if colour is None:  # a smooth horizontal gradient
+        ramp = np.linspace(0, 255, size[0]).astype(np.uint8)
+        arr = np.stack([np.tile(ramp, (size[1], 1))] * 3, axis=-1)
+        Image.fromarray(arr).save(path, quality=95)
+    else:
+        Image.new("RGB", size, colour).save(path, quality=95)
+    return path
+
+
+def test_crop_image_decodes_large_jpegs_at_a_reduced_scale(tmp_path):
+    # every crop of a 1024x768 image at scale >= 0.4 is >= ~480 px a side, 16 px out: the
+    # JPEG may be decoded at 1/8 (128x96) and each crop is still a downscale
+    torch.manual_seed(22)
+    aug = _aug(local_crops_number=2, global_crops_scale=(0.4, 1.0), local_crops_scale=(0.4, 1.0))
+    image = Image.open(_jpeg(tmp_path / "c.jpg", (1024, 768), (200, 40, 90)))
+    crops = aug.crop_image(image)
+    assert image.size == (128, 96)  # drafted before decoding
+    assert [tuple(c.shape) for c in crops] == [(3, 16, 16)] * 2 + [(3, 8, 8)] * 2
+    for c in crops:
+        assert c.dtype == torch.uint8
+        assert (c.to(torch.int16) - torch.tensor([200, 40, 90]).view(3, 1, 1)).abs().max() <= 3
+    # 224-px global crops of a 640x480 image (sides ~300-480 px) need every pixel: no reduction
+    small = Image.open(_jpeg(tmp_path / "g.jpg", (640, 480)))
+    _aug(global_crops_size=224, local_crops_size=96).crop_image(small)
+    assert small.size == (640, 480)
+
+
+def test_crop_image_reduced_decoding_matches_full_decoding(tmp_path):
+    # the same boxes from a 1/4-scale decode and from the full image agree (a gradient image)
+    path = _jpeg(tmp_path / "g.jpg", (800, 600))
+    aug = _aug(local_crops_number=1, global_crops_scale=(0.9, 1.0), local_crops_scale=(0.9, 1.0))
+    torch.manual_seed(23)
+    drafted = aug.crop_image(Image.open(path))
+    torch.manual_seed(23)
+    full_image = Image.open(path)
+    full_image.load()  # decoded already: no draft possible
+    full = aug.crop_image(full_image)
+    for a, b in zip(drafted, full):
+        assert (a.float() - b.float()).abs().mean() < 2.0
+
+
+def test_safe_image_folder_with_crop_image_skips_truncated_jpegs(tmp_path):
+    from simpool.data import SafeImageFolder
+    root = tmp_path / "train"
+    (root / "a").mkdir(parents=True)
+    _jpeg(root / "a" / "good.jpg", (300, 200), (10, 200, 30))
+    data = (root / "a" / "good.jpg").read_bytes()
+    (root / "a" / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    aug = _aug(local_crops_number=1)
+    ds = SafeImageFolder(str(root), transform=aug.crop_image)
+    good, bad = (ds[0], ds[1]) if ds.samples[0][0].endswith("good.jpg") else (ds[1], ds[0])
+    assert isinstance(bad, str) and bad.endswith("truncated.jpg")
+    crops, label = good
+    assert label == 0 and [tuple(c.shape) for c in crops] == [(3, 16, 16)] * 2 + [(3, 8, 8)]
+
+
 # ---------------------------------------------------------------- gaussian blur
 def _reference_blur(x, sigma, radius):
     """Direct 2-D convolution with a normalised (2r+1)^2 Gaussian, reflect padding, float64."""

@@ -237,3 +237,142 @@ def test_convnet_backbone_docstring_example():
     assert net.grid_size(64, 64) == (16, 16)  # only the layers given are followed
     with pytest.raises(AttributeError):
         ConvNetBackbone(trunk, [], head_norm="head.missing")
+
+
+# ---------------------------------------------------------------- the evaluation tools on convnets
+def _perturbed_convnet(arch, mode="simpool", seed=0):
+    """A convnet with non-default weights everywhere (norms, biases, BatchNorm statistics),
+    so that a silent non-load would show."""
+    torch.manual_seed(seed)
+    backbone = build_backbone(arch, mode=mode)
+    with torch.no_grad():
+        for p in backbone.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+        for name, b in backbone.named_buffers():
+            if name.endswith("running_mean"):
+                b.add_(0.1 * torch.randn_like(b))
+    return backbone.eval()
+
+
+def _save_convnet_checkpoint(path, backbone, arch, crops=32, **args):
+    """main_dino.py's layout: student/teacher with backbone./head. keys and the parsed args."""
+    state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    state.update({"head.last_layer.weight": torch.zeros(8, 4)})
+    stored = {"arch": arch, "patch_size": 16, "mode": backbone.mode, "use_beta": False, "out_dim": 8,
+              "gamma": backbone.simpool.gamma if backbone.simpool is not None else None,
+              "global_crops_size": crops, "data_path": "somewhere", **args}
+    torch.save({"student": state, "teacher": state, "epoch": 2, "args": stored}, path)
+
+
+@pytest.mark.parametrize("arch,suffix", [("resnet50", ".safetensors"), ("convnext_tiny", ".pth"),
+                                         ("fcvit_tiny", ".pth")])
+def test_convnet_export_round_trip_gives_identical_features(tmp_path, arch, suffix):
+    from simpool import export
+    from simpool.checkpoints import read_checkpoint
+    backbone = _perturbed_convnet(arch)
+    _save_convnet_checkpoint(tmp_path / "checkpoint.pth", backbone, arch, crops=64)
+    meta = export.export_backbone(str(tmp_path / "checkpoint.pth"), str(tmp_path / f"b{suffix}"))
+    assert (meta["arch"], meta["mode"], meta["gamma"], meta["embed_dim"]) == (arch, "simpool", 2.0,
+                                                                              backbone.embed_dim)
+    assert meta["img_size"] == 64 and not {"patch_size", "depth", "num_heads"} & set(meta)  # no ViT geometry
+    assert not any(k.startswith("head.") for k in read_checkpoint(str(tmp_path / f"b{suffix}"))["state_dict"])
+    loaded = export.load_backbone(str(tmp_path / f"b{suffix}"))
+    assert loaded.pretrained_info["arch"] == arch and loaded.pretrained_info["patch_size"] is None
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a = backbone.forward_features(x, return_attention=True)
+        b = loaded.forward_features(x, return_attention=True)
+    assert torch.equal(a["pooled"], b["pooled"]) and torch.equal(a["attention"], b["attention"])
+    with pytest.raises(ValueError, match="ViTs only"):  # the timm route is for ViTs
+        export.build_timm_vit(meta)
+
+
+def test_convnet_loads_infer_the_arch_and_refuse_mismatches(tmp_path):
+    from checkpoint_factory import save_training_checkpoint, tiny_backbone
+    from simpool.checkpoints import CheckpointError, load_pretrained
+    backbone = _perturbed_convnet("fcvit_tiny", seed=1)
+    torch.save(backbone.state_dict(), tmp_path / "flat.pth")  # no args: the weights alone tell
+    model, info = load_pretrained(str(tmp_path / "flat.pth"))
+    assert (info["arch"], info["mode"], info["gamma"], info["embed_dim"]) == ("fcvit_tiny", "simpool", 2.0, 320)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), backbone(x))
+    _save_convnet_checkpoint(tmp_path / "c.pth", backbone, "fcvit_tiny")
+    cases = {("c.pth", "convnext_tiny", None): r"does not fit convnext_tiny \(simpool\): missing keys: "
+                                               r"trunk\.stem\.0\.weight.*\(the weights are a fcvit_tiny: check --arch\)$",
+             ("c.pth", None, "official"): r"unexpected keys: simpool\..*\(a SimPool checkpoint: try --mode simpool\)$",
+             ("vit.pth", "fcvit_tiny", None): r"\(the weights are a vit_nano: check --arch\)$"}
+    save_training_checkpoint(tmp_path / "vit.pth", tiny_backbone("simpool", patch_size=7, img_size=28))
+    for (name, arch, mode), pattern in cases.items():
+        with pytest.raises(CheckpointError, match=pattern) as e:
+            load_pretrained(str(tmp_path / name), arch=arch, mode=mode)
+        assert "\n" not in str(e.value)
+
+
+def test_dino_resnet50_layout_loads_in_official_mode(tmp_path):
+    """DINO's ResNet-50 release: torchvision names (conv1.*, layer1.*), no SimPool; a flat
+    classifier (fc.*) is dropped."""
+    from simpool.checkpoints import load_pretrained
+    backbone = _perturbed_convnet("resnet50", mode="official", seed=2)
+    state = {k[len("trunk."):]: v for k, v in backbone.state_dict().items()}
+    torch.save({**state, "fc.weight": torch.zeros(10, 2048), "fc.bias": torch.zeros(10)}, tmp_path / "r50.pth")
+    model, info = load_pretrained(str(tmp_path / "r50.pth"), image_size=28)
+    assert (info["arch"], info["mode"], info["image_size"]) == ("resnet50", "official", 32)  # raised to 32 px
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), backbone(x))
+
+
+@pytest.fixture(scope="module")
+def tiny_folder_and_fcvit(tmp_path_factory):
+    """A 2-class ImageFolder of 24x20 images (below a convnet's 32 px) and an fcvit_tiny
+    training checkpoint."""
+    import numpy as np
+    from PIL import Image
+    root = tmp_path_factory.mktemp("convnet_eval")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("val", 2)):
+        for c, level in (("dark", 40), ("bright", 200)):
+            (root / "data" / split / c).mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(level + rng.normal(0, 20, (24, 20, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / "data" / split / c / f"{i}.png")
+    _save_convnet_checkpoint(root / "checkpoint.pth", _perturbed_convnet("fcvit_tiny", seed=3), "fcvit_tiny")
+    return root
+
+
+def test_eval_knn_on_an_image_folder_with_a_convnet(tiny_folder_and_fcvit, tmp_path, capsys):
+    import json
+
+    import eval_knn
+    root = tiny_folder_and_fcvit
+    results = eval_knn.main(["--pretrained_weights", str(root / "checkpoint.pth"), "--data_path", str(root / "data"),
+                             "--image_size", "24", "--nb_knn", "1", "3", "--num_workers", "0",
+                             "--output_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "fcvit_tiny needs inputs of at least 32x32 pixels: images are resized to 32 px instead of 24 px" in out
+    record = json.loads((tmp_path / "knn.json").read_text())
+    assert record["model"]["arch"] == "fcvit_tiny" and record["model"]["image_size"] == 32
+    assert record["model"]["patch_size"] is None and record["n_train"] == 6 and record["n_test"] == 4
+    assert set(results) == {1, 3}
+
+
+def test_eval_linear_on_a_convnet_uses_its_pooled_vector(tiny_folder_and_fcvit, tmp_path, capsys):
+    import json
+
+    import eval_linear
+    backbone = build_backbone("fcvit_tiny", mode="official").eval()
+    feats = eval_linear.LinearFeatures(backbone, n_last_blocks=4, avgpool=True)  # no blocks, no patch tokens
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert feats.dim == 320 and torch.equal(feats(x), backbone(x))
+    root = tiny_folder_and_fcvit
+    eval_linear.main(["--pretrained_weights", str(root / "checkpoint.pth"), "--data_path", str(root / "data"),
+                      "--avgpool_patchtokens", "True", "--train_augment", "False", "--epochs", "1",
+                      "--lrs", "0.1", "--num_workers", "0", "--output_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert out.count("--n_last_blocks and --avgpool_patchtokens apply to ViTs only and are ignored") == 1
+    record = json.loads((tmp_path / "linear.json").read_text())
+    assert record["features"] == {"dim": 320, "n_last_blocks": 1, "avgpool_patchtokens": False}
+    assert record["model"]["arch"] == "fcvit_tiny" and record["model"]["image_size"] == 32

@@ -113,7 +113,8 @@ def one_line_error(capsys):
 
 
 LAUNCH = [sys.executable, os.path.join(ROOT, "launch")]
-TIMEOUT = 900  # seconds; a quiet 2-core machine needs well under a minute per run
+TIMEOUT = 1800  # seconds per run: about 30 s on a quiet 2-core machine, but 620 s was measured for the
+# elastic run while priority training jobs held both cores (load 10); a timeout is a failure, not a hang
 
 
 def run_together(*cmds, timeout=TIMEOUT):
@@ -213,9 +214,16 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, capsys, r
     ckpt = utils.load_checkpoint(str(out / "checkpoint.pth"))  # the previous one, whole
     assert (ckpt["epoch"], ckpt["epoch_step"], ckpt["iteration"]) == (0, 2, 2)
     assert not (out / "checkpoint.pth.1").exists()  # nothing was rotated for the dead write
+    [stale] = [p for p in out.iterdir() if p.name.startswith(".checkpoint.pth.tmp")]  # the dead write's half file
+    size = stale.stat().st_size
+    assert 0 < size < (out / "checkpoint.pth").stat().st_size
 
     main_dino.main(RUN + ["--output_dir", str(out)])  # a later normal run picks it up
-    assert f"Resumed from {out / 'checkpoint.pth'} at epoch 0, step 2 (iteration 2)" in capsys.readouterr().out
+    log = capsys.readouterr().out
+    assert f"Resumed from {out / 'checkpoint.pth'} at epoch 0, step 2 (iteration 2)" in log
+    assert [line for line in log.splitlines() if str(stale) in line] == [  # removed at start, in one line
+        f"Removed {stale} ({size} bytes), left by a checkpoint write that was interrupted."]
+    assert not stale.exists() and not [p for p in out.iterdir() if ".tmp" in p.name]
     final = load(out / "checkpoint.pth")
     assert final["iteration"] == STEPS
     assert_same_weights(reference.final, final)
@@ -241,6 +249,71 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys, ref
     final = load(tmp_path / "checkpoint.pth")
     assert final["iteration"] == STEPS
     assert_same_weights(reference.final, final)  # the 2 redone steps land where the uninterrupted run did
+
+
+def test_every_kept_checkpoint_unreadable_stops_with_one_line(tmp_path, capsys, reference):
+    # both kept checkpoints truncated: resuming must not silently start over, nor traceback
+    for name in ("checkpoint.pth", "checkpoint.pth.1"):
+        data = (reference.out / name).read_bytes()
+        (tmp_path / name).write_bytes(data[: len(data) // 2])
+    before = {p.name: sha256(p) for p in tmp_path.iterdir()}
+    with pytest.raises(SystemExit) as e:
+        main_dino.main(RUN + ["--output_dir", str(tmp_path)])
+    assert e.value.code == 1
+    err = one_line_error(capsys)
+    assert f"no readable checkpoint in {tmp_path}: checkpoint.pth, checkpoint.pth.1 are all unreadable" in err
+    assert "move them away to start from scratch, or use a new --output_dir" in err
+    out = capsys.readouterr().out
+    assert "Training for" not in out and "falling back" not in out
+    assert {p.name: sha256(p) for p in tmp_path.iterdir() if p.name.startswith("checkpoint")} == before
+
+
+def test_load_latest_checkpoint_unit(tmp_path, caplog):
+    path = str(tmp_path / "checkpoint.pth")
+    for epoch in range(1, 4):
+        utils.save_checkpoint({"epoch": epoch}, path, keep=3)
+    for p in (path, path + ".1"):
+        with open(p, "r+b") as f:
+            f.truncate(10)
+    with caplog.at_level("WARNING", logger="simpool"):  # one warning per skipped file, then the readable one
+        state, found = utils.load_latest_checkpoint(path, keep=3)
+    assert (state["epoch"], found) == (1, path + ".2")
+    assert [r.getMessage().split(" is not a")[0] for r in caplog.records] == ["warning: " + path,
+                                                                              "warning: " + path + ".1"]
+    # a kept file beyond --keep_checkpoints (an earlier run kept more) is still a fallback
+    state, found = utils.load_latest_checkpoint(path, keep=1)
+    assert (state["epoch"], found) == (1, path + ".2")
+    with open(path + ".2", "r+b") as f:
+        f.truncate(0)
+    with pytest.raises(utils.CheckpointError) as e:
+        utils.load_latest_checkpoint(path, keep=3)
+    assert "\n" not in str(e.value) and "checkpoint.pth, checkpoint.pth.1, checkpoint.pth.2 are all" in str(e.value)
+    os.remove(path)
+    os.remove(path + ".1")
+    with pytest.raises(utils.CheckpointError, match=r": checkpoint.pth.2 is unreadable .*move it away"):
+        utils.load_latest_checkpoint(path, keep=3)
+    os.remove(path + ".2")
+    assert utils.load_latest_checkpoint(path, keep=3) == (None, None)
+
+
+def test_remove_stale_temporaries_only_touches_our_own_names(tmp_path, caplog):
+    ours = [".checkpoint.pth.tmp12345", ".checkpoint0010.pth.tmp7", f".checkpoint.pth.tmp{os.getpid()}"]
+    others = ["checkpoint.pth", "checkpoint.pth.1", ".checkpoint.pth.tmp", ".checkpoint.pth.tmpabc",
+              ".checkpoint.pth.tmp1.bak", "checkpoint.pth.tmp1", ".teacher.pth.tmp1", ".features.pth.tmp3",
+              ".write_test1", "notes.tmp1"]
+    for name in ours + others:
+        (tmp_path / name).write_bytes(b"x" * 3)
+    (tmp_path / ".checkpoint.pth.tmp99").mkdir()  # not a file
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / ".checkpoint.pth.tmp5").write_bytes(b"x")  # another folder
+    with caplog.at_level("INFO", logger="simpool"):
+        removed = utils.remove_stale_temporaries(str(tmp_path))
+    assert sorted(removed) == sorted(str(tmp_path / n) for n in ours)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others + [".checkpoint.pth.tmp99", "sub"])
+    assert (tmp_path / "sub" / ".checkpoint.pth.tmp5").exists()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"Removed {tmp_path / n} (3 bytes), left by a checkpoint write that was interrupted." for n in sorted(ours)]
+    assert utils.remove_stale_temporaries(str(tmp_path / "missing")) == []
 
 
 # ------------------------------------------------------------------ 4. bad data
@@ -298,6 +371,34 @@ def test_unusable_data_path_fails_before_distributed_init(tmp_path, monkeypatch,
         main_dino.main(TINY + ["--data_path", str(data), "--subset", "-1", "--output_dir", str(tmp_path / "out")])
     assert e.value.code == 1
     assert str(data) in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("launcher", ["plain", "torchrun", "slurm", "fits"])
+def test_fewer_images_than_one_global_batch_fails_before_distributed_init(tmp_path, monkeypatch, capsys, launcher):
+    # TINY has 100 images; drop_last needs one full global batch (batch_size_per_gpu x world size)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    batch, world = {"plain": (101, 1), "torchrun": (60, 2), "slurm": (60, 2), "fits": (50, 2)}[launcher]
+    if launcher in ("torchrun", "fits"):
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+    if launcher == "slurm":
+        monkeypatch.setenv("SLURM_PROCID", "0")
+        monkeypatch.setenv("SLURM_NTASKS", str(world))
+    no_distributed(monkeypatch)
+    out = tmp_path / "out"
+    argv = TINY + ["--batch_size_per_gpu", str(batch), "--epochs", "1", "--output_dir", str(out)]
+    if launcher == "fits":  # 100 images = one global batch of 2 x 50: goes on to the process group
+        with pytest.raises(AssertionError, match="init_distributed_mode was called"):
+            main_dino.main(argv)
+        return
+    with pytest.raises(SystemExit) as e:
+        main_dino.main(argv)
+    assert e.value.code == 1
+    err = one_line_error(capsys)
+    assert (f"100 training images in fashion-mnist are fewer than one global batch of {batch * world} "
+            f"(--batch_size_per_gpu {batch} x {world} process(es))") in err
+    assert not out.exists()  # stopped before anything was created
 
 
 # ------------------------------------------------------------------ 5. full disk, unusable output folder

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import eval_knn
 from checkpoint_factory import one_thread, save_training_checkpoint, tiny_backbone
 from simpool.data import InMemoryImages
-from simpool.knn import extract_features, knn_classify
+from simpool.knn import extract_features, knn_classify, knn_search
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -121,3 +121,36 @@ def test_imagefolder_with_an_unreadable_file(checkpoint, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "skipped unreadable image" in out and "broken.jpg" in out and "1 unreadable images left out" in out
     assert json.loads((tmp_path / "knn.json").read_text())["n_train"] == 8 and 3 in results
+
+
+@pytest.mark.parametrize("margin", [16, 1])
+def test_search_is_exact_with_near_ties_and_fallbacks(margin):
+    # a bank of near-duplicates: bf16 cannot order them, so every query goes past the first
+    # candidate round (and, with 100 copies > k + 16 * margin, to the fp32 scan); the result
+    # must still be the exact top-k
+    g = torch.Generator().manual_seed(3)
+    base = F.normalize(torch.randn(20, 24, generator=g), dim=1)  # 100 near-copies of each
+    bank = F.normalize(base.repeat(100, 1) + 1e-4 * torch.randn(2000, 24, generator=g), dim=1)
+    queries = F.normalize(base.repeat(2, 1)[:30] + 0.05 * torch.randn(30, 24, generator=g), dim=1)
+    sims, idx = knn_search(bank, queries, 25, chunk_size=7, margin=margin)
+    exact_sims, exact_idx = (queries @ bank.T).topk(25, dim=1)
+    torch.testing.assert_close(sims, exact_sims, rtol=0, atol=1e-6)
+    torch.testing.assert_close(bank[idx] @ queries[:, :, None], exact_sims[:, :, None], rtol=0, atol=1e-6)
+    assert all(len(set(r)) == 25 for r in idx.tolist())  # no neighbour twice
+    # the same neighbours up to float-rounding ties at the k-th place
+    assert (idx.sort(1).values == exact_idx.sort(1).values).float().mean() > 0.9
+
+
+def test_search_unnormalised_features_and_backends_agree():
+    g = torch.Generator().manual_seed(4)
+    bank, queries = 3 * torch.randn(500, 40, generator=g), 0.5 * torch.randn(60, 40, generator=g)
+    sims, idx = knn_search(bank, queries, 10)
+    exact_sims, exact_idx = (queries @ bank.T).topk(10, dim=1)
+    torch.testing.assert_close(sims, exact_sims, rtol=1e-6, atol=1e-5)
+    assert torch.equal(idx, exact_idx)
+    labels = torch.arange(500) % 7
+    test_y = torch.arange(60) % 7
+    a = knn_classify(F.normalize(bank, dim=1), labels, F.normalize(queries, dim=1), test_y, ks=(5, 20), num_classes=7)
+    b = knn_classify(F.normalize(bank, dim=1), labels, F.normalize(queries, dim=1), test_y, ks=(5, 20), num_classes=7,
+                     backend="faiss")
+    assert a == b

@@ -149,6 +149,40 @@ def test_demo_recipe_applies_only_without_data_path():
     assert not official.demo and official.out_dim == 65536 and official.arch == "vit_small"
 
 
+def test_gamma_auto_is_resolved_when_parsing():
+    """Stored args (and so checkpoints) record the gamma the backbone really uses."""
+    assert main_dino.parse_args(["--data_path", "x"]).gamma is None  # ViTs: plain attention average
+    assert main_dino.parse_args(["--data_path", "x", "--arch", "resnet50"]).gamma == 2.0
+    assert main_dino.parse_args(["--data_path", "x", "--arch", "fcvit_tiny", "--gamma", "1.5"]).gamma == 1.5
+    assert main_dino.parse_args(["--data_path", "x", "--arch", "convnext_tiny", "--gamma", "None"]).gamma is None
+    # runs saved before the resolution recorded 'auto': resuming them is not a mismatch
+    vit = main_dino.parse_args(["--data_path", "x", "--arch", "vit_nano"])
+    main_dino.check_compatible({"arch": "vit_nano", "gamma": "auto"}, vit, "old.pth")
+    cnn = main_dino.parse_args(["--data_path", "x", "--arch", "resnet50"])
+    main_dino.check_compatible({"arch": "resnet50", "gamma": "auto"}, cnn, "old.pth")
+    with pytest.raises(main_dino.utils.RunError, match="--gamma 2.0 but this run asks for --gamma 1.5"):
+        main_dino.check_compatible({"arch": "resnet50", "gamma": "auto"},
+                                   main_dino.parse_args(["--data_path", "x", "--arch", "resnet50", "--gamma", "1.5"]),
+                                   "old.pth")
+
+
+def test_convnet_crops_below_32_pixels_are_a_one_line_error(tmp_path, capsys):
+    ok = main_dino.parse_args(["--data_path", "x", "--arch", "fcvit_tiny", "--global_crops_size", "32",
+                               "--local_crops_size", "16", "--local_crops_number", "0"])  # no local crops
+    assert ok.global_crops_size == 32
+    assert main_dino.parse_args(["--arch", "vit_nano"]).local_crops_size == 14  # ViTs: the demo's 14-px crops
+    with pytest.raises(main_dino.utils.RunError, match=r"--local_crops_size 16; pass --local_crops_size 32"):
+        main_dino.parse_args(["--data_path", "x", "--arch", "resnet50", "--local_crops_size", "16"])
+    with pytest.raises(SystemExit) as e:  # the demo recipe (28/14-px crops) with a convnet, through main()
+        main_dino.main(["--arch", "convnext_tiny", "--output_dir", str(tmp_path)])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: --arch convnext_tiny needs crops of at least 32 pixels, got --global_crops_size 28 and "
+                   "--local_crops_size 14; pass --global_crops_size 32 --local_crops_size 32 or larger "
+                   "(docs/backbones.md)")
+    assert not (tmp_path / "log.txt").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", [SIMPOOL_VIT_S, ATTMASK_VIT_S], ids=["simpool_vit_s", "attmask_vit_s"])
 def test_official_recipes_train_on_an_image_folder(tmp_path, recipe):
@@ -175,13 +209,13 @@ def test_two_processes_on_gloo(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="known failure: 44 steps of the demo recipe on a 3000-image subset do not yet lift "
-                         "k-NN by 1 point (the full demo does: +4.88); open in the 'Pretraining core' issue")
 def test_short_run_beats_random_init_on_knn(tmp_path):
-    """A couple of minutes of pretraining on a Fashion-MNIST subset lifts the teacher's k-NN."""
-    main_dino.main(["--subset", "300", "--epochs", "4", "--eval_every", "4", "--output_dir", str(tmp_path)])
+    """Two minutes of the demo recipe (312 steps of batch 64 on 10 000 Fashion-MNIST images)
+    lift the teacher's k-NN: measured 68.50% -> 71.74% on this machine."""
+    main_dino.main(["--subset", "1000", "--epochs", "2", "--batch_size_per_gpu", "64", "--eval_every", "2",
+                    "--output_dir", str(tmp_path)])
     knn = [r["knn_top1"] for r in read_log(tmp_path) if "knn_top1" in r]
-    assert knn[-1] > knn[0] + 1.0, knn
+    assert len(knn) == 2 and knn[-1] > knn[0] + 1.0, knn
 
 
 def test_collapse_warnings(caplog):

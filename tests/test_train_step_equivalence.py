@@ -1,0 +1,144 @@
+"""The optimised training step computes what the plain one does.
+
+Optimised: main_dino.py's step as it runs (fused scaled-dot-product attention, vectorised DINO
+loss, gathered iBOT loss, fused AdamW, foreach clip and EMA). Plain: the same weights through
+explicit softmax(q k^T) v attention, the DINO loss as the double loop over (teacher crop,
+student crop) pairs (``bench/reference.py``'s RefDINOLoss), the iBOT loss per (view, sample),
+a per-parameter clip, for-loop AdamW and a per-parameter EMA loop. fp32, a fixed seed, three
+steps: the losses agree to float32 tolerance, and the final weights to well under one
+optimizer step.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import main_dino
+import vision_transformer
+from bench.reference import RefDINOLoss
+from checkpoint_factory import one_thread
+from simpool.losses import DINOLoss, PatchLoss
+from simpool.optim import build_optimizer, param_groups
+
+# 56-px global crops: 64 tokens, where the optimised ViT takes the fused attention kernel (fp32)
+ARGS = ["--data_path", "synthetic", "--arch", "vit_nano", "--patch_size", "7", "--global_crops_size", "56",
+        "--local_crops_size", "28", "--local_crops_number", "2", "--out_dim", "64", "--patch_out_dim", "32",
+        "--batch_size_per_gpu", "3", "--drop_path_rate", "0", "--precision", "fp32", "--pred_shape", "rand",
+        "--masking_prob", "1.0", "--clip_grad", "0.05", "--freeze_last_layer", "0"]
+STEPS = 3
+
+
+def explicit_attention(q, k, v, attn_mask=None, is_causal=False, dropout_p=0.0):
+    assert attn_mask is None and not is_causal and dropout_p == 0.0
+    weights = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
+    return weights @ v
+
+
+def plain_patch_loss(loss_fn, s, t, sample_index, num_samples, temp):
+    """iBOT per (view, sample): mean over its masked tokens, then the mean over all samples."""
+    total = s.new_zeros(())
+    for i in range(num_samples):
+        sel = sample_index == i
+        if sel.any():
+            q = F.softmax((t[sel] - loss_fn.center) / temp, dim=-1)
+            total = total + (-(q * F.log_softmax(s[sel] / loss_fn.student_temp, dim=-1)).sum(-1)).mean()
+    with torch.no_grad():
+        loss_fn.center.mul_(loss_fn.center_momentum).add_(t.mean(0, keepdim=True), alpha=1 - loss_fn.center_momentum)
+    return total / num_samples
+
+
+class PlainDINO(RefDINOLoss):
+    """The official double loop, with the teacher-entropy monitors main_dino.py logs."""
+
+    def forward(self, student_output, teacher_output, teacher_temp):
+        self.teacher_entropy = self.teacher_batch_entropy = torch.zeros(())
+        return super().forward(student_output, teacher_output, teacher_temp)
+
+
+def _setup(args, seed=0):
+    torch.manual_seed(seed)
+    student = main_dino.build_network(args, args.drop_path_rate)
+    teacher = main_dino.build_network(args, 0.0)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    return student, teacher
+
+
+def _crops(args, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    B, G, L, n = args.batch_size_per_gpu, args.global_crops_size, args.local_crops_size, args.local_crops_number
+    return [(torch.randn(2 * B, 3, G, G, generator=g), torch.randn(n * B, 3, L, L, generator=g)) for _ in range(STEPS)]
+
+
+def optimised_run(args, crops, masking, monkeypatch):
+    fused_calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(vision_transformer.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: fused_calls.append(1) or sdpa(*a, **kw))
+    student, teacher = _setup(args)
+    optimizer = build_optimizer("adamw", param_groups(student))
+    assert optimizer.defaults["fused"] or any(gr.get("fused") for gr in optimizer.param_groups)
+    dino = DINOLoss(args.out_dim, 2 + args.local_crops_number)
+    patch = PatchLoss(args.patch_out_dim)
+    losses = []
+    for step, (g, l) in enumerate(crops):
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-3
+        torch.manual_seed(100 + step)  # the masks
+        loss, parts = main_dino.distillation_loss(student, teacher, dino, patch, g, l, masking, 0.04, 0.07, None, args)
+        main_dino.optimizer_step(loss, student, teacher, optimizer, None, 1, 0.9, args)
+        losses.append({k: v.item() for k, v in parts.items()})
+    assert fused_calls  # the global crops went through the fused kernel
+    monkeypatch.undo()
+    return losses, student, teacher
+
+
+def plain_run(args, crops, masking, monkeypatch):
+    monkeypatch.setattr(vision_transformer.F, "scaled_dot_product_attention", explicit_attention)
+    student, teacher = _setup(args)
+    optimizer = torch.optim.AdamW(param_groups(student), foreach=False, fused=False)
+    dino = PlainDINO(args.out_dim, 2 + args.local_crops_number)
+    patch = PatchLoss(args.patch_out_dim)
+    monkeypatch.setattr(patch, "forward", lambda s, t, idx, num, temp: plain_patch_loss(patch, s, t, idx, num, temp))
+    losses = []
+    for step, (g, l) in enumerate(crops):
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-3
+        torch.manual_seed(100 + step)
+        loss, parts = main_dino.distillation_loss(student, teacher, dino, patch, g, l, masking, 0.04, 0.07, None, args)
+        optimizer.zero_grad()
+        loss.backward()
+        for p in student.parameters():  # DINO's per-parameter clip
+            if p.grad is not None:
+                norm = p.grad.norm()
+                coef = args.clip_grad / (norm + 1e-6)
+                if coef < 1:
+                    p.grad.mul_(coef)
+        optimizer.step()
+        with torch.no_grad():
+            for ps, pt in zip(student.parameters(), teacher.parameters()):
+                pt.mul_(0.9).add_((1 - 0.9) * ps.detach())
+        losses.append({k: v.item() for k, v in parts.items()})
+    return losses, student, teacher
+
+
+@pytest.mark.parametrize("masking", [False, True], ids=["dino", "dino+ibot"])
+def test_optimised_step_equals_plain_step(masking, monkeypatch):
+    args = main_dino.parse_args(ARGS + ["--pred_ratio", "0.4" if masking else "0"])
+    crops = _crops(args)
+    with one_thread():
+        fast, fs, ft = optimised_run(args, crops, masking, monkeypatch)
+        plain, ps, pt = plain_run(args, crops, masking, monkeypatch)
+    assert len(fast) == len(plain) == STEPS
+    for a, b in zip(fast, plain):
+        assert set(a) == set(b) == ({"dino_loss", "patch_loss"} if masking else {"dino_loss"})
+        for key in a:
+            assert math.isfinite(a[key]) and a[key] == pytest.approx(b[key], rel=2e-5, abs=1e-6), (key, a, b)
+    assert fast[0] != fast[-1]  # it trained
+    # Adam turns float-rounding differences in near-zero gradients into steps of up to lr (1e-3)
+    # per element; a real difference in the step would move weights by ~lr everywhere
+    for (name, a), b in zip(fs.state_dict().items(), ps.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"student {name}")
+    for (name, a), b in zip(ft.state_dict().items(), pt.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"teacher {name}")
