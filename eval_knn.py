@@ -7,7 +7,8 @@ Features are the backbone's pooled vectors (SimPool, or the [CLS] token in offic
 mode; for convnets -- resnet50, convnext_*, fcvit_* -- SimPool or their own global average
 pooling over the last feature map, on images of 32 px or more), L2-normalised; each test
 image takes the k nearest training images by cosine similarity (exact faiss inner-product
-search, on GPU when faiss-gpu and CUDA exist) and each neighbour votes for its class with
+search, on GPU when faiss-gpu and CUDA exist; ``--knn_backend torch`` for the faster exact
+search of simpool/knn.py) and each neighbour votes for its class with
 weight exp(similarity / T). Prints top-1/top-5 for every k and writes ``knn.json`` in
 --output_dir.
 """
@@ -49,6 +50,10 @@ def get_args_parser():
                    "neighbours to evaluate (values above the training-set size are clipped to it).")
     g.add_argument("--temperature", default=0.07, type=float, help="Temperature T of the vote weights "
                    "exp(similarity / T).")
+    g.add_argument("--knn_backend", default="faiss", choices=["faiss", "torch"], help="Exact nearest-neighbour "
+                   "search: 'faiss' (fp32 inner-product index, on GPU with faiss-gpu and CUDA) or 'torch' (bf16 "
+                   "candidate search proved exact per query, then fp32 rescoring; ~3x faster on AMX CPUs, see "
+                   "bench/knn.py). Both give the same neighbours.")
     g.add_argument("--dump_features", default=None, type=str, help="Save the extracted features and labels "
                    "(trainfeat.pth, testfeat.pth, trainlabels.pth, testlabels.pth) in this folder.")
     g.add_argument("--load_features", default=None, type=str, help="Load features saved by --dump_features "
@@ -136,7 +141,7 @@ def eval_knn(args):
         logger.warning(f"k > {len(train_f)} training images: those k are clipped to {len(train_f)}.")
     features_done = time.time()
     results = knn_classify(train_f, train_y, test_f, test_y, ks=ks, temperature=args.temperature,
-                           num_classes=num_classes, use_gpu=args.device.type == "cuda")
+                           num_classes=num_classes, use_gpu=args.device.type == "cuda", backend=args.knn_backend)
     knn_seconds = time.time() - features_done
     print(f"Weighted k-NN (T={args.temperature}) on {len(test_f)} images, {len(train_f)} neighbours to choose from:")
     print(format_table(results))

@@ -84,6 +84,9 @@ def test_eval_knn_cli_end_to_end_and_feature_reuse(checkpoint, tmp_path, capsys)
     assert record["model"]["arch"] == "vit_nano" and record["model"]["image_size"] == 28
     again = eval_knn.main(["--load_features", str(tmp_path / "feats"), "--output_dir", str(tmp_path / "b")] + common)
     assert again == first
+    torch_search = eval_knn.main(["--load_features", str(tmp_path / "feats"), "--knn_backend", "torch",
+                                  "--output_dir", str(tmp_path / "c")] + common)
+    assert torch_search == first  # both searches are exact: same neighbours, same votes
 
 
 def test_eval_knn_errors_are_one_line(tmp_path, capsys):
