@@ -129,6 +129,17 @@ ATTMASK_VIT_S = ("--arch vit_small --pred_shape attmask_hint --show_max 0.1 --pr
                  "--warmup_teacher_temp_epochs 30 --norm_last_layer False --epochs 100 --batch_size_per_gpu 2 "
                  "--lambda1 1.0 --lambda2 1.0 --saveckp_freq 20 --lr 0.0005")
 
+# SimPool's convnet recipes (LARS / AdamW, BN in the head, out_dim 60000), with 32-px crops here
+SIMPOOL_RESNET50 = ("--arch resnet50 --mode simpool --optimizer lars --lr 0.3 --weight_decay 1e-6 "
+                    "--weight_decay_end 1e-6 --warmup_teacher_temp 0.04 --teacher_temp 0.07 "
+                    "--warmup_teacher_temp_epochs 50 --clip_grad 0.0 --global_crops_scale 0.14 1 "
+                    "--local_crops_scale 0.05 0.14 --use_bn_in_head True --out_dim 60000 --epochs 100")
+SIMPOOL_CONVNEXT_S = ("--arch convnext_small --mode simpool --optimizer adamw --lr 0.001 --warmup_epochs 10 "
+                      "--weight_decay 0.04 --weight_decay_end 0.4 --clip_grad 3.0 --global_crops_scale 0.14 1 "
+                      "--local_crops_scale 0.05 0.4 --use_bn_in_head True --out_dim 60000 --epochs 100")
+CONVNET_TEST_SIZES = ("--global_crops_size 32 --local_crops_size 32 --local_crops_number 2 --batch_size_per_gpu 2 "
+                      "--drop_path_rate 0.0")
+
 
 def test_official_flags_parse_to_their_values():
     args = main_dino.parse_args(SIMPOOL_VIT_S.split() + ["--data_path", "x"])
@@ -184,12 +195,14 @@ def test_convnet_crops_below_32_pixels_are_a_one_line_error(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", [SIMPOOL_VIT_S, ATTMASK_VIT_S], ids=["simpool_vit_s", "attmask_vit_s"])
+@pytest.mark.parametrize("recipe", [SIMPOOL_VIT_S, ATTMASK_VIT_S, SIMPOOL_RESNET50 + " " + CONVNET_TEST_SIZES,
+                                    SIMPOOL_CONVNEXT_S + " " + CONVNET_TEST_SIZES],
+                         ids=["simpool_vit_s", "attmask_vit_s", "simpool_resnet50", "simpool_convnext_s"])
 def test_official_recipes_train_on_an_image_folder(tmp_path, recipe):
     data = make_image_folder(tmp_path / "data")
     out = tmp_path / "out"
-    main_dino.main(recipe.split() + ["--data_path", str(data), "--output_dir", str(out), "--epochs", "1",
-                                     "--num_workers", "0", "--drop_path_rate", "0.1"])
+    main_dino.main(["--drop_path_rate", "0.1"] + recipe.split() + ["--data_path", str(data), "--output_dir", str(out),
+                                                                   "--epochs", "1", "--num_workers", "0"])
     records = read_log(out)
     assert len(records) == 1 and np.isfinite(records[0]["train_loss"])
     assert load(out / "checkpoint.pth")["epoch"] == 1
