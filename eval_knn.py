@@ -22,8 +22,8 @@ import torch
 
 import utils
 from simpool.checkpoints import add_model_args, load_pretrained
-from simpool.evaluation import (EvalError, amp_dtype, build_eval_splits, drop_unreadable, is_in_memory,
-                                run_main, tolerant_collate)
+from simpool.evaluation import (EvalError, add_data_args, amp_dtype, build_eval_splits, drop_unreadable,
+                                is_in_memory, run_main, tolerant_collate)
 from simpool.knn import extract_features, knn_classify
 
 logger = logging.getLogger("simpool")
@@ -33,15 +33,7 @@ def get_args_parser():
     p = argparse.ArgumentParser("Weighted k-NN evaluation on frozen features (DINO protocol)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p)
-    g = p.add_argument_group("data")
-    g.add_argument("--data_path", default="fashion-mnist", type=str, help="ImageFolder root holding train/ and "
-                   "val/ (<class>/<image> each), or 'fashion-mnist' (its train and test splits).")
-    g.add_argument("--image_size", default=None, type=int, help="Side of the evaluated images; default: the "
-                   "checkpoint's training size (global_crops_size), else 224. pos_embed is resized to fit; "
-                   "convnets see at least 32 px (a smaller size is raised to 32, logged).")
-    g.add_argument("--subset", default=-1, type=int, help="Keep this many training images per class (-1: all).")
-    g.add_argument("--val_subset", default=-1, type=int, help="Keep this many evaluation images per class "
-                   "(-1: all).")
+    g = add_data_args(p)
     g.add_argument("--batch_size_per_gpu", default=256, type=int, help="Images per process per forward pass.")
     g.add_argument("--num_workers", default=4, type=int, help="Data-loading processes per rank (ImageFolder "
                    "only; the built-in Fashion-MNIST is served from memory).")

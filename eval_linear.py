@@ -36,8 +36,8 @@ import utils
 from simpool.augment import random_resized_crop_boxes
 from simpool.checkpoints import add_model_args, is_convnet, load_pretrained
 from simpool.data import normalize_batch
-from simpool.evaluation import (EvalError, amp_dtype, build_eval_splits, drop_unreadable, is_in_memory,
-                                run_main, tolerant_collate)
+from simpool.evaluation import (EvalError, add_data_args, amp_dtype, build_eval_splits, drop_unreadable,
+                                is_in_memory, run_main, tolerant_collate)
 from simpool.knn import extract_features
 
 logger = logging.getLogger("simpool")
@@ -57,15 +57,7 @@ def get_args_parser():
     g.add_argument("--avgpool_patchtokens", default=False, type=b, help="Also concatenate the average of the "
                    "last block's patch tokens (DINO: False for ViT-S, True for ViT-B); ViTs only (convnets have "
                    "no patch tokens: ignored).")
-    g = p.add_argument_group("data")
-    g.add_argument("--data_path", default="fashion-mnist", type=str, help="ImageFolder root holding train/ and "
-                   "val/, or 'fashion-mnist' (its train and test splits).")
-    g.add_argument("--image_size", default=None, type=int, help="Side of the images the backbone sees; "
-                   "default: the checkpoint's training size, else 224. Convnets: at least 32 (smaller is raised "
-                   "to 32, logged).")
-    g.add_argument("--subset", default=-1, type=int, help="Keep this many training images per class (-1: all).")
-    g.add_argument("--val_subset", default=-1, type=int, help="Keep this many evaluation images per class "
-                   "(-1: all).")
+    g = add_data_args(p)
     g.add_argument("--train_augment", default=True, type=b, help="RandomResizedCrop + flip on training images, "
                    "a backbone pass per epoch (DINO protocol). False: extract training features once and train "
                    "on the cache (much faster on CPU).")

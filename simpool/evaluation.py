@@ -83,3 +83,17 @@ def run_main(fn, args):
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def add_data_args(parser):
+    """The data flags shared by eval_knn and eval_linear; returns their argument group."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--data_path", default="fashion-mnist", type=str, help="ImageFolder root holding train/ and "
+                   "val/ (<class>/<image> each), or 'fashion-mnist' (its train and test splits).")
+    g.add_argument("--image_size", default=None, type=int, help="Side of the images the backbone sees; default: "
+                   "the checkpoint's training size (global_crops_size), else 224. A ViT's pos_embed is resized to "
+                   "fit; convnets see at least 32 px (a smaller size is raised to 32, logged).")
+    g.add_argument("--subset", default=-1, type=int, help="Keep this many training images per class (-1: all).")
+    g.add_argument("--val_subset", default=-1, type=int, help="Keep this many evaluation images per class "
+                   "(-1: all).")
+    return g
