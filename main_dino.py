@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
 import time
 
@@ -86,6 +87,12 @@ def get_args_parser():
     g.add_argument("--momentum_teacher", default=0.996, type=float, help="Base EMA momentum of the teacher, "
                    "raised to 1 by a cosine over training. Use 0.99-0.996; higher for small batches.")
     g.add_argument("--drop_path_rate", default=0.1, type=float, help="Stochastic depth rate of the student.")
+    g.add_argument("--grad_checkpointing", default=False, type=b, help="Recompute the student backbone's "
+                   "activations block by block in the backward instead of keeping them: much less memory "
+                   "for large ViTs and batches, at about one more student forward per step.")
+    g.add_argument("--compile", default=False, type=b, help="torch.compile the student's and teacher's "
+                   "backbones and heads: fused kernels, a faster step once compiled; the first steps take "
+                   "minutes while it compiles (needs a C++ compiler on CPU). See the README's Performance.")
 
     g = p.add_argument_group("temperatures and losses")
     g.add_argument("--warmup_teacher_temp", default=0.04, type=float, help="Teacher temperature at the start "
@@ -198,8 +205,14 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Resolve --gamma auto into the value the backbone uses (so args and checkpoints record
-    it) and refuse crops below a convnet's smallest input, as one-line RunErrors."""
+    it); refuse crops below a convnet's smallest input, and --compile on CPU without a C++
+    compiler (inductor builds its CPU kernels with one), as one-line RunErrors."""
     args.gamma = backbones.resolve_gamma(args.arch, args.gamma)
+    on_cpu = args.cpu or not torch.cuda.is_available()
+    compiler = os.environ.get("CXX", "g++")  # the one inductor looks for
+    if args.compile and on_cpu and not shutil.which(compiler):
+        raise utils.RunError(f"--compile on CPU needs a C++ compiler to build its kernels and {compiler} is not on "
+                             "PATH; install g++ (or set CXX) or drop --compile")
     if args.arch not in backbones.VIT_ARCHS:
         smallest = backbones.ConvNetBackbone.min_input_size
         sizes = [("--global_crops_size", args.global_crops_size)]
@@ -230,14 +243,24 @@ class MultiCropNetwork(nn.Module):
         return self.head(pooled), patch_logits
 
 
-def build_network(args, drop_path_rate):
+def build_network(args, drop_path_rate, grad_checkpointing=False):
+    """Backbone + DINO head as ``args`` describe them; ``grad_checkpointing`` for the student
+    (the teacher keeps no activations anyway)."""
     backbone = backbones.build_backbone(args.arch, patch_size=args.patch_size, img_size=args.global_crops_size,
                                         mode=args.mode, gamma=args.gamma, use_beta=args.use_beta,
                                         drop_path_rate=drop_path_rate)
+    backbone.set_grad_checkpointing(grad_checkpointing)
     head = vits.DINOHead(backbone.embed_dim, args.out_dim, use_bn=args.use_bn_in_head,
                          norm_last_layer=args.norm_last_layer,
                          patch_out_dim=args.out_dim if args.shared_head else args.patch_out_dim,
                          shared_head=args.shared_head)
+    if args.compile:
+        # methods, not modules, are wrapped: the state-dict keys stay those of the plain network.
+        # The backbone sees a few fixed shapes (global, local, evaluation crops): one static
+        # graph each; the patch head's row count changes every step: dynamic.
+        backbone.forward_features = torch.compile(backbone.forward_features, dynamic=False)
+        head.forward = torch.compile(head.forward)
+        head.forward_patches = torch.compile(head.forward_patches)
     return MultiCropNetwork(backbone, head)
 
 
@@ -297,7 +320,7 @@ def train_dino(args):
     logger.info(f"Data: {len(dataset)} training images from {args.data_path}, {niter} steps per epoch.")
 
     # ---- student, teacher (EMA of the student, no gradients), losses, optimizer
-    student = build_network(args, args.drop_path_rate).to(device)
+    student = build_network(args, args.drop_path_rate, args.grad_checkpointing).to(device)
     teacher = build_network(args, 0.0).to(device)
     if args.world_size > 1 and backbones.uses_batchnorm(student):
         if backbones.sync_batchnorm_supported(device):

@@ -17,6 +17,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from timm.layers import Attention, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block
 
@@ -57,6 +58,7 @@ class VisionTransformer(nn.Module):
             for i in range(depth)])
         self.simpool = SimPool(embed_dim, gamma=gamma, use_beta=use_beta) if mode == "simpool" else None
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.grad_checkpointing = False
         trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             trunc_normal_(self.cls_token, std=0.02)
@@ -64,6 +66,12 @@ class VisionTransformer(nn.Module):
 
     def grid_size(self, height, width):
         return height // self.patch_size, width // self.patch_size
+
+    def set_grad_checkpointing(self, enable=True):
+        """Keep only each block's input for the backward and recompute the block there:
+        activation memory of one block instead of all, for about one more forward pass
+        (the timm method name). Applies only where gradients are being recorded."""
+        self.grad_checkpointing = enable
 
     def prepare_tokens(self, x, mask=None):
         """Patch-embed, replace masked patches by the mask token, add (resized) positions."""
@@ -89,7 +97,12 @@ class VisionTransformer(nn.Module):
         for i, blk in enumerate(self.blocks):
             if return_attention and self.mode == "official" and i == len(self.blocks) - 1:
                 attention = cls_attention(blk, x, self.num_prefix_tokens)
-            x = blk(x)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                # non-reentrant: the recomputation replays the saved RNG state, so drop-path
+                # drops the same samples as the first pass
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
         patches = x[:, self.num_prefix_tokens:]
         if self.mode == "simpool":
             pooled = self.simpool(patches, return_attention=return_attention)

@@ -14,6 +14,8 @@ crops of the same shapes, in the same precision (``--precision fp32`` or bf16 au
 ``--compare``: both, alternating step by step in this process (so both see the same load),
 then the ratio; ``--reference_precision`` sets the reference's precision separately (e.g. the
 official default fp32 against our default bf16).
+``--against "FLAGS"``: ours as given against ours with FLAGS added, alternating (e.g.
+``--against "--compile True"`` or ``--against "--grad_checkpointing True"``).
 
 Figures are medians of ``--steps`` timed steps after ``--warmup``, in wall time and in this
 process's CPU time. Memory: the persistent training state (parameters, gradients, optimizer
@@ -25,6 +27,7 @@ import argparse
 import os
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -74,12 +77,11 @@ def state_mib(*objects):
 
 
 class Ours:
-    name = "ours"
-
-    def __init__(self, args):
+    def __init__(self, args, name="ours"):
+        self.name = name
         device = args.device
         self.args = args
-        self.student = main_dino.build_network(args, args.drop_path_rate).to(device)
+        self.student = main_dino.build_network(args, args.drop_path_rate, args.grad_checkpointing).to(device)
         self.teacher = main_dino.build_network(args, 0.0).to(device)
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
@@ -115,8 +117,10 @@ class Ours:
 
     def describe(self):
         a = self.args
+        extras = [name for name, on in (("grad checkpointing", a.grad_checkpointing), ("compiled", a.compile)) if on]
         return (f"ours: {a.arch}/{a.patch_size} {a.mode}, precision {self.precision}, "
-                f"masking + iBOT loss {'on' if self.masking else 'off (plain DINO)'}, optimizer {a.optimizer}")
+                f"masking + iBOT loss {'on' if self.masking else 'off (plain DINO)'}, optimizer {a.optimizer}"
+                + "".join(f", {e}" for e in extras))
 
 
 class Reference:
@@ -177,10 +181,9 @@ def peak_memory(device):
     return f"{kib / 2 ** 20:.2f} GiB process peak RSS"
 
 
-def child_peak(argv, reference):
-    """Peak memory of ours or the reference run alone in a child process."""
-    cmd = [sys.executable, os.path.abspath(__file__)] + argv + ["--steps", "1", "--warmup", "1"] + \
-        (["--reference"] if reference else [])
+def child_peak(argv):
+    """Peak memory of one configuration (``argv``) run alone in a child process."""
+    cmd = [sys.executable, os.path.abspath(__file__)] + argv + ["--steps", "1", "--warmup", "1"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return next(line.split("peak memory: ", 1)[1] for line in out.splitlines() if "peak memory: " in line)
 
@@ -193,18 +196,31 @@ def main():
     extra.add_argument("--compare", action="store_true", help="Time ours and the reference, alternating.")
     extra.add_argument("--reference_precision", default=None, choices=["fp32", "bf16"],
                        help="The reference's precision (default: --precision).")
+    extra.add_argument("--against", default=None, metavar="FLAGS", help="Time ours against ours with these "
+                       "main_dino.py flags added (one quoted string), alternating.")
     extra.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default).")
     bench_args, rest = extra.parse_known_args()
     if bench_args.threads:
         torch.set_num_threads(bench_args.threads)
-    args = main_dino.parse_args(rest + ([] if "--data_path" in rest else ["--data_path", "synthetic"]))
+    rest = rest + ([] if "--data_path" in rest else ["--data_path", "synthetic"])
+    args = main_dino.parse_args(rest)
     args.device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     torch.manual_seed(args.seed)
-    runners = []
+    runners, child_argv = [], {}
     if not bench_args.reference:
         runners.append(Ours(args))
-    if bench_args.reference or bench_args.compare:
+        child_argv["ours"] = rest
+    if bench_args.against:
+        name = f"ours {bench_args.against}"
+        other = main_dino.parse_args(rest + shlex.split(bench_args.against))
+        other.device = args.device
+        torch.manual_seed(args.seed)
+        runners.append(Ours(other, name))
+        child_argv[name] = rest + shlex.split(bench_args.against)
+    elif bench_args.reference or bench_args.compare:
         runners.append(Reference(args, bench_args.reference_precision or args.precision))
+        child_argv["reference"] = rest + ["--reference"] + (
+            ["--reference_precision", bench_args.reference_precision] if bench_args.reference_precision else [])
     times = run(runners, bench_args.steps, bench_args.warmup, args.device)
     B = args.batch_size_per_gpu
     print(f"machine: {machine()}")
@@ -219,13 +235,13 @@ def main():
         med[r.name] = (wall, cpu)
         print(f"  {r.describe()}")
         peak = peak_memory(args.device) if len(runners) == 1 else \
-            child_peak([a for a in sys.argv[1:] if a != "--compare"], r.name == "reference") + \
-            " (alone, in a child process)"
+            child_peak(child_argv[r.name] + (["--threads", str(bench_args.threads)] if bench_args.threads else [])) \
+            + " (alone, in a child process)"
         print(f"    step: {wall:.3f} s wall, {cpu:.3f} s CPU ({1 / wall:.2f} steps/s, {B / wall:.1f} images/s); "
               f"training state {r.state():.0f} MiB; peak memory: {peak}")
     if len(runners) == 2:
-        (ow, oc), (rw, rc) = med["ours"], med["reference"]
-        print(f"ratio reference/ours: {rw / ow:.2f}x (wall), {rc / oc:.2f}x (CPU time)")
+        (first, (fw, fc)), (second, (sw, sc)) = med.items()
+        print(f"ratio {second}/{first}: {sw / fw:.2f}x (wall), {sc / fc:.2f}x (CPU time)")
 
 
 if __name__ == "__main__":

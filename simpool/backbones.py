@@ -7,7 +7,8 @@
   (B, embed_dim), ``patch_tokens`` ((B, N, D) for ViTs, ``None`` for convnets) and
   ``attention`` ((B, h*w) pooling map when requested, else ``None``);
 - ``embed_dim``, ``grid_size(height, width)`` (the token grid, or the last feature map's
-  size for convnets), ``supports_masking`` (only ViTs have patch tokens to mask) and ``arch``.
+  size for convnets), ``supports_masking`` (only ViTs have patch tokens to mask) and ``arch``;
+- ``set_grad_checkpointing(enable=True)``: recompute activations in the backward.
 
 Families:
 
@@ -107,6 +108,11 @@ class ConvNetBackbone(nn.Module):
         for layer in self._geometry:
             size = [_output_size(n, *dim) for n, dim in zip(size, layer)]
         return tuple(size)
+
+    def set_grad_checkpointing(self, enable=True):
+        """Recompute the trunk's stages in the backward instead of keeping their activations
+        (timm's own checkpointing)."""
+        self.trunk.set_grad_checkpointing(enable)
 
     def forward_features(self, x, mask=None, return_attention=False):
         """Dict with ``pooled`` (B, C), ``patch_tokens`` None, and ``attention``: SimPool's

@@ -376,3 +376,30 @@ def test_eval_linear_on_a_convnet_uses_its_pooled_vector(tiny_folder_and_fcvit, 
     record = json.loads((tmp_path / "linear.json").read_text())
     assert record["features"] == {"dim": 320, "n_last_blocks": 1, "avgpool_patchtokens": False}
     assert record["model"]["arch"] == "fcvit_tiny" and record["model"]["image_size"] == 32
+
+
+@pytest.mark.parametrize("arch", ["vit_nano"] + CONVNETS)
+def test_grad_checkpointing_gives_the_same_gradients_and_keeps_less(arch):
+    """Recomputed blocks replay drop-path's random draws: gradients are identical, and far
+    fewer bytes are saved for the backward (measured: vit_nano 26.6 -> 2.2 MiB, resnet50
+    163 -> 44 MiB on these inputs)."""
+    def run(model):
+        saved = []
+        torch.manual_seed(1)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            model.forward_features(x)["pooled"].square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return sum(saved), grads
+
+    torch.manual_seed(0)
+    model = build_backbone(arch, patch_size=8, img_size=64, drop_path_rate=0.3)
+    x = torch.randn(4, 3, 64, 64)
+    plain_bytes, plain = run(model)
+    model.set_grad_checkpointing(True)
+    kept_bytes, checkpointed = run(model)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 10
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=0, msg=name)
+    assert kept_bytes < plain_bytes / 3, (kept_bytes, plain_bytes)

@@ -251,3 +251,37 @@ def test_teacher_entropy_monitors_match_their_definition():
     loss_fn = main_dino.DINOLoss(out_dim=8, ncrops=2)
     loss_fn(torch.randn(2 * 3, 8), one_hot_teacher, teacher_temp=0.04)
     assert loss_fn.teacher_entropy.item() < 1e-4 and loss_fn.teacher_batch_entropy.item() < 1e-4
+
+
+def test_grad_checkpointing_trains_exactly_like_the_plain_run(tmp_path):
+    """Same seed, drop-path on: the recomputed student replays the same random draws, so the
+    run ends with the very same teacher."""
+    main_dino.main(TINY + ["--epochs", "1", "--drop_path_rate", "0.2", "--output_dir", str(tmp_path / "plain")])
+    main_dino.main(TINY + ["--epochs", "1", "--drop_path_rate", "0.2", "--grad_checkpointing", "True",
+                           "--output_dir", str(tmp_path / "checkpointed")])
+    plain, checkpointed = (load(tmp_path / d / "checkpoint.pth") for d in ("plain", "checkpointed"))
+    assert checkpointed["args"]["grad_checkpointing"] and not plain["args"]["grad_checkpointing"]
+    for name, weight in plain["teacher"].items():
+        torch.testing.assert_close(checkpointed["teacher"][name], weight, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_compiled_backbones_train_like_the_eager_run(tmp_path):
+    """--compile: the same losses as eager to bf16 tolerance, and checkpoint keys unchanged
+    (the compiled method is not part of the state dict)."""
+    main_dino.main(TINY + ["--epochs", "1", "--output_dir", str(tmp_path / "eager")])
+    main_dino.main(TINY + ["--epochs", "1", "--compile", "True", "--output_dir", str(tmp_path / "compiled")])
+    eager, compiled = (read_log(tmp_path / d)[0] for d in ("eager", "compiled"))
+    for key in ("train_loss", "train_dino_loss", "train_patch_loss"):
+        assert compiled[key] == pytest.approx(eager[key], rel=2e-2), key
+    e, c = (load(tmp_path / d / "checkpoint.pth") for d in ("eager", "compiled"))
+    assert c["teacher"].keys() == e["teacher"].keys() and c["student"].keys() == e["student"].keys()
+
+
+def test_compile_without_a_cpu_compiler_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler++")
+    with pytest.raises(SystemExit) as exit_info:
+        main_dino.main(TINY + ["--compile", "True", "--cpu", "--output_dir", str(tmp_path)])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no-such-compiler++ is not on PATH" in err[0], err

@@ -1,0 +1,33 @@
+"""bench/train_step.py runs its comparisons end to end (figures are not asserted: speed belongs
+in the benchmark's output, not in tests)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--arch", "vit_nano", "--patch_size", "8", "--global_crops_size", "32", "--local_crops_size", "16",
+        "--batch_size_per_gpu", "2", "--local_crops_number", "2", "--out_dim", "256", "--patch_out_dim", "64",
+        "--steps", "1", "--warmup", "1"]
+
+
+def bench(*flags):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "train_step.py"), *TINY, *flags],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_against_times_our_step_with_extra_flags():
+    out = bench("--against", "--grad_checkpointing True")
+    assert out.count("peak memory:") == 2 and "grad checkpointing" in out
+    assert "ratio ours --grad_checkpointing True/ours:" in out
+
+
+@pytest.mark.slow
+def test_compare_times_ours_and_the_reference_in_its_own_precision():
+    out = bench("--compare", "--reference_precision", "fp32")
+    assert "reference (official DINO step, bench/reference.py): vit_nano/8 [CLS], precision fp32" in out
+    assert out.count("(alone, in a child process)") == 2 and "ratio reference/ours:" in out
