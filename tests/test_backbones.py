@@ -403,3 +403,21 @@ def test_grad_checkpointing_gives_the_same_gradients_and_keeps_less(arch):
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=0, msg=name)
     assert kept_bytes < plain_bytes / 3, (kept_bytes, plain_bytes)
+
+
+def test_resnet_runs_channels_last_with_the_same_outputs(resnet):
+    """ResNet-50's trunk is channels-last (faster oneDNN convolutions); a copy in the default
+    layout computes the same vector, and the weights load either way."""
+    resnet = copy.deepcopy(resnet)  # the fixture stays in training mode for the other tests
+    assert resnet.channels_last and resnet.trunk.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    plain = copy.deepcopy(resnet)
+    plain.channels_last = False
+    plain.trunk.to(memory_format=torch.contiguous_format)
+    assert plain.trunk.conv1.weight.is_contiguous()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(resnet.eval()(x), plain.eval()(x), rtol=1e-4, atol=1e-4)
+    fresh = build_backbone("resnet50", mode="simpool")
+    fresh.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), plain(x), rtol=1e-4, atol=1e-4)
