@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import main_dino  # noqa: E402
 from bench.reference import ReferenceStep  # noqa: E402
+from simpool import backbones  # noqa: E402
 from simpool.augment import MultiCropAugmentation  # noqa: E402
 from simpool.losses import DINOLoss, PatchLoss  # noqa: E402
 from simpool.optim import build_optimizer, param_groups  # noqa: E402
@@ -96,7 +97,9 @@ class Ours:
         self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
         self.amp_dtype = torch.float16 if fp16 else (torch.bfloat16 if args.precision == "bf16" else None)
         self.precision = "fp16" if fp16 else args.precision
-        self.masking = args.pred_ratio > 0 and args.masking_prob > 0 and args.lambda2 > 0
+        # as main_dino.py: convnets have no patch tokens, so masking and the iBOT loss stay off
+        self.masking = args.pred_ratio > 0 and args.masking_prob > 0 and args.lambda2 > 0 and \
+            backbones.supports_masking(self.student.backbone)
         B, size = args.batch_size_per_gpu, args.global_crops_size
         # uint8 crops as the ImageFolder loader's workers hand them over (crop_image + collate);
         # the step runs the photometric stage on them, as main_dino.py does

@@ -31,3 +31,10 @@ def test_compare_times_ours_and_the_reference_in_its_own_precision():
     out = bench("--compare", "--reference_precision", "fp32")
     assert "reference (official DINO step, bench/reference.py): vit_nano/8 [CLS], precision fp32" in out
     assert out.count("(alone, in a child process)") == 2 and "ratio reference/ours:" in out
+
+
+@pytest.mark.slow
+def test_convnets_run_as_plain_dino():
+    """As in main_dino.py, a backbone without patch tokens trains without masking."""
+    out = bench("--arch", "fcvit_tiny", "--global_crops_size", "32", "--local_crops_size", "32")
+    assert "fcvit_tiny" in out and "masking + iBOT loss off (plain DINO)" in out and "peak memory:" in out
