@@ -149,15 +149,13 @@ def knn_classify(train_features, train_labels, test_features, test_labels, ks=(1
         raise ValueError(f"backend must be 'torch' or 'faiss', got {backend!r}")
     neighbours = train_labels[idx]  # (n, kmax)
     weights = (sims / temperature).exp()
-    hits = {k: [0, 0] for k in ks}
+    results = {}
     for k in ks:
         votes = torch.zeros(len(idx), num_classes).scatter_add_(1, neighbours[:, :k], weights[:, :k])
-        top = votes.topk(min(5, num_classes), dim=1).indices
-        correct = top == test_labels[:, None]
-        hits[k][0] += int(correct[:, 0].sum())
-        hits[k][1] += int(correct.any(1).sum())
-    n = len(test_labels)
-    return {k: {"top1": 100.0 * t1 / n, "top5": 100.0 * t5 / n} for k, (t1, t5) in hits.items()}
+        correct = votes.topk(min(5, num_classes), dim=1).indices == test_labels[:, None]
+        n = len(test_labels)
+        results[k] = {"top1": 100.0 * int(correct[:, 0].sum()) / n, "top5": 100.0 * int(correct.any(1).sum()) / n}
+    return results
 
 
 @torch.no_grad()
