@@ -1,7 +1,8 @@
 """Vision Transformers without a [CLS] token, pooled by SimPool, and the DINO/iBOT heads.
 
-Built from timm's layers (``Block`` with fused scaled-dot-product attention,
-``PatchEmbed``, ``trunc_normal_``); state-dict names follow the DINO/timm ViT
+Built from timm's layers (``Block`` with fused scaled-dot-product attention and stochastic
+depth that skips dropped samples, ``PatchEmbed``'s weights applied as one matrix product,
+``trunc_normal_``); state-dict names follow the DINO/timm ViT
 (``patch_embed.proj``, ``blocks.N.attn.qkv``, ``norm``, ``pos_embed``) plus
 ``simpool.*`` and ``masked_embed`` (iBOT's mask token).
 
@@ -53,8 +54,8 @@ class VisionTransformer(nn.Module):
         self.masked_embed = nn.Parameter(torch.zeros(1, embed_dim))
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i],
-                  norm_layer=partial(nn.LayerNorm, eps=1e-6), attn_layer=FusedAttention)
+            SkippingBlock(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i],
+                          norm_layer=partial(nn.LayerNorm, eps=1e-6), attn_layer=FusedAttention)
             for i in range(depth)])
         self.simpool = SimPool(embed_dim, gamma=gamma, use_beta=use_beta) if mode == "simpool" else None
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
@@ -76,9 +77,7 @@ class VisionTransformer(nn.Module):
     def prepare_tokens(self, x, mask=None):
         """Patch-embed, replace masked patches by the mask token, add (resized) positions."""
         grid = self.grid_size(*x.shape[-2:])
-        # (B, N, D), made contiguous: patch_embed's is a transposed view, and every later residual
-        # add would keep that layout, so each LayerNorm (forward and backward) copied its input
-        x = self.patch_embed(x).contiguous()
+        x = embed_patches(self.patch_embed.proj, x)
         if mask is not None:
             x = torch.where(mask.reshape(x.shape[0], -1, 1), self.masked_embed.to(x.dtype), x)
         pos = self.pos_embed
@@ -114,6 +113,51 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x):
         return self.forward_features(x)["pooled"]
+
+
+def embed_patches(proj, x):
+    """``proj`` (the patch embedding's stride-p p x p convolution) applied to images ``x`` (B, C, H, W)
+    as one matrix product over the flattened patches: (B, N, D), token-major and contiguous.
+    The same numbers as the convolution (pixels past the last whole patch dropped, as there),
+    for less time on the CPU: ViT-S/16, 16 x 224² + 48 x 96² crops under bf16 autocast,
+    forward + weight gradient 28 -> 9 ms (oneDNN's backward of a strided convolution is slow)."""
+    D, C, p, q = proj.weight.shape
+    B, _, H, W = x.shape
+    gh, gw = H // p, W // q
+    if torch.is_autocast_enabled(x.device.type):  # the product runs in the autocast dtype: copy once
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    patches = x[:, :, :gh * p, :gw * q].reshape(B, C, gh, p, gw, q).permute(0, 2, 4, 1, 3, 5)
+    return F.linear(patches.reshape(B, gh * gw, C * p * q), proj.weight.reshape(D, -1), proj.bias)
+
+
+class SkippingBlock(Block):
+    """timm's pre-norm transformer ``Block`` whose stochastic depth skips the work it drops:
+    in training, each residual branch runs only on the samples drop-path keeps (the same
+    Bernoulli draws, scale and result as timm's ``DropPath``; dropped samples pass through
+    unchanged), instead of computing the branch for every sample and multiplying some by
+    zero. With DINO's linear drop-path schedule (0 to 0.1 over 12 blocks) that is 5% of the
+    student's block work. Under ``torch.compile`` (where the kept count would change the
+    graph's shapes every step) and in eval mode it is timm's block."""
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        drop_prob = getattr(self.drop_path1, "drop_prob", 0.0)
+        if (not self.training or drop_prob == 0.0 or attn_mask is not None or is_causal
+                or torch.compiler.is_compiling()):
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        x = _kept_residual(x, lambda t: self.ls1(self.attn(self.norm1(t))), drop_prob)
+        return _kept_residual(x, lambda t: self.ls2(self.mlp(self.norm2(t))), drop_prob)
+
+
+def _kept_residual(x, branch, drop_prob):
+    """x + DropPath(branch(x)), running ``branch`` on the kept samples only."""
+    keep_prob = 1.0 - drop_prob
+    keep = x.new_empty(x.shape[0]).bernoulli_(keep_prob).nonzero()[:, 0]  # timm's draw, one per sample
+    if keep.numel() == 0:
+        return x
+    whole = keep.numel() == x.shape[0]
+    y = branch(x if whole else x.index_select(0, keep))
+    y = y * y.new_full((), 1.0 / keep_prob)  # timm scales in the branch's dtype
+    return x + y if whole else x.index_add(0, keep, y.to(x.dtype))
 
 
 class FusedAttention(Attention):

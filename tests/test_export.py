@@ -105,9 +105,11 @@ def test_build_timm_vit_is_exact(tmp_path, mode, patch):
     with torch.no_grad():
         tokens = model.forward_features(x)
     pooled, patches = features(backbone, x)
-    torch.testing.assert_close(tokens[:, model.num_prefix_tokens:], patches, rtol=0, atol=1e-6)
+    # the same computation up to float32 rounding: timm embeds patches by convolution, we by one
+    # matrix product (different summation order: ~2e-6 on tokens of magnitude ~1)
+    torch.testing.assert_close(tokens[:, model.num_prefix_tokens:], patches, rtol=1e-5, atol=1e-5)
     if mode == "official":  # timm's normed [CLS] token is our pooled vector
-        torch.testing.assert_close(tokens[:, 0], pooled, rtol=0, atol=1e-6)
+        torch.testing.assert_close(tokens[:, 0], pooled, rtol=1e-5, atol=1e-5)
 
 
 def test_strict_load_names_missing_unexpected_and_mismatched_keys():

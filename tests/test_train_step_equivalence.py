@@ -1,8 +1,10 @@
 """The optimised training step computes what the plain one does.
 
-Optimised: main_dino.py's step as it runs (fused scaled-dot-product attention, vectorised DINO
-loss, gathered iBOT loss, fused AdamW, foreach clip and EMA). Plain: the same weights through
-explicit softmax(q k^T) v attention, the DINO loss as the double loop over (teacher crop,
+Optimised: main_dino.py's step as it runs (fused scaled-dot-product attention, patch embedding
+as one matrix product, stochastic depth that skips dropped samples, vectorised DINO loss,
+gathered iBOT loss, fused AdamW, foreach clip and EMA). Plain: the same weights through the
+strided convolution, timm's Block with its multiply-by-zero DropPath, explicit softmax(q k^T) v
+attention, the DINO loss as the double loop over (teacher crop,
 student crop) pairs (``bench/reference.py``'s RefDINOLoss), the iBOT loss per (view, sample),
 a per-parameter clip, for-loop AdamW and a per-parameter EMA loop. fp32, a fixed seed, three
 steps: the losses agree to float32 tolerance, and the final weights to well under one
@@ -13,6 +15,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import Block
 
 import main_dino
 import vision_transformer
@@ -24,7 +27,7 @@ from simpool.optim import build_optimizer, param_groups
 # 56-px global crops: 64 tokens, where the optimised ViT takes the fused attention kernel (fp32)
 ARGS = ["--data_path", "synthetic", "--arch", "vit_nano", "--patch_size", "7", "--global_crops_size", "56",
         "--local_crops_size", "28", "--local_crops_number", "2", "--out_dim", "64", "--patch_out_dim", "32",
-        "--batch_size_per_gpu", "3", "--drop_path_rate", "0", "--precision", "fp32", "--pred_shape", "rand",
+        "--batch_size_per_gpu", "3", "--precision", "fp32", "--pred_shape", "rand",
         "--masking_prob", "1.0", "--clip_grad", "0.05", "--freeze_last_layer", "0"]
 STEPS = 3
 
@@ -94,8 +97,14 @@ def optimised_run(args, crops, masking, monkeypatch):
     return losses, student, teacher
 
 
+def conv_patch_embed(proj, x):
+    return proj(x).flatten(2).transpose(1, 2)
+
+
 def plain_run(args, crops, masking, monkeypatch):
     monkeypatch.setattr(vision_transformer.F, "scaled_dot_product_attention", explicit_attention)
+    monkeypatch.setattr(vision_transformer, "embed_patches", conv_patch_embed)
+    monkeypatch.setattr(vision_transformer.SkippingBlock, "forward", Block.forward)
     student, teacher = _setup(args)
     optimizer = torch.optim.AdamW(param_groups(student), foreach=False, fused=False)
     dino = PlainDINO(args.out_dim, 2 + args.local_crops_number)
@@ -123,9 +132,10 @@ def plain_run(args, crops, masking, monkeypatch):
     return losses, student, teacher
 
 
-@pytest.mark.parametrize("masking", [False, True], ids=["dino", "dino+ibot"])
-def test_optimised_step_equals_plain_step(masking, monkeypatch):
-    args = main_dino.parse_args(ARGS + ["--pred_ratio", "0.4" if masking else "0"])
+@pytest.mark.parametrize("masking,drop_path", [(False, 0.0), (True, 0.0), (True, 0.5)],
+                         ids=["dino", "dino+ibot", "dino+ibot+drop-path"])
+def test_optimised_step_equals_plain_step(masking, drop_path, monkeypatch):
+    args = main_dino.parse_args(ARGS + ["--pred_ratio", "0.4" if masking else "0", "--drop_path_rate", str(drop_path)])
     crops = _crops(args)
     with one_thread():
         fast, fs, ft = optimised_run(args, crops, masking, monkeypatch)

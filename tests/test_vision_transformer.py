@@ -1,11 +1,14 @@
 """Tests for vision_transformer.py: [CLS]-free SimPool ViT, attention layers and the DINO/iBOT heads."""
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import vision_transformer
-from vision_transformer import (ARCHS, DINOHead, FusedAttention, VisionTransformer, WeightNormLinear, build_vit,
-                                cls_attention, vit_nano, vit_small, vit_tiny)
+from timm.models.vision_transformer import Block
+from vision_transformer import (ARCHS, DINOHead, FusedAttention, SkippingBlock, VisionTransformer, WeightNormLinear,
+                                build_vit, cls_attention, embed_patches, vit_nano, vit_small, vit_tiny)
 
 
 def _vit(mode="simpool", patch_size=4, img_size=16, embed_dim=24, depth=2, num_heads=3, **kw):
@@ -132,6 +135,56 @@ def test_builders(monkeypatch):
         build_vit("vit_giant")
     with pytest.raises(ValueError):
         VisionTransformer(img_size=16, patch_size=4, embed_dim=24, depth=1, num_heads=3, mode="cls")
+
+
+# ---------------------------------------------------------------- patch embedding, stochastic depth
+@pytest.mark.parametrize("size", [(16, 16), (18, 23)])  # 18 x 23: the last partial patches are dropped
+def test_embed_patches_is_the_strided_convolution(size):
+    model = _randomise_(_vit()).double()
+    x = torch.randn(3, 3, *size, dtype=torch.float64)
+    conv = model.patch_embed.proj(x).flatten(2).transpose(1, 2)
+    out = embed_patches(model.patch_embed.proj, x)
+    assert out.is_contiguous() and out.shape == (3, (size[0] // 4) * (size[1] // 4), 24)
+    torch.testing.assert_close(out, conv, rtol=1e-12, atol=1e-12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast: the product in bf16
+        low = embed_patches(model.float().patch_embed.proj, x.float())
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.double(), conv, rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_skipping_block_equals_timm_drop_path(autocast):
+    """Same draws, outputs and gradients as timm's Block with DropPath, while the dropped
+    samples never enter the branch."""
+    torch.manual_seed(0)
+    kw = dict(dim=24, num_heads=3, drop_path=0.5, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+              attn_layer=FusedAttention)
+    fast = _randomise_(SkippingBlock(**kw), std=0.2).train()
+    dense = Block(**kw).train()
+    dense.load_state_dict(fast.state_dict())
+    branch_batches = []
+    fast.norm1.register_forward_hook(lambda m, i, o: branch_batches.append(i[0].shape[0]))
+    x = torch.randn(16, 5, 24)
+    outs, grads = [], []
+    for block in (fast, dense):
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(7)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = block(xi)
+        (y.float() * torch.linspace(-1, 1, 24)).sum().backward()
+        outs.append(y)
+        grads.append([xi.grad] + [p.grad for p in block.parameters()])
+    assert 0 < branch_batches[0] < 16  # some samples dropped, and they skipped the branch
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    dropped = (outs[1] == x).all(-1).all(-1)  # dropped in both branches: the input passes through
+    torch.testing.assert_close(outs[0][dropped], x[dropped], rtol=0, atol=0)
+    fast.eval()  # eval mode: no drop path, every sample through both branches
+    branch_batches.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), dense.eval()(x))
+    assert branch_batches == [16]
 
 
 # ---------------------------------------------------------------- pooled vector recomputed by hand
