@@ -136,13 +136,14 @@ class SkippingBlock(Block):
     Bernoulli draws, scale and result as timm's ``DropPath``; dropped samples pass through
     unchanged), instead of computing the branch for every sample and multiplying some by
     zero. With DINO's linear drop-path schedule (0 to 0.1 over 12 blocks) that is 5% of the
-    student's block work. Under ``torch.compile`` (where the kept count would change the
-    graph's shapes every step) and in eval mode it is timm's block."""
+    student's block work. On the CPU only: on a GPU, reading the kept count on the host would
+    synchronise with the device at every branch. Under ``torch.compile`` (where the kept count
+    would change the graph's shapes every step) and in eval mode it is timm's block too."""
 
     def forward(self, x, attn_mask=None, is_causal=False):
         drop_prob = getattr(self.drop_path1, "drop_prob", 0.0)
-        if (not self.training or drop_prob == 0.0 or attn_mask is not None or is_causal
-                or torch.compiler.is_compiling()):
+        if (not self.training or drop_prob == 0.0 or x.device.type != "cpu" or attn_mask is not None
+                or is_causal or torch.compiler.is_compiling()):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         x = _kept_residual(x, lambda t: self.ls1(self.attn(self.norm1(t))), drop_prob)
         return _kept_residual(x, lambda t: self.ls2(self.mlp(self.norm2(t))), drop_prob)
