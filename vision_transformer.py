@@ -118,8 +118,8 @@ class VisionTransformer(nn.Module):
 def embed_patches(proj, x):
     """``proj`` (the patch embedding's stride-p p x p convolution) applied to images ``x`` (B, C, H, W)
     as one matrix product over the flattened patches: (B, N, D), token-major and contiguous.
-    The same numbers as the convolution (pixels past the last whole patch dropped, as there),
-    for less time on the CPU: ViT-S/16, 16 x 224² + 48 x 96² crops under bf16 autocast,
+    The convolution's result up to summation order (pixels past the last whole patch dropped,
+    as there), for less time on the CPU: ViT-S/16, 16 x 224² + 48 x 96² crops under bf16 autocast,
     forward + weight gradient 28 -> 9 ms (oneDNN's backward of a strided convolution is slow)."""
     D, C, p, q = proj.weight.shape
     B, _, H, W = x.shape
