@@ -149,11 +149,10 @@ def knn_classify(train_features, train_labels, test_features, test_labels, ks=(1
         raise ValueError(f"backend must be 'torch' or 'faiss', got {backend!r}")
     neighbours = train_labels[idx]  # (n, kmax)
     weights = (sims / temperature).exp()
-    results = {}
+    results, n = {}, len(test_labels)
     for k in ks:
         votes = torch.zeros(len(idx), num_classes).scatter_add_(1, neighbours[:, :k], weights[:, :k])
         correct = votes.topk(min(5, num_classes), dim=1).indices == test_labels[:, None]
-        n = len(test_labels)
         results[k] = {"top1": 100.0 * int(correct[:, 0].sum()) / n, "top5": 100.0 * int(correct.any(1).sum()) / n}
     return results
 
