@@ -117,6 +117,25 @@ class CheckpointError(RunError):
     """A checkpoint that cannot be read or written; the message is one line."""
 
 
+class _WriteErrorKeeper:
+    """File wrapper for ``torch.save`` that remembers the OSError of a failed write:
+    torch's zip writer swallows it (a full disk surfaces as a RuntimeError "unexpected
+    pos"), and the user should read "No space left on device" instead."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):  # flush, fileno, name, ... of the file itself
+        return getattr(self.file, name)
+
+
 def save_checkpoint(state, path, keep=1):
     """Write ``state`` to ``path`` atomically: temp file in the same folder, fsync,
     rename. A crash or a full disk mid-write leaves the previous file untouched.
@@ -124,9 +143,11 @@ def save_checkpoint(state, path, keep=1):
     (newest first), rotated only once the new file is safely on disk."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    writer = None
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            writer = _WriteErrorKeeper(f)
+            torch.save(state, writer)
             f.flush()
             os.fsync(f.fileno())
         for i in range(keep - 1, 0, -1):
@@ -137,9 +158,11 @@ def save_checkpoint(state, path, keep=1):
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if writer is not None and writer.error is not None:
+            e = writer.error  # torch.save reports a failed write only as "unexpected pos"
         if isinstance(e, OSError):
-            raise CheckpointError(f"could not write {path} ({e.strerror or e}); the previous checkpoint is "
-                                  "kept") from None
+            kept = "the previous checkpoint is kept" if os.path.exists(path) else "no checkpoint was written"
+            raise CheckpointError(f"could not write {path} ({e.strerror or e}); {kept}") from None
         raise
 
 

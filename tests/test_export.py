@@ -1,13 +1,18 @@
 """Backbone export / import (simpool/export.py, simpool/checkpoints.py): exact round trips,
 timm compatibility, strict loading with named keys, official checkpoint layouts, and
 files that are not checkpoints (nothing in them runs)."""
+import errno
 import logging
 import os
+import io
 import pickle
 
 import pytest
+import safetensors.torch
 import torch
+from safetensors import SafetensorError
 
+import utils
 import vision_transformer as vits
 from checkpoint_factory import (one_thread, save_flat_backbone, save_official_checkpoint, save_training_checkpoint,
                                 tiny_backbone)
@@ -76,6 +81,30 @@ def test_export_cli_and_bad_input_is_one_line_error(trained, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "not a readable checkpoint" in err
     assert not (tmp_path / "x.pth").exists()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_export_to_a_full_disk_is_one_line_error_and_leaves_nothing(trained, tmp_path, monkeypatch, capsys, suffix):
+    class FullDisk(io.FileIO):  # the disk fills up 4 KiB into the file
+        def write(self, data):
+            if self.tell() + len(data) > 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    def save_file(state, path, metadata=None):  # what safetensors raises on ENOSPC, after a partial file
+        with open(path, "wb") as f:
+            f.write(b"{" * 4096)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(utils, "open", lambda file, mode="r": FullDisk(file, mode), raising=False)
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    _, ckpt = trained
+    with pytest.raises(SystemExit) as e:
+        export.main(["--checkpoint", str(ckpt), "--output", str(tmp_path / f"b{suffix}")])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: could not write ") and "\n" not in err and "No space left on device" in err
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a temp file
 
 
 def test_timm_vit_small_gives_equal_patch_tokens():

@@ -403,17 +403,25 @@ def test_fewer_images_than_one_global_batch_fails_before_distributed_init(tmp_pa
 
 # ------------------------------------------------------------------ 5. full disk, unusable output folder
 def test_disk_full_during_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_path, monkeypatch, capsys):
-    real_save, saves, before = torch.save, [], {}
+    # The disk fills up a few kilobytes into the second checkpoint file. torch.save turns the
+    # failed write into a RuntimeError ("unexpected pos"); the user must still read ENOSPC.
+    real_open, saves, before = open, [], {}
 
-    def save(obj, f, *args, **kwargs):
-        saves.append(f.name)
-        if len(saves) == 2:  # the end-of-epoch save, after the one at iteration 2
-            before["bytes"] = (tmp_path / "checkpoint.pth").read_bytes()
-            f.write(b"PK\x03\x04 a few bytes before the disk filled up")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, f, *args, **kwargs)
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            if self.tell() + len(data) > 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
 
-    monkeypatch.setattr(torch, "save", save)
+    def open_in_utils(file, mode="r", *args, **kwargs):
+        if mode == "wb" and "checkpoint" in os.path.basename(file):
+            saves.append(file)
+            if len(saves) == 2:  # the end-of-epoch save, after the one at iteration 2
+                before["bytes"] = (tmp_path / "checkpoint.pth").read_bytes()
+                return FullDisk(file, "wb")
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(utils, "open", open_in_utils, raising=False)
     with pytest.raises(SystemExit) as e:
         main_dino.main(TINY + ["--epochs", "2", "--saveckp_iters", "2", "--output_dir", str(tmp_path)])
     assert e.value.code == 1 and len(saves) == 2
