@@ -394,8 +394,7 @@ def train_dino(args):
 
     writer = None
     if utils.is_main_process():
-        from tensorboardX import SummaryWriter
-        writer = SummaryWriter(args.output_dir)
+        writer = utils.TensorboardScalars(args.output_dir)
     log_path = os.path.join(args.output_dir, "log.txt")
     knn_data = build_knn_data(args) if args.eval_every > 0 else None
     if knn_data is not None and start_epoch == 0 and start_step == 0:

@@ -334,8 +334,50 @@ class MetricLogger:
 
 
 def append_json_line(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise RunError(f"could not append to {path} ({e.strerror or e})") from None
+
+
+class TensorboardScalars:
+    """Scalars into a TensorBoard event file in ``folder``, written by the calling thread
+    and flushed at least every ``flush_secs``. A failed write (a full disk) is a one-line
+    RunError at once: tensorboardX's SummaryWriter writes from a thread that dies on the
+    error, after which its ``add_scalar`` blocks forever on a full queue.
+
+    Example:
+        >>> tb = TensorboardScalars(tempfile.mkdtemp())
+        >>> tb.add_scalar("train/loss", 0.5, step=10); tb.close()
+    """
+
+    def __init__(self, folder, flush_secs=60):
+        from tensorboardX.event_file_writer import EventsWriter
+        self.folder, self.flush_secs = folder, flush_secs
+        self._writer = self._io(lambda: EventsWriter(os.path.join(folder, "events")))
+        self._flushed = time.time()
+
+    def add_scalar(self, tag, value, step):
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+        event = Event(wall_time=time.time(), step=int(step), summary=scalar(tag, float(value)))
+        self._io(lambda: self._writer.write_event(event))
+        if time.time() - self._flushed > self.flush_secs:
+            self.flush()
+
+    def flush(self):
+        self._io(self._writer.flush)
+        self._flushed = time.time()
+
+    def close(self):
+        self._io(self._writer.close)
+
+    def _io(self, write):
+        try:
+            return write()
+        except OSError as e:
+            raise RunError(f"could not write TensorBoard events in {self.folder} ({e.strerror or e})") from None
 
 
 def bool_flag(s):

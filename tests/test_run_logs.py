@@ -1,0 +1,103 @@
+"""Run logs (utils.TensorboardScalars, utils.append_json_line): TensorBoard event files that
+read back with the values written, and a full disk that stops a run with one line instead of
+hanging it."""
+import errno
+import io
+import json
+import os
+import signal
+import struct
+import sys
+import zlib
+
+import pytest
+
+import main_dino
+import utils
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_train import TINY  # noqa: E402
+
+
+def read_events(path):
+    """(tag, step, value) of every scalar in a TFRecord event file, parsed here: records are
+    <u64 length><u32 crc><payload><u32 crc>, the payload an Event protocol buffer."""
+    from tensorboardX.proto.event_pb2 import Event
+    data, pos, out = open(path, "rb").read(), 0, []
+    while pos < len(data):
+        (length,) = struct.unpack_from("<Q", data, pos)
+        event = Event.FromString(data[pos + 12:pos + 12 + length])
+        pos += 12 + length + 4
+        out += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+    assert pos == len(data)  # no torn record at the end
+    return out
+
+
+def event_file(folder):
+    [name] = [n for n in os.listdir(folder) if n.startswith("events.out.tfevents")]
+    return os.path.join(folder, name)
+
+
+def test_scalars_read_back_after_flush_and_close(tmp_path):
+    tb = utils.TensorboardScalars(str(tmp_path))
+    tb.add_scalar("iter/loss", 2.5, step=0)
+    tb.add_scalar("iter/loss", 1.25, step=10)
+    tb.flush()
+    assert read_events(event_file(tmp_path)) == [("iter/loss", 0, 2.5), ("iter/loss", 10, 1.25)]
+    tb.add_scalar("epoch/knn_top1", 61.5, step=0)
+    tb.close()
+    assert read_events(event_file(tmp_path))[-1] == ("epoch/knn_top1", 0, 61.5)
+
+
+def test_training_logs_every_tenth_iteration_and_each_epoch(tmp_path):
+    main_dino.main(TINY + ["--epochs", "3", "--output_dir", str(tmp_path)])  # 4 steps per epoch: 12
+    scalars = read_events(event_file(tmp_path))
+    assert sorted({step for tag, step, _ in scalars if tag == "iter/loss"}) == [0, 10]
+    epochs = [(step, value) for tag, step, value in scalars if tag == "epoch/train_loss"]
+    logged = [(r["epoch"], r["train_loss"]) for r in main_dino_log(tmp_path)]
+    assert [s for s, _ in epochs] == [e for e, _ in logged] == [0, 1, 2]
+    assert [v for _, v in epochs] == pytest.approx([v for _, v in logged], rel=1e-6)  # float32 in the file
+
+
+def main_dino_log(folder):
+    with open(os.path.join(folder, "log.txt")) as f:
+        return [json.loads(line) for line in f]
+
+
+class FullDisk(io.FileIO):
+    """A file on a disk that fills up after ``budget`` bytes."""
+    budget = 0
+
+    def write(self, data):
+        if self.tell() + len(data) > self.budget:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write(data)
+
+
+@pytest.mark.parametrize("target", ["events", "log.txt"])
+def test_full_disk_for_run_logs_is_one_line_error_not_a_hang(tmp_path, monkeypatch, capsys, target):
+    # tensorboardX's SummaryWriter hung here: its writer thread died on ENOSPC and add_scalar
+    # then waited forever on the full queue.
+    import tensorboardX.record_writer
+    FullDisk.budget = 600  # the file header and a few scalars fit
+    if target == "events":
+        monkeypatch.setattr(tensorboardX.record_writer, "open_file", lambda path: FullDisk(path, "wb"))
+    else:
+        real_open = open
+        monkeypatch.setattr(utils, "open", lambda path, mode="r", *a, **k: io.TextIOWrapper(FullDisk(path, mode))
+                            if path.endswith("log.txt") else real_open(path, mode, *a, **k), raising=False)
+    def hung(signum, frame):
+        raise TimeoutError("training hung on the full disk")
+
+    signal.signal(signal.SIGALRM, hung)
+    signal.alarm(300)  # 30 tiny epochs take a few seconds
+    try:
+        with pytest.raises(SystemExit) as e:
+            main_dino.main(TINY + ["--epochs", "30", "--output_dir", str(tmp_path)])
+    finally:
+        signal.alarm(0)
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: could not ") and "\n" not in err and "No space left on device" in err
+    assert str(tmp_path) in err and (target == "events" or "log.txt" in err)
+    assert utils.load_checkpoint(str(tmp_path / "checkpoint.pth"))["epoch"] >= 0  # the checkpoint is there
