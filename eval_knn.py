@@ -13,7 +13,6 @@ weight exp(similarity / T). Prints top-1/top-5 for every k and writes ``knn.json
 --output_dir.
 """
 import argparse
-import json
 import logging
 import os
 import time
@@ -148,8 +147,7 @@ def eval_knn(args):
               "knn_seconds": round(knn_seconds, 2)}
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "knn.json")
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2)
+    utils.write_json(path, record)
     logger.info(f"Wrote {path}.")
     return results
 

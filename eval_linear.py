@@ -19,7 +19,6 @@ With ``--train_augment False`` the training features are extracted once and cach
 (the fast CPU setting); otherwise each epoch sees RandomResizedCrop + flip augmentation.
 """
 import argparse
-import json
 import logging
 import math
 import os
@@ -406,8 +405,7 @@ def eval_linear(args):
                            "avgpool_patchtokens": features.avgpool},
               "data_path": args.data_path, "pretrained_weights": args.pretrained_weights or None,
               "model": {k: info.get(k) for k in ("arch", "patch_size", "mode", "gamma", "image_size", "epoch")}}
-    with open(os.path.join(args.output_dir, "linear.json"), "w") as f:
-        json.dump(record, f, indent=2)
+    utils.write_json(os.path.join(args.output_dir, "linear.json"), record)
     lrs = sorted(set(args.lrs))
     if len(lrs) > 1 and best["best"]["lr"] in (lrs[0], lrs[-1]):
         logger.warning(f"warning: the best lr {best['best']['lr']:g} is at the edge of the sweep; extend --lrs "

@@ -2,7 +2,6 @@
 import datetime
 import json
 import logging
-import math
 import os
 import random
 import re
@@ -339,6 +338,20 @@ def append_json_line(path, record):
             f.write(json.dumps(record) + "\n")
     except OSError as e:
         raise RunError(f"could not append to {path} ({e.strerror or e})") from None
+
+
+def write_json(path, record):
+    """Write ``record`` to ``path`` as indented JSON, atomically (temp file, rename); a
+    failed write (a full disk) is a one-line RunError and leaves no partial file."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=2)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise RunError(f"could not write {path} ({e.strerror or e})") from None
 
 
 class TensorboardScalars:

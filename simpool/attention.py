@@ -29,7 +29,6 @@ Example:
     0.3333
 """
 import argparse
-import json
 import logging
 import math
 import os
@@ -219,7 +218,10 @@ def save_panel(tiles, path, display_size=224):
     scale = max(1, math.ceil(display_size / H))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    img.save(path)
+    try:
+        img.save(path)
+    except OSError as e:
+        raise utils.RunError(f"could not write {path} ({e.strerror or e})") from None
 
 
 def _mask_rgb(mask):
@@ -486,8 +488,7 @@ def run(args):
                   "map": "simpool" if info["mode"] != "official" else "cls_mean_of_heads",
                   "model": {k: info.get(k) for k in ("arch", "patch_size", "mode", "gamma", "image_size", "epoch")}}
         path = os.path.join(args.output_dir, "attention.json")
-        with open(path, "w") as f:
-            json.dump(record, f, indent=2)
+        utils.write_json(path, record)
         logger.info(f"Wrote {path} and {min(args.save_examples, result['n_images'])} example panels in {example_dir}.")
     return result
 
@@ -496,7 +497,7 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     try:
         return run(args)
-    except (AttentionError, DataError, utils.CheckpointError) as e:
+    except (AttentionError, DataError, utils.RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

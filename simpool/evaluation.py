@@ -77,7 +77,7 @@ def run_main(fn, args):
     import torch.distributed as dist
     try:
         return fn(args)
-    except (DataError, utils.CheckpointError, EvalError) as e:
+    except (DataError, utils.RunError, EvalError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     finally:

@@ -8,7 +8,6 @@ import os
 import signal
 import struct
 import sys
-import zlib
 
 import pytest
 
@@ -101,3 +100,29 @@ def test_full_disk_for_run_logs_is_one_line_error_not_a_hang(tmp_path, monkeypat
     assert err.startswith("error: could not ") and "\n" not in err and "No space left on device" in err
     assert str(tmp_path) in err and (target == "events" or "log.txt" in err)
     assert utils.load_checkpoint(str(tmp_path / "checkpoint.pth"))["epoch"] >= 0  # the checkpoint is there
+
+
+def test_write_json_is_atomic_and_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    path = tmp_path / "knn.json"
+    utils.write_json(str(path), {"top1": 61.5})
+    assert json.loads(path.read_text()) == {"top1": 61.5}
+    FullDisk.budget = 8  # '{\n  "top1' fits, the rest does not
+    monkeypatch.setattr(utils, "open", lambda p, mode="r": io.TextIOWrapper(FullDisk(p, mode.replace("w", "wb"))),
+                        raising=False)
+    with pytest.raises(utils.RunError, match=r"^could not write .*knn\.json \(No space left on device\)$"):
+        utils.write_json(str(path), {"top1": 70.0, "per_k": list(range(100))})
+    assert json.loads(path.read_text()) == {"top1": 61.5}  # the previous file, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["knn.json"]  # no temp file left
+
+
+def test_eval_knn_on_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    import eval_knn
+    FullDisk.budget = 0
+    monkeypatch.setattr(utils, "open", lambda p, mode="r": io.TextIOWrapper(FullDisk(p, mode.replace("w", "wb"))),
+                        raising=False)
+    with pytest.raises(SystemExit) as e:
+        eval_knn.main(["--arch", "vit_nano", "--patch_size", "7", "--image_size", "28", "--subset", "3",
+                       "--val_subset", "2", "--nb_knn", "3", "--output_dir", str(tmp_path)])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: could not write {tmp_path / 'knn.json'} (No space left on device)"
