@@ -16,6 +16,8 @@ then the ratio; ``--reference_precision`` sets the reference's precision separat
 official default fp32 against our default bf16).
 ``--against "FLAGS"``: ours as given against ours with FLAGS added, alternating (e.g.
 ``--against "--compile True"`` or ``--against "--grad_checkpointing True"``).
+``--profile N``: after the timing, N more steps of each under torch.profiler; prints the time per
+step in the matmul and attention kernels (the FLOPs ours and the reference share) against the rest.
 
 Figures are medians of ``--steps`` timed steps after ``--warmup``, in wall time and in this
 process's CPU time. Memory: the persistent training state (parameters, gradients, optimizer
@@ -173,6 +175,31 @@ def run(runners, steps, warmup, device):
     return times
 
 
+# the kernels that do the model's FLOPs, the same in ours and the reference (in any precision)
+MATMUL_KERNELS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+                  "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::mkldnn_convolution",
+                  "aten::convolution_backward", "aten::_scaled_dot_product_efficient_attention",
+                  "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_cudnn_attention"}
+
+
+def profile_step(runner, steps):
+    """(seconds in matmul/attention kernels, seconds in all ops, [(op, seconds)] of the five
+    largest others), per step, from torch.profiler's self times (CPU; on CUDA, device time)."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = runner.args.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            runner.step()
+        if cuda:
+            torch.cuda.synchronize()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    times = {e.key: getattr(e, attr) / 1e6 / steps for e in prof.key_averages()}
+    matmul = sum(t for k, t in times.items() if k in MATMUL_KERNELS)
+    others = sorted(((k, t) for k, t in times.items() if k not in MATMUL_KERNELS and k.startswith("aten::")),
+                    key=lambda kt: -kt[1])[:5]
+    return matmul, sum(times.values()), others
+
+
 def peak_memory(device):
     if device.type == "cuda":
         return f"{torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB GPU max allocated"
@@ -202,6 +229,9 @@ def main():
     extra.add_argument("--against", default=None, metavar="FLAGS", help="Time ours against ours with these "
                        "main_dino.py flags added (one quoted string), alternating.")
     extra.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default).")
+    extra.add_argument("--profile", type=int, default=0, metavar="N", help="After timing, profile N more steps of "
+                       "each (torch.profiler) and print the time in matmul/attention kernels, which ours and the "
+                       "reference share, against the rest.")
     bench_args, rest = extra.parse_known_args()
     if bench_args.threads:
         torch.set_num_threads(bench_args.threads)
@@ -225,6 +255,7 @@ def main():
         child_argv["reference"] = rest + ["--reference"] + (
             ["--reference_precision", bench_args.reference_precision] if bench_args.reference_precision else [])
     times = run(runners, bench_args.steps, bench_args.warmup, args.device)
+    profiles = {r.name: profile_step(r, bench_args.profile) for r in runners} if bench_args.profile > 0 else {}
     B = args.batch_size_per_gpu
     print(f"machine: {machine()}")
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} after the run (other jobs share the cores)")
@@ -242,6 +273,11 @@ def main():
             + " (alone, in a child process)"
         print(f"    step: {wall:.3f} s wall, {cpu:.3f} s CPU ({1 / wall:.2f} steps/s, {B / wall:.1f} images/s); "
               f"training state {r.state():.0f} MiB; peak memory: {peak}")
+        if r.name in profiles:
+            matmul, total, others = profiles[r.name]
+            print(f"    profile ({bench_args.profile} steps, self time per step): matmul + attention kernels "
+                  f"{matmul:.3f} s of {total:.3f} s ({100 * matmul / total:.0f}%); largest others: "
+                  + ", ".join(f"{k.removeprefix('aten::')} {t * 1e3:.0f} ms" for k, t in others))
     if len(runners) == 2:
         (first, (fw, fc)), (second, (sw, sc)) = med.items()
         print(f"ratio {second}/{first}: {sw / fw:.2f}x (wall), {sc / fc:.2f}x (CPU time)")

@@ -1,6 +1,7 @@
 """bench/train_step.py runs its comparisons end to end (figures are not asserted: speed belongs
 in the benchmark's output, not in tests)."""
 import os
+import re
 import subprocess
 import sys
 
@@ -28,9 +29,14 @@ def test_against_times_our_step_with_extra_flags():
 
 @pytest.mark.slow
 def test_compare_times_ours_and_the_reference_in_its_own_precision():
-    out = bench("--compare", "--reference_precision", "fp32")
+    out = bench("--compare", "--reference_precision", "fp32", "--profile", "1")
     assert "reference (official DINO step, bench/reference.py): vit_nano/8 [CLS], precision fp32" in out
     assert out.count("(alone, in a child process)") == 2 and "ratio reference/ours:" in out
+    profiles = re.findall(r"matmul \+ attention kernels ([\d.]+) s of ([\d.]+) s \((\d+)%\); largest others: (.*)", out)
+    assert len(profiles) == 2
+    for matmul, total, percent, others in profiles:
+        assert 0 < float(matmul) < float(total) and abs(int(percent) - 100 * float(matmul) / float(total)) < 2
+        assert len(others.split(", ")) == 5 and "mm " not in others  # the matmuls are not among "others"
 
 
 @pytest.mark.slow
