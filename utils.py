@@ -348,10 +348,12 @@ def write_json(path, record):
         with open(tmp, "w") as f:
             json.dump(record, f, indent=2)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise RunError(f"could not write {path} ({e.strerror or e})") from None
+        if isinstance(e, OSError):
+            raise RunError(f"could not write {path} ({e.strerror or e})") from None
+        raise
 
 
 class TensorboardScalars:

@@ -2,9 +2,9 @@
 timm compatibility, strict loading with named keys, official checkpoint layouts, and
 files that are not checkpoints (nothing in them runs)."""
 import errno
+import io
 import logging
 import os
-import io
 import pickle
 
 import pytest

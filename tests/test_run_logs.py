@@ -22,7 +22,8 @@ def read_events(path):
     """(tag, step, value) of every scalar in a TFRecord event file, parsed here: records are
     <u64 length><u32 crc><payload><u32 crc>, the payload an Event protocol buffer."""
     from tensorboardX.proto.event_pb2 import Event
-    data, pos, out = open(path, "rb").read(), 0, []
+    with open(path, "rb") as f:
+        data, pos, out = f.read(), 0, []
     while pos < len(data):
         (length,) = struct.unpack_from("<Q", data, pos)
         event = Event.FromString(data[pos + 12:pos + 12 + length])
@@ -85,6 +86,7 @@ def test_full_disk_for_run_logs_is_one_line_error_not_a_hang(tmp_path, monkeypat
         real_open = open
         monkeypatch.setattr(utils, "open", lambda path, mode="r", *a, **k: io.TextIOWrapper(FullDisk(path, mode))
                             if path.endswith("log.txt") else real_open(path, mode, *a, **k), raising=False)
+
     def hung(signum, frame):
         raise TimeoutError("training hung on the full disk")
 
@@ -106,6 +108,9 @@ def test_write_json_is_atomic_and_a_full_disk_is_one_line(tmp_path, monkeypatch)
     path = tmp_path / "knn.json"
     utils.write_json(str(path), {"top1": 61.5})
     assert json.loads(path.read_text()) == {"top1": 61.5}
+    with pytest.raises(TypeError):  # not JSON: the caller's bug, raised as is, nothing left behind
+        utils.write_json(str(path), {"top1": object()})
+    assert [p.name for p in tmp_path.iterdir()] == ["knn.json"]
     FullDisk.budget = 8  # '{\n  "top1' fits, the rest does not
     monkeypatch.setattr(utils, "open", lambda p, mode="r": io.TextIOWrapper(FullDisk(p, mode.replace("w", "wb"))),
                         raising=False)
