@@ -131,3 +131,16 @@ def test_eval_knn_on_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
     assert e.value.code == 1
     err = capsys.readouterr().err.strip()
     assert err == f"error: could not write {tmp_path / 'knn.json'} (No space left on device)"
+
+
+def test_a_test_run_on_a_nearly_full_disk_stops_with_one_line(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from conftest import free_disk_problem
+    usage = namedtuple("usage", "total used free")
+    assert free_disk_problem(str(tmp_path)) is None  # this machine has room
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2 ** 40, 2 ** 40 - 2 ** 29, 2 ** 29))
+    assert free_disk_problem(str(tmp_path)) == (
+        f"only 0.5 GiB free in {tmp_path}; the test run writes up to ~1 GB of checkpoints there "
+        "(free some space or pass --basetemp on a disk with 1.5 GiB free)")
