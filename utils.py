@@ -135,28 +135,45 @@ class _WriteErrorKeeper:
         return getattr(self.file, name)
 
 
-def save_checkpoint(state, path, keep=1):
-    """Write ``state`` to ``path`` atomically: temp file in the same folder, fsync,
-    rename. A crash or a full disk mid-write leaves the previous file untouched.
-    With ``keep`` > 1 the previous files are kept as ``path.1`` ... ``path.{keep-1}``
-    (newest first), rotated only once the new file is safely on disk."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    writer = None
+def write_atomically(path, write, mode="wb", before_rename=None):
+    """``write(f)`` into a temp file beside ``path``, fsync, ``before_rename()``, rename over
+    ``path``: a crash or a full disk mid-write leaves ``path`` as it was. On any error the
+    temp file is removed and the error raised as is."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            writer = _WriteErrorKeeper(f)
-            torch.save(state, writer)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
+        os.replace(tmp, path)
+    except BaseException:  # cleanup only: re-raised
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(state, path, keep=1):
+    """Write ``state`` to ``path`` atomically (``write_atomically``). With ``keep`` > 1 the
+    previous files are kept as ``path.1`` ... ``path.{keep-1}`` (newest first), rotated only
+    once the new file is safely on disk. A failed write is a one-line CheckpointError."""
+    writer = None
+
+    def write(f):
+        nonlocal writer
+        writer = _WriteErrorKeeper(f)
+        torch.save(state, writer)
+
+    def rotate():
         for i in range(keep - 1, 0, -1):
             older = path if i == 1 else f"{path}.{i - 1}"
             if os.path.exists(older):
                 os.replace(older, f"{path}.{i}")
-        os.replace(tmp, path)
+
+    try:
+        write_atomically(path, write, before_rename=rotate)
     except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         if writer is not None and writer.error is not None:
             e = writer.error  # torch.save reports a failed write only as "unexpected pos"
         if isinstance(e, OSError):
@@ -341,19 +358,12 @@ def append_json_line(path, record):
 
 
 def write_json(path, record):
-    """Write ``record`` to ``path`` as indented JSON, atomically (temp file, rename); a
+    """Write ``record`` to ``path`` as indented JSON, atomically (``write_atomically``); a
     failed write (a full disk) is a one-line RunError and leaves no partial file."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise RunError(f"could not write {path} ({e.strerror or e})") from None
-        raise
+        write_atomically(path, lambda f: json.dump(record, f, indent=2), mode="w")
+    except OSError as e:
+        raise RunError(f"could not write {path} ({e.strerror or e})") from None
 
 
 class TensorboardScalars:
