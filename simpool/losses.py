@@ -48,10 +48,10 @@ class DINOLoss(nn.Module):
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def forward(self, student_output, teacher_output, teacher_temp):
-        log_p = F.log_softmax(_fp32(student_output) / self.student_temp, dim=-1).chunk(self.ncrops)
-        q = F.softmax((_fp32(teacher_output) - self.center) / teacher_temp, dim=-1).chunk(2)
-        log_p = torch.stack(log_p)  # (ncrops, B, K)
-        q = torch.stack(q)          # (2, B, K)
+        K = student_output.shape[-1]
+        # crops are stacked in order, so (ncrops, B, K) is a view: no copy of the logits
+        log_p = F.log_softmax(_fp32(student_output) / self.student_temp, dim=-1).view(self.ncrops, -1, K)
+        q = F.softmax((_fp32(teacher_output) - self.center) / teacher_temp, dim=-1).view(2, -1, K)
         # Sum over all student views once, then remove each teacher view's own pair:
         # sum_{v != t} q_t . log p_v = q_t . (sum_v log p_v) - q_t . log p_t
         all_views = torch.einsum("tbk,bk->tb", q, log_p.sum(0))
