@@ -18,7 +18,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 
 import torch
@@ -620,15 +619,7 @@ def print_demo_summary(log_path):
 
 
 def main(argv=None):
-    try:
-        args = parse_args(argv)
-        train_dino(args)
-    except (DataError, utils.RunError, Diverged) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    utils.run_command(lambda: train_dino(parse_args(argv)), user_errors=(DataError, Diverged))
 
 
 if __name__ == "__main__":

@@ -60,6 +60,20 @@ def init_distributed_mode(args):
     setup_logging(args.rank)
 
 
+def run_command(fn, *args, user_errors=()):
+    """Run a command-line tool's ``fn(*args)``: a mistake the user can fix (a RunError or one of
+    ``user_errors``) prints one line ``error: ...`` and exits 1, never a traceback; the process
+    group, if one was joined, is left either way."""
+    try:
+        return fn(*args)
+    except (RunError, *user_errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def is_main_process():
     return get_rank() == 0
 

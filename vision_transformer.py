@@ -12,7 +12,6 @@ Example:
     >>> out["pooled"].shape, out["patch_tokens"].shape, out["attention"].shape
     (torch.Size([2, 384]), torch.Size([2, 196, 384]), torch.Size([2, 196]))
 """
-import math
 from functools import partial
 
 import torch

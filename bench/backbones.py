@@ -97,15 +97,18 @@ def step_time(arch, args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--archs", nargs="+", default=DEFAULT_ARCHS, choices=ARCHS)
-    p.add_argument("--mode", default="simpool", choices=["simpool", "official"])
+    p.add_argument("--archs", nargs="+", default=DEFAULT_ARCHS, choices=ARCHS,
+                   help="backbones to measure (default: vit_small and every convnet and FCViT)")
+    p.add_argument("--mode", default="simpool", choices=["simpool", "official"],
+                   help="ViTs: SimPool pooling or the [CLS] token")
     p.add_argument("--batch", type=int, default=8, help="images per step (each gives 2 global + local crops)")
-    p.add_argument("--global_size", type=int, default=224)
-    p.add_argument("--local_size", type=int, default=96)
-    p.add_argument("--local_crops", type=int, default=6)
-    p.add_argument("--patch_size", type=int, default=16)
-    p.add_argument("--out_dim", type=int, default=65536)
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--global_size", type=int, default=224, help="global crop side (px)")
+    p.add_argument("--local_size", type=int, default=96, help="local crop side (px)")
+    p.add_argument("--local_crops", type=int, default=6, help="local crops per image")
+    p.add_argument("--patch_size", type=int, default=16, help="ViT/FCViT patch size")
+    p.add_argument("--out_dim", type=int, default=65536, help="DINO head output width")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
+                   help="bf16 autocast or fp32")
     p.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up step)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--channels_last", action="store_true", help="models and crops in channels-last memory format")

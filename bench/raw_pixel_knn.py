@@ -5,10 +5,10 @@
 Same protocol as the online k-NN: cosine similarity of mean/std-normalised pixels,
 weighted vote exp(sim / 0.07), train split as memory, test split as queries.
 """
+import argparse
 import os
 import sys
 
-import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,6 +22,7 @@ def features(images):
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     train_x, train_y = load_fashion_mnist("train")
     test_x, test_y = load_fashion_mnist("test")
     results = knn_classify(features(train_x), train_y, features(test_x), test_y, ks=(10, 20, 100, 200))

@@ -32,7 +32,6 @@ import argparse
 import logging
 import math
 import os
-import sys
 
 import numpy as np
 import torch
@@ -495,11 +494,7 @@ def run(args):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (AttentionError, DataError, utils.RunError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    return utils.run_command(run, args, user_errors=(AttentionError, DataError))
 
 
 if __name__ == "__main__":

@@ -451,7 +451,7 @@ def load_backbone_weights(model, state, source="checkpoint", desc=None, weights_
 
 def _resize_pos_embed(pos, target, model, source):
     prefix = getattr(model, "num_prefix_tokens", 0)
-    n_old, n_new = pos.shape[1] - prefix, target.shape[1] - prefix
+    n_old = pos.shape[1] - prefix
     old, new = math.isqrt(max(n_old, 0)), model.patch_embed.grid_size
     if pos.ndim != 3 or pos.shape[2] != target.shape[2] or old * old != n_old or n_old <= 0:
         return pos  # not a resizable grid: reported as a shape mismatch

@@ -7,7 +7,6 @@ Example:
     (100, 50, 'T-shirt/top')
 """
 import logging
-import sys
 
 import torch
 from torch.utils.data import default_collate
@@ -74,15 +73,7 @@ def amp_dtype(precision):
 
 def run_main(fn, args):
     """Run ``fn(args)``; user-facing errors print ``error: ...`` and exit 1, never a traceback."""
-    import torch.distributed as dist
-    try:
-        return fn(args)
-    except (DataError, utils.RunError, EvalError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    return utils.run_command(fn, args, user_errors=(DataError, EvalError))
 
 
 def add_data_args(parser):
