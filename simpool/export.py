@@ -56,18 +56,12 @@ def export_backbone(checkpoint, output, checkpoint_key="teacher", arch=None, pat
     if not os.path.isdir(folder):
         raise CheckpointError(f"--output folder {folder} does not exist")
     if str(output).endswith(".safetensors"):
-        from safetensors import SafetensorError
-        from safetensors.torch import save_file
-        tmp = os.path.join(folder, f".{os.path.basename(output)}.tmp{os.getpid()}")
-        try:
-            save_file(state, tmp, metadata={"format": FORMAT, "version": str(FORMAT_VERSION),
-                                            "meta": json.dumps(meta)})
-            os.replace(tmp, output)
-        except (OSError, SafetensorError) as e:  # a full disk is a SafetensorError naming the OS error
-            raise CheckpointError(f"could not write {output} ({e})") from None
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        from safetensors.torch import save
+        data = save(state, metadata={"format": FORMAT, "version": str(FORMAT_VERSION), "meta": json.dumps(meta)})
+        try:  # the bytes written as a checkpoint is: temp file, fsync, rename
+            utils.write_atomically(output, lambda f: f.write(data))
+        except OSError as e:
+            raise CheckpointError(f"could not write {output} ({e.strerror or e})") from None
     else:
         utils.save_checkpoint({"format": FORMAT, "version": FORMAT_VERSION, "meta": meta, "state_dict": state},
                               output)
