@@ -1,8 +1,6 @@
 """Backbone export / import (simpool/export.py, simpool/checkpoints.py): exact round trips,
 timm compatibility, strict loading with named keys, official checkpoint layouts, and
 files that are not checkpoints (nothing in them runs)."""
-import errno
-import io
 import logging
 import os
 import pickle
@@ -12,6 +10,7 @@ import torch
 
 import utils
 import vision_transformer as vits
+from full_disk import FullDisk
 from checkpoint_factory import (one_thread, save_flat_backbone, save_official_checkpoint, save_training_checkpoint,
                                 tiny_backbone)
 from simpool import export
@@ -83,13 +82,7 @@ def test_export_cli_and_bad_input_is_one_line_error(trained, tmp_path, capsys):
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_export_to_a_full_disk_is_one_line_error_and_leaves_nothing(trained, tmp_path, monkeypatch, capsys, suffix):
-    class FullDisk(io.FileIO):  # the disk fills up 4 KiB into the file
-        def write(self, data):
-            if self.tell() + len(data) > 4096:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return super().write(data)
-
-    monkeypatch.setattr(utils, "open", lambda file, mode="r": FullDisk(file, mode), raising=False)
+    monkeypatch.setattr(utils, "open", lambda file, mode="r": FullDisk(file, mode, budget=4096), raising=False)
     _, ckpt = trained
     with pytest.raises(SystemExit) as e:
         export.main(["--checkpoint", str(ckpt), "--output", str(tmp_path / f"b{suffix}")])

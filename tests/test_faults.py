@@ -7,7 +7,6 @@ skipped, the previous checkpoint kept, one clear line, the run resuming where it
 with the weights an uninterrupted run reaches. The multi-process tests go through
 ``./launch`` and are marked slow.
 """
-import errno
 import hashlib
 import io
 import json
@@ -32,6 +31,7 @@ from simpool.data import InMemoryImages
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_train import TINY  # noqa: E402  (the tiny complete run: 100 images, 4 steps/epoch at batch 25)
+from full_disk import FullDisk  # noqa: E402
 
 RUN = TINY + ["--epochs", "2", "--saveckp_iters", "2"]  # checkpoints after iterations 2, 4, 6, 8
 STEPS = 8
@@ -407,18 +407,12 @@ def test_disk_full_during_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_
     # failed write into a RuntimeError ("unexpected pos"); the user must still read ENOSPC.
     real_open, saves, before = open, [], {}
 
-    class FullDisk(io.FileIO):
-        def write(self, data):
-            if self.tell() + len(data) > 4096:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return super().write(data)
-
     def open_in_utils(file, mode="r", *args, **kwargs):
         if mode == "wb" and "checkpoint" in os.path.basename(file):
             saves.append(file)
             if len(saves) == 2:  # the end-of-epoch save, after the one at iteration 2
                 before["bytes"] = (tmp_path / "checkpoint.pth").read_bytes()
-                return FullDisk(file, "wb")
+                return FullDisk(file, "wb", budget=4096)
         return real_open(file, mode, *args, **kwargs)
 
     monkeypatch.setattr(utils, "open", open_in_utils, raising=False)

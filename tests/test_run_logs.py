@@ -1,7 +1,6 @@
 """Run logs (utils.TensorboardScalars, utils.append_json_line): TensorBoard event files that
 read back with the values written, and a full disk that stops a run with one line instead of
 hanging it."""
-import errno
 import io
 import json
 import os
@@ -16,6 +15,7 @@ import utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_train import TINY  # noqa: E402
+from full_disk import FullDisk  # noqa: E402
 
 
 def read_events(path):
@@ -64,27 +64,17 @@ def main_dino_log(folder):
         return [json.loads(line) for line in f]
 
 
-class FullDisk(io.FileIO):
-    """A file on a disk that fills up after ``budget`` bytes."""
-    budget = 0
-
-    def write(self, data):
-        if self.tell() + len(data) > self.budget:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return super().write(data)
-
-
 @pytest.mark.parametrize("target", ["events", "log.txt"])
 def test_full_disk_for_run_logs_is_one_line_error_not_a_hang(tmp_path, monkeypatch, capsys, target):
     # tensorboardX's SummaryWriter hung here: its writer thread died on ENOSPC and add_scalar
     # then waited forever on the full queue.
     import tensorboardX.record_writer
-    FullDisk.budget = 600  # the file header and a few scalars fit
+    budget = 600  # the file header and a few scalars fit
     if target == "events":
-        monkeypatch.setattr(tensorboardX.record_writer, "open_file", lambda path: FullDisk(path, "wb"))
+        monkeypatch.setattr(tensorboardX.record_writer, "open_file", lambda path: FullDisk(path, "wb", budget))
     else:
         real_open = open
-        monkeypatch.setattr(utils, "open", lambda path, mode="r", *a, **k: io.TextIOWrapper(FullDisk(path, mode))
+        monkeypatch.setattr(utils, "open", lambda path, mode="r", *a, **k: io.TextIOWrapper(FullDisk(path, mode, budget))
                             if path.endswith("log.txt") else real_open(path, mode, *a, **k), raising=False)
 
     def hung(signum, frame):
@@ -111,8 +101,8 @@ def test_write_json_is_atomic_and_a_full_disk_is_one_line(tmp_path, monkeypatch)
     with pytest.raises(TypeError):  # not JSON: the caller's bug, raised as is, nothing left behind
         utils.write_json(str(path), {"top1": object()})
     assert [p.name for p in tmp_path.iterdir()] == ["knn.json"]
-    FullDisk.budget = 8  # '{\n  "top1' fits, the rest does not
-    monkeypatch.setattr(utils, "open", lambda p, mode="r": io.TextIOWrapper(FullDisk(p, mode.replace("w", "wb"))),
+    budget = 8  # '{\n  "top1' fits, the rest does not
+    monkeypatch.setattr(utils, "open", lambda p, mode="r": io.TextIOWrapper(FullDisk(p, mode.replace("w", "wb"), budget)),
                         raising=False)
     with pytest.raises(utils.RunError, match=r"^could not write .*knn\.json \(No space left on device\)$"):
         utils.write_json(str(path), {"top1": 70.0, "per_k": list(range(100))})
@@ -122,8 +112,8 @@ def test_write_json_is_atomic_and_a_full_disk_is_one_line(tmp_path, monkeypatch)
 
 def test_eval_knn_on_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
     import eval_knn
-    FullDisk.budget = 0
-    monkeypatch.setattr(utils, "open", lambda p, mode="r": io.TextIOWrapper(FullDisk(p, mode.replace("w", "wb"))),
+    budget = 0
+    monkeypatch.setattr(utils, "open", lambda p, mode="r": io.TextIOWrapper(FullDisk(p, mode.replace("w", "wb"), budget)),
                         raising=False)
     with pytest.raises(SystemExit) as e:
         eval_knn.main(["--arch", "vit_nano", "--patch_size", "7", "--image_size", "28", "--subset", "3",
