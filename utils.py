@@ -7,6 +7,7 @@ import random
 import re
 import sys
 import time
+import warnings
 from collections import defaultdict, deque
 
 import numpy as np
@@ -273,7 +274,9 @@ def ensure_writable_dir(path):
 def load_checkpoint(path, map_location="cpu"):
     """``torch.load(weights_only=True)`` with one-line errors for non-checkpoints."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's note on plain pickles: the error below says it in one line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
     except Exception as e:  # truncated zip, random bytes, pickled code: all unreadable
