@@ -20,6 +20,7 @@ import time
 import torch
 
 import utils
+from utils import number
 from simpool.checkpoints import add_model_args, load_pretrained
 from simpool.evaluation import (EvalError, add_data_args, amp_dtype, build_eval_splits, drop_unreadable,
                                 is_in_memory, run_main, tolerant_collate)
@@ -33,13 +34,14 @@ def get_args_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p)
     g = add_data_args(p)
-    g.add_argument("--batch_size_per_gpu", default=256, type=int, help="Images per process per forward pass.")
-    g.add_argument("--num_workers", default=4, type=int, help="Data-loading processes per rank (ImageFolder "
-                   "only; the built-in Fashion-MNIST is served from memory).")
+    g.add_argument("--batch_size_per_gpu", default=256, type=number(int, low=1), help="Images per process per forward "
+                   "pass.")
+    g.add_argument("--num_workers", default=4, type=number(int, low=0), help="Data-loading processes per rank "
+                   "(ImageFolder only; the built-in Fashion-MNIST is served from memory).")
     g = p.add_argument_group("k-NN")
-    g.add_argument("--nb_knn", default=[10, 20, 100, 200], type=int, nargs="+", help="Numbers of nearest "
-                   "neighbours to evaluate (values above the training-set size are clipped to it).")
-    g.add_argument("--temperature", default=0.07, type=float, help="Temperature T of the vote weights "
+    g.add_argument("--nb_knn", default=[10, 20, 100, 200], type=number(int, low=1), nargs="+", help="Numbers of "
+                   "nearest neighbours to evaluate (values above the training-set size are clipped to it).")
+    g.add_argument("--temperature", default=0.07, type=number(float, above=0), help="Temperature T of the vote weights "
                    "exp(similarity / T).")
     g.add_argument("--knn_backend", default="faiss", choices=["faiss", "torch"], help="Exact nearest-neighbour "
                    "search: 'faiss' (fp32 inner-product index, on GPU with faiss-gpu and CUDA) or 'torch' (bf16 "

@@ -32,6 +32,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
 import utils
+from utils import number
 from simpool.augment import random_resized_crop_boxes
 from simpool.checkpoints import add_model_args, is_convnet, load_pretrained
 from simpool.data import normalize_batch
@@ -50,9 +51,9 @@ def get_args_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p)
     g = p.add_argument_group("features")
-    g.add_argument("--n_last_blocks", default=4, type=int, help="[CLS] models: concatenate the [CLS] token of "
-                   "this many last blocks (DINO: 4 for ViT-S, 1 for ViT-B). SimPool models and convnets use their "
-                   "pooled vector.")
+    g.add_argument("--n_last_blocks", default=4, type=number(int, low=1), help="[CLS] models: concatenate the [CLS] "
+                   "token of this many last blocks (DINO: 4 for ViT-S, 1 for ViT-B). SimPool models and convnets use "
+                   "their pooled vector.")
     g.add_argument("--avgpool_patchtokens", default=False, type=b, help="Also concatenate the average of the "
                    "last block's patch tokens (DINO: False for ViT-S, True for ViT-B); ViTs only (convnets have "
                    "no patch tokens: ignored).")
@@ -60,21 +61,22 @@ def get_args_parser():
     g.add_argument("--train_augment", default=True, type=b, help="RandomResizedCrop + flip on training images, "
                    "a backbone pass per epoch (DINO protocol). False: extract training features once and train "
                    "on the cache (much faster on CPU).")
-    g.add_argument("--crop_scale", default=(0.08, 1.0), type=float, nargs=2, help="Area range of the training "
-                   "RandomResizedCrop.")
-    g.add_argument("--batch_size_per_gpu", default=128, type=int, help="Images per process per step.")
-    g.add_argument("--num_workers", default=4, type=int, help="Data-loading processes per rank (ImageFolder).")
+    g.add_argument("--crop_scale", default=(0.08, 1.0), type=number(float, above=0, high=1), nargs=2, help="Area range "
+                   "of the training RandomResizedCrop.")
+    g.add_argument("--batch_size_per_gpu", default=128, type=number(int, low=1), help="Images per process per step.")
+    g.add_argument("--num_workers", default=4, type=number(int, low=0), help="Data-loading processes per rank "
+                   "(ImageFolder).")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", default=100, type=int, help="Training epochs.")
-    g.add_argument("--lrs", default=DEFAULT_LRS, type=float, nargs="+", help="Learning rates swept, one head "
-                   "each, for a global batch of 256 (scaled linearly by the actual global batch size).")
-    g.add_argument("--wds", default=[0.0], type=float, nargs="+", help="Weight decays swept; one head per "
-                   "(lr, wd) pair.")
-    g.add_argument("--momentum", default=0.9, type=float, help="SGD momentum.")
-    g.add_argument("--num_labels", default=None, type=int, help="Classifier outputs; default: the number of "
-                   "classes in the training split.")
-    g.add_argument("--val_freq", default=1, type=int, help="Score every head on the evaluation split every "
-                   "this many epochs (and after the last).")
+    g.add_argument("--epochs", default=100, type=number(int, low=1), help="Training epochs.")
+    g.add_argument("--lrs", default=DEFAULT_LRS, type=number(float, above=0), nargs="+", help="Learning rates swept, "
+                   "one head each, for a global batch of 256 (scaled linearly by the actual global batch size).")
+    g.add_argument("--wds", default=[0.0], type=number(float, low=0), nargs="+", help="Weight decays swept; one head "
+                   "per (lr, wd) pair.")
+    g.add_argument("--momentum", default=0.9, type=number(float, low=0, high=1), help="SGD momentum.")
+    g.add_argument("--num_labels", default=None, type=number(int, low=1), help="Classifier outputs; default: the "
+                   "number of classes in the training split.")
+    g.add_argument("--val_freq", default=1, type=number(int, low=1), help="Score every head on the evaluation split "
+                   "every this many epochs (and after the last).")
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", default=".", type=str, help="Where linear.json, linear_head.pth and the "
                    "resumable linear_checkpoint.pth go.")

@@ -61,12 +61,12 @@ def gamma_type(s):
 def get_args_parser():
     p = argparse.ArgumentParser("SimPool-SSL pretraining (DINO/iBOT with SimPool and AttMask)", add_help=True,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    b = utils.bool_flag
+    b, n = utils.bool_flag, utils.number
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="vit_small", choices=list(backbones.ARCHS), help="Backbone: a ViT "
                    "(masking-capable), resnet50, convnext_* or fcvit_* (SimPool on the last feature map).")
-    g.add_argument("--patch_size", default=16, type=int, help="Side of the square patches, in pixels. Smaller "
-                   "patches give more tokens: better features, quadratically more attention cost.")
+    g.add_argument("--patch_size", default=16, type=n(int, low=1), help="Side of the square patches, in pixels. "
+                   "Smaller patches give more tokens: better features, quadratically more attention cost.")
     g.add_argument("--mode", default="simpool", choices=backbones.MODES, help="'simpool': no [CLS] token, the image "
                    "vector is SimPool over patch tokens and SimPool's map guides masking; 'official': the DINO "
                    "[CLS] baseline, masking guided by the last block's [CLS] attention.")
@@ -74,18 +74,19 @@ def get_args_parser():
                    "pools with the plain attention average (1.25 in the SimPool ViT-S recipe); 'auto': None for "
                    "ViTs, 2.0 for convnets.")
     g.add_argument("--use_beta", default=False, type=b, help="Learned scalar offset added to SimPool's output.")
-    g.add_argument("--out_dim", default=65536, type=int, help="Output width of the DINO head (number of "
+    g.add_argument("--out_dim", default=65536, type=n(int, low=1), help="Output width of the DINO head (number of "
                    "prototypes). Large values need a long run to fill; small data wants small values.")
-    g.add_argument("--patch_out_dim", default=8192, type=int, help="Output width of the iBOT patch head "
+    g.add_argument("--patch_out_dim", default=8192, type=n(int, low=1), help="Output width of the iBOT patch head "
                    "(ignored with --shared_head True, which uses --out_dim).")
     g.add_argument("--shared_head", default=False, type=b, help="Project patch tokens with the same last "
                    "layer as the pooled vector (AttMask/iBOT option) instead of a separate one.")
     g.add_argument("--norm_last_layer", default=True, type=b, help="Keep the head's last layer "
                    "weight-normalised with fixed unit norm: more stable; False trains better small models.")
     g.add_argument("--use_bn_in_head", default=False, type=b, help="BatchNorm in the projection head MLP.")
-    g.add_argument("--momentum_teacher", default=0.996, type=float, help="Base EMA momentum of the teacher, "
-                   "raised to 1 by a cosine over training. Use 0.99-0.996; higher for small batches.")
-    g.add_argument("--drop_path_rate", default=0.1, type=float, help="Stochastic depth rate of the student.")
+    g.add_argument("--momentum_teacher", default=0.996, type=n(float, low=0, high=1), help="Base EMA momentum of the "
+                   "teacher, raised to 1 by a cosine over training. Use 0.99-0.996; higher for small batches.")
+    g.add_argument("--drop_path_rate", default=0.1, type=n(float, low=0, below=1), help="Stochastic depth rate of the "
+                   "student.")
     g.add_argument("--grad_checkpointing", default=False, type=b, help="Recompute the student backbone's "
                    "activations block by block in the backward instead of keeping them: much less memory "
                    "for large ViTs and batches, at about one more student forward per step.")
@@ -94,97 +95,102 @@ def get_args_parser():
                    "minutes while it compiles (needs a C++ compiler on CPU). See the README's Performance.")
 
     g = p.add_argument_group("temperatures and losses")
-    g.add_argument("--warmup_teacher_temp", default=0.04, type=float, help="Teacher temperature at the start "
-                   "of its linear warm-up. Lower it if training is unstable.")
-    g.add_argument("--teacher_temp", default=0.04, type=float, help="Teacher temperature after warm-up; above "
-                   "0.07 tends to be unstable.")
-    g.add_argument("--warmup_teacher_temp_epochs", default=0, type=float, help="Epochs of the linear "
+    g.add_argument("--warmup_teacher_temp", default=0.04, type=n(float, above=0), help="Teacher temperature at the "
+                   "start of its linear warm-up. Lower it if training is unstable.")
+    g.add_argument("--teacher_temp", default=0.04, type=n(float, above=0), help="Teacher temperature after warm-up; "
+                   "above 0.07 tends to be unstable.")
+    g.add_argument("--warmup_teacher_temp_epochs", default=0, type=n(float, low=0), help="Epochs of the linear "
                    "teacher-temperature warm-up.")
-    g.add_argument("--warmup_teacher_patch_temp", default=0.04, type=float, help="Patch-head teacher "
+    g.add_argument("--warmup_teacher_patch_temp", default=0.04, type=n(float, above=0), help="Patch-head teacher "
                    "temperature at the start of warm-up.")
-    g.add_argument("--teacher_patch_temp", default=0.07, type=float, help="Patch-head teacher temperature "
+    g.add_argument("--teacher_patch_temp", default=0.07, type=n(float, above=0), help="Patch-head teacher temperature "
                    "after warm-up.")
-    g.add_argument("--lambda1", default=1.0, type=float, help="Weight of the DINO loss on pooled vectors.")
-    g.add_argument("--lambda2", default=1.0, type=float, help="Weight of the iBOT loss on masked patches.")
+    g.add_argument("--lambda1", default=1.0, type=n(float, low=0), help="Weight of the DINO loss on pooled vectors.")
+    g.add_argument("--lambda2", default=1.0, type=n(float, low=0), help="Weight of the iBOT loss on masked patches.")
 
     g = p.add_argument_group("masking (iBOT / AttMask)")
     g.add_argument("--pred_shape", default="attmask_high", choices=PRED_SHAPES, help="How to choose masked "
                    "patches: by the teacher's SimPool attention (attmask_high/low/hint), at random, or in blocks.")
-    g.add_argument("--pred_ratio", default=0.3, type=float, help="Fraction of patches masked; 0 turns masking "
-                   "and the iBOT loss off (plain DINO).")
-    g.add_argument("--pred_ratio_var", default=0.0, type=float, help="Each sample's ratio is "
+    g.add_argument("--pred_ratio", default=0.3, type=n(float, low=0, below=1), help="Fraction of patches masked; 0 "
+                   "turns masking and the iBOT loss off (plain DINO).")
+    g.add_argument("--pred_ratio_var", default=0.0, type=n(float, low=0, below=1), help="Each sample's ratio is "
                    "uniform in pred_ratio +- pred_ratio_var.")
-    g.add_argument("--masking_prob", default=0.5, type=float, help="Probability that a global crop is masked "
-                   "at all.")
-    g.add_argument("--pred_start_epoch", default=0, type=int, help="Epoch from which masking starts.")
-    g.add_argument("--show_max", default=0.1, type=float, help="attmask_hint: fraction of most-attended "
-                   "patches among which hints are revealed.")
-    g.add_argument("--show_ratio", default=0.1, type=float, help="attmask_hint: fraction of all patches "
-                   "revealed as hints (taken among the top --show_max).")
+    g.add_argument("--masking_prob", default=0.5, type=n(float, low=0, high=1), help="Probability that a global crop "
+                   "is masked at all.")
+    g.add_argument("--pred_start_epoch", default=0, type=n(int, low=0), help="Epoch from which masking starts.")
+    g.add_argument("--show_max", default=0.1, type=n(float, low=0, high=1), help="attmask_hint: fraction of "
+                   "most-attended patches among which hints are revealed.")
+    g.add_argument("--show_ratio", default=0.1, type=n(float, low=0, high=1), help="attmask_hint: fraction of all "
+                   "patches revealed as hints (taken among the top --show_max).")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--use_fp16", default=False, type=b, help="On CUDA: fp16 autocast with a gradient scaler "
                    "(DINO's flag). Ignored on CPU, where --precision applies.")
     g.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="Autocast precision for "
                    "forward passes on CPU and CUDA; losses and softmaxes stay fp32.")
-    g.add_argument("--weight_decay", default=0.04, type=float, help="Initial weight decay (biases and norms "
+    g.add_argument("--weight_decay", default=0.04, type=n(float, low=0), help="Initial weight decay (biases and norms "
                    "excluded).")
-    g.add_argument("--weight_decay_end", default=0.4, type=float, help="Final weight decay (cosine schedule).")
-    g.add_argument("--clip_grad", default=3.0, type=float, help="Per-parameter gradient norm clip; 0 disables.")
-    g.add_argument("--batch_size_per_gpu", default=64, type=int, help="Images per process per step.")
-    g.add_argument("--epochs", default=100, type=int, help="Training epochs.")
-    g.add_argument("--freeze_last_layer", default=1, type=int, help="Epochs during which the head's last layer "
-                   "is not updated.")
-    g.add_argument("--lr", default=0.0005, type=float, help="Peak learning rate for a global batch of 256; "
+    g.add_argument("--weight_decay_end", default=0.4, type=n(float, low=0), help="Final weight decay (cosine "
+                   "schedule).")
+    g.add_argument("--clip_grad", default=3.0, type=n(float, low=0), help="Per-parameter gradient norm clip; 0 "
+                   "disables.")
+    g.add_argument("--batch_size_per_gpu", default=64, type=n(int, low=1), help="Images per process per step.")
+    g.add_argument("--epochs", default=100, type=n(int, low=0), help="Training epochs.")
+    g.add_argument("--freeze_last_layer", default=1, type=n(int, low=0), help="Epochs during which the head's last "
+                   "layer is not updated.")
+    g.add_argument("--lr", default=0.0005, type=n(float, low=0), help="Peak learning rate for a global batch of 256; "
                    "scaled linearly by (batch_size_per_gpu * world_size) / 256.")
-    g.add_argument("--warmup_epochs", default=10, type=float, help="Epochs of linear learning-rate warm-up.")
-    g.add_argument("--min_lr", default=1e-6, type=float, help="Learning rate at the end of the cosine.")
+    g.add_argument("--warmup_epochs", default=10, type=n(float, low=0), help="Epochs of linear learning-rate warm-up.")
+    g.add_argument("--min_lr", default=1e-6, type=n(float, low=0), help="Learning rate at the end of the cosine.")
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "lars"], help="adamw for ViTs; "
                    "lars for convnets.")
 
     g = p.add_argument_group("multi-crop augmentation")
-    g.add_argument("--global_crops_scale", default=(0.4, 1.0), type=float, nargs=2, help="Area range of the "
-                   "2 global crops, as fractions of the image.")
-    g.add_argument("--local_crops_number", default=8, type=int, help="Number of local crops; 0 disables them.")
-    g.add_argument("--local_crops_scale", default=(0.05, 0.4), type=float, nargs=2, help="Area range of the "
-                   "local crops.")
-    g.add_argument("--global_crops_size", default=224, type=int, help="Side of global crops in pixels (also "
+    g.add_argument("--global_crops_scale", default=(0.4, 1.0), type=n(float, above=0, high=1), nargs=2, help="Area "
+                   "range of the 2 global crops, as fractions of the image.")
+    g.add_argument("--local_crops_number", default=8, type=n(int, low=0), help="Number of local crops; 0 disables "
+                   "them.")
+    g.add_argument("--local_crops_scale", default=(0.05, 0.4), type=n(float, above=0, high=1), nargs=2, help="Area "
+                   "range of the local crops.")
+    g.add_argument("--global_crops_size", default=224, type=n(int, low=1), help="Side of global crops in pixels (also "
                    "the evaluation image size).")
-    g.add_argument("--local_crops_size", default=96, type=int, help="Side of local crops in pixels.")
-    g.add_argument("--blur_sigma", default=(0.1, 2.0), type=float, nargs=2, help="Range of the Gaussian blur "
-                   "sigma, in output pixels.")
-    g.add_argument("--blur_prob", default=(1.0, 0.1, 0.5), type=float, nargs=3, help="Blur probability of "
-                   "global crop 1, global crop 2 and the local crops.")
-    g.add_argument("--color_jitter_prob", default=0.8, type=float, help="Probability of colour jitter "
-                   "(brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1) per crop.")
-    g.add_argument("--grayscale_prob", default=0.2, type=float, help="Probability of turning a crop gray.")
-    g.add_argument("--solarization_prob", default=0.2, type=float, help="Probability of solarizing global "
-                   "crop 2.")
+    g.add_argument("--local_crops_size", default=96, type=n(int, low=1), help="Side of local crops in pixels.")
+    g.add_argument("--blur_sigma", default=(0.1, 2.0), type=n(float, above=0), nargs=2, help="Range of the Gaussian "
+                   "blur sigma, in output pixels.")
+    g.add_argument("--blur_prob", default=(1.0, 0.1, 0.5), type=n(float, low=0, high=1), nargs=3, help="Blur "
+                   "probability of global crop 1, global crop 2 and the local crops.")
+    g.add_argument("--color_jitter_prob", default=0.8, type=n(float, low=0, high=1), help="Probability of colour "
+                   "jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1) per crop.")
+    g.add_argument("--grayscale_prob", default=0.2, type=n(float, low=0, high=1), help="Probability of turning a crop "
+                   "gray.")
+    g.add_argument("--solarization_prob", default=0.2, type=n(float, low=0, high=1), help="Probability of solarizing "
+                   "global crop 2.")
 
     g = p.add_argument_group("data, evaluation and run")
     g.add_argument("--data_path", default=None, type=str, help="ImageFolder root holding train/<class>/* (and "
                    "val/ for k-NN), or 'fashion-mnist'. Omitted: the CPU demo recipe.")
-    g.add_argument("--subset", default=-1, type=int, help="Keep this many images per class (-1: all).")
+    g.add_argument("--subset", default=-1, type=n(int, low=-1), help="Keep this many images per class (-1: all).")
     g.add_argument("--output_dir", default="output", type=str, help="Where checkpoint.pth, log.txt and "
                    "TensorBoard events go; a run there resumes from its checkpoint.")
-    g.add_argument("--saveckp_freq", default=20, type=int, help="Also keep checkpoint{epoch:04}.pth every this "
-                   "many epochs (0: never).")
-    g.add_argument("--saveckp_iters", default=0, type=int, help="Also write checkpoint.pth every this many "
+    g.add_argument("--saveckp_freq", default=20, type=n(int, low=0), help="Also keep checkpoint{epoch:04}.pth every "
+                   "this many epochs (0: never).")
+    g.add_argument("--saveckp_iters", default=0, type=n(int, low=0), help="Also write checkpoint.pth every this many "
                    "iterations inside an epoch (with the sampler position), so a crash loses at most that many "
                    "steps (0: end of epoch only).")
-    g.add_argument("--keep_checkpoints", default=2, type=int, help="Keep this many newest checkpoints "
+    g.add_argument("--keep_checkpoints", default=2, type=n(int, low=1), help="Keep this many newest checkpoints "
                    "(checkpoint.pth, checkpoint.pth.1, ...); resume falls back to an older one if the newest "
                    "is unreadable.")
     g.add_argument("--seed", default=0, type=int, help="Random seed.")
-    g.add_argument("--num_workers", default=10, type=int, help="Data-loading processes per rank (ImageFolder).")
+    g.add_argument("--num_workers", default=10, type=n(int, low=0), help="Data-loading processes per rank "
+                   "(ImageFolder).")
     g.add_argument("--dist_url", default="env://", type=str, help="Process-group rendezvous URL.")
     g.add_argument("--local_rank", "--local-rank", default=0, type=int, help="Set by torch.distributed.launch; "
                    "ignored (LOCAL_RANK is read from the environment).")
-    g.add_argument("--eval_every", default=0, type=int, help="Online k-NN of the teacher every this many epochs "
-                   "and before training (0: never).")
-    g.add_argument("--nb_knn", default=[20], type=int, nargs="+", help="k values for the online k-NN; the first "
-                   "is logged as knn_top1/knn_top5.")
-    g.add_argument("--temperature", default=0.07, type=float, help="k-NN vote temperature.")
+    g.add_argument("--eval_every", default=0, type=n(int, low=0), help="Online k-NN of the teacher every this many "
+                   "epochs and before training (0: never).")
+    g.add_argument("--nb_knn", default=[20], type=n(int, low=1), nargs="+", help="k values for the online k-NN; the "
+                   "first is logged as knn_top1/knn_top5.")
+    g.add_argument("--temperature", default=0.07, type=n(float, above=0), help="k-NN vote temperature.")
     g.add_argument("--cpu", action="store_true", help="Run on CPU even when CUDA is available.")
     return p
 
@@ -204,15 +210,25 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Resolve --gamma auto into the value the backbone uses (so args and checkpoints record
-    it); refuse crops below a convnet's smallest input, and --compile on CPU without a C++
-    compiler (inductor builds its CPU kernels with one), as one-line RunErrors."""
+    it); refuse ranges given high end first, crops smaller than one ViT patch or a convnet's
+    smallest input, and --compile on CPU without a C++ compiler (inductor builds its CPU
+    kernels with one), as one-line RunErrors. (Each flag's own range is checked by its type.)"""
     args.gamma = backbones.resolve_gamma(args.arch, args.gamma)
     on_cpu = args.cpu or not torch.cuda.is_available()
     compiler = os.environ.get("CXX", "g++")  # the one inductor looks for
     if args.compile and on_cpu and not shutil.which(compiler):
         raise utils.RunError(f"--compile on CPU needs a C++ compiler to build its kernels and {compiler} is not on "
                              "PATH; install g++ (or set CXX) or drop --compile")
-    if args.arch not in backbones.VIT_ARCHS:
+    for flag in ("global_crops_scale", "local_crops_scale", "blur_sigma"):
+        low, high = getattr(args, flag)
+        if low > high:
+            raise utils.RunError(f"--{flag} takes the low end first (MIN MAX), got {low:g} {high:g}")
+    if args.arch in backbones.VIT_ARCHS:
+        for flag in ("global_crops_size",) + (("local_crops_size",) if args.local_crops_number > 0 else ()):
+            if getattr(args, flag) < args.patch_size:
+                raise utils.RunError(f"--{flag} {getattr(args, flag)} is smaller than one patch (--patch_size "
+                                     f"{args.patch_size})")
+    else:
         smallest = backbones.ConvNetBackbone.min_input_size
         sizes = [("--global_crops_size", args.global_crops_size)]
         if args.local_crops_number > 0:

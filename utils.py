@@ -1,4 +1,5 @@
 """Distributed set-up, schedules, checkpoint I/O and logging for SimPool-SSL."""
+import argparse
 import datetime
 import json
 import logging
@@ -390,6 +391,7 @@ class TensorboardScalars:
     error, after which its ``add_scalar`` blocks forever on a full queue.
 
     Example:
+        >>> import tempfile
         >>> tb = TensorboardScalars(tempfile.mkdtemp())
         >>> tb.add_scalar("train/loss", 0.5, step=10); tb.close()
     """
@@ -428,5 +430,32 @@ def bool_flag(s):
         return True
     if str(s).lower() in {"false", "0", "no", "off"}:
         return False
-    import argparse
     raise argparse.ArgumentTypeError(f"expected True or False, got {s!r}")
+
+
+def number(kind, low=None, high=None, above=None, below=None):
+    """argparse type: an ``int`` or ``float`` with ``low <= x <= high`` and ``above < x < below``
+    (each bound optional), so that a value out of range is argparse's one-line usage error
+    instead of a traceback from deep inside the run.
+
+    Example:
+        >>> number(int, low=1)("8"), number(float, low=0, high=1)("0.5")
+        (8, 0.5)
+        >>> number(int, low=1)("0")
+        Traceback (most recent call last):
+        argparse.ArgumentTypeError: expected an integer >= 1, got 0
+    """
+    bounds = [f">= {low:g}" if low is not None else "", f"> {above:g}" if above is not None else "",
+              f"<= {high:g}" if high is not None else "", f"< {below:g}" if below is not None else ""]
+    what = f"expected {'an integer' if kind is int else 'a number'} {' and '.join(b for b in bounds if b)}"
+
+    def parse(text):
+        value = kind(text)  # a ValueError here is argparse's "invalid int/float value"
+        if ((low is not None and value < low) or (high is not None and value > high)
+                or (above is not None and value <= above) or (below is not None and value >= below)
+                or value != value):  # NaN
+            raise argparse.ArgumentTypeError(f"{what}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse

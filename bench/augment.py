@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.reference import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO, pil_loader  # noqa: E402
 from simpool.augment import MultiCropAugmentation  # noqa: E402
 from simpool.data import SafeImageFolder  # noqa: E402
+from utils import number  # noqa: E402
 
 GLOBAL_SCALE, LOCAL_SCALE, N_LOCAL, G, L = (0.4, 1.0), (0.05, 0.4), 6, 224, 96
 
@@ -114,9 +115,9 @@ def check_outputs(ref, ours, n):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data_path", default=None, help="folder of images (default: generated 640x480 JPEGs)")
-    p.add_argument("--rounds", type=int, default=5, help="alternating passes of each pipeline")
-    p.add_argument("--batch_size", type=int, default=32, help="images per photometric batch (ours)")
-    p.add_argument("--limit", type=int, default=0, help="use at most this many files (0: all)")
+    p.add_argument("--rounds", type=number(int, low=1), default=5, help="alternating passes of each pipeline")
+    p.add_argument("--batch_size", type=number(int, low=1), default=32, help="images per photometric batch (ours)")
+    p.add_argument("--limit", type=number(int, low=0), default=0, help="use at most this many files (0: all)")
     args = p.parse_args()
     torch.set_num_threads(1)
     tmp = None

@@ -29,6 +29,7 @@ import vision_transformer as vits  # noqa: E402
 from simpool.backbones import ARCHS, FCVIT_ARCHS, build_backbone  # noqa: E402
 from simpool.losses import DINOLoss  # noqa: E402
 from simpool.optim import build_optimizer, ema_update, param_groups  # noqa: E402
+from utils import number  # noqa: E402
 
 DEFAULT_ARCHS = ["vit_small", "resnet50", "convnext_tiny", "convnext_small", "convnext_base",
                  "fcvit_tiny", "fcvit_b12", "fcvit_b24", "fcvit_b48"]
@@ -101,16 +102,17 @@ def main(argv=None):
                    help="backbones to measure (default: vit_small and every convnet and FCViT)")
     p.add_argument("--mode", default="simpool", choices=["simpool", "official"],
                    help="ViTs: SimPool pooling or the [CLS] token")
-    p.add_argument("--batch", type=int, default=8, help="images per step (each gives 2 global + local crops)")
-    p.add_argument("--global_size", type=int, default=224, help="global crop side (px)")
-    p.add_argument("--local_size", type=int, default=96, help="local crop side (px)")
-    p.add_argument("--local_crops", type=int, default=6, help="local crops per image")
-    p.add_argument("--patch_size", type=int, default=16, help="ViT/FCViT patch size")
-    p.add_argument("--out_dim", type=int, default=65536, help="DINO head output width")
+    p.add_argument("--batch", type=number(int, low=1), default=8, help="images per step (each gives 2 global + local "
+                   "crops)")
+    p.add_argument("--global_size", type=number(int, low=1), default=224, help="global crop side (px)")
+    p.add_argument("--local_size", type=number(int, low=1), default=96, help="local crop side (px)")
+    p.add_argument("--local_crops", type=number(int, low=0), default=6, help="local crops per image")
+    p.add_argument("--patch_size", type=number(int, low=1), default=16, help="ViT/FCViT patch size")
+    p.add_argument("--out_dim", type=number(int, low=1), default=65536, help="DINO head output width")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
                    help="bf16 autocast or fp32")
-    p.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up step)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--steps", type=number(int, low=1), default=2, help="timed steps (after one warm-up step)")
+    p.add_argument("--threads", type=number(int, low=1), default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--channels_last", action="store_true", help="models and crops in channels-last memory format")
     p.add_argument("--no_time", action="store_true", help="parameters only")
     args = p.parse_args(argv)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.reference import knn_classifier  # noqa: E402
 from simpool.knn import knn_classify  # noqa: E402
+from utils import number  # noqa: E402
 
 
 def clustered_features(n_train, n_query, dim, classes, noise, seed=0):
@@ -36,14 +37,16 @@ def clustered_features(n_train, n_query, dim, classes, noise, seed=0):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n_train", type=int, default=100000, help="bank (train) vectors")
-    p.add_argument("--n_query", type=int, default=10000, help="query vectors")
-    p.add_argument("--dim", type=int, default=384, help="feature width")
-    p.add_argument("--classes", type=int, default=1000, help="classes (one centre each)")
-    p.add_argument("--k", type=int, default=20, help="neighbours that vote")
-    p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(similarity / T)")
-    p.add_argument("--noise", type=float, default=3.0, help="per-sample noise norm relative to the centre's")
-    p.add_argument("--rounds", type=int, default=3, help="alternating timed runs of each; medians are reported")
+    p.add_argument("--n_train", type=number(int, low=1), default=100000, help="bank (train) vectors")
+    p.add_argument("--n_query", type=number(int, low=1), default=10000, help="query vectors")
+    p.add_argument("--dim", type=number(int, low=1), default=384, help="feature width")
+    p.add_argument("--classes", type=number(int, low=1), default=1000, help="classes (one centre each)")
+    p.add_argument("--k", type=number(int, low=1), default=20, help="neighbours that vote")
+    p.add_argument("--temperature", type=number(float, above=0), default=0.07, help="vote weight exp(similarity / T)")
+    p.add_argument("--noise", type=number(float, low=0), default=3.0, help="per-sample noise norm relative to the "
+                   "centre's")
+    p.add_argument("--rounds", type=number(int, low=1), default=3, help="alternating timed runs of each; medians are "
+                   "reported")
     args = p.parse_args()
     train, train_y, query, query_y = clustered_features(args.n_train, args.n_query, args.dim, args.classes,
                                                         args.noise)

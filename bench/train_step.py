@@ -44,6 +44,7 @@ from simpool import backbones  # noqa: E402
 from simpool.augment import MultiCropAugmentation  # noqa: E402
 from simpool.losses import DINOLoss, PatchLoss  # noqa: E402
 from simpool.optim import build_optimizer, param_groups  # noqa: E402
+from utils import number  # noqa: E402
 
 
 def machine():
@@ -220,18 +221,18 @@ def child_peak(argv):
 
 def main():
     extra = argparse.ArgumentParser(add_help=False)
-    extra.add_argument("--steps", type=int, default=5, help="Timed steps (of each, with --compare).")
-    extra.add_argument("--warmup", type=int, default=2, help="Untimed steps first.")
+    extra.add_argument("--steps", type=number(int, low=1), default=5, help="Timed steps (of each, with --compare).")
+    extra.add_argument("--warmup", type=number(int, low=0), default=2, help="Untimed steps first.")
     extra.add_argument("--reference", action="store_true", help="Time the reference DINO step only.")
     extra.add_argument("--compare", action="store_true", help="Time ours and the reference, alternating.")
     extra.add_argument("--reference_precision", default=None, choices=["fp32", "bf16"],
                        help="The reference's precision (default: --precision).")
     extra.add_argument("--against", default=None, metavar="FLAGS", help="Time ours against ours with these "
                        "main_dino.py flags added (one quoted string), alternating.")
-    extra.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default).")
-    extra.add_argument("--profile", type=int, default=0, metavar="N", help="After timing, profile N more steps of "
-                       "each (torch.profiler) and print the time in matmul/attention kernels, which ours and the "
-                       "reference share, against the rest.")
+    extra.add_argument("--threads", type=number(int, low=0), default=0, help="torch threads (0: torch's default).")
+    extra.add_argument("--profile", type=number(int, low=0), default=0, metavar="N", help="After timing, profile N "
+                       "more steps of each (torch.profiler) and print the time in matmul/attention kernels, which ours "
+                       "and the reference share, against the rest.")
     bench_args, rest = extra.parse_known_args()
     if bench_args.threads:
         torch.set_num_threads(bench_args.threads)

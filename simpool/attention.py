@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import utils
+from utils import number
 import vision_transformer as vits
 from simpool.augment import IMAGENET_MEAN, IMAGENET_STD
 from simpool.backbones import ConvNetBackbone, upsample_attention
@@ -390,25 +391,26 @@ def get_args_parser():
     g.add_argument("--images", default=[], nargs="+", type=str, help="Images to draw: each gives "
                    "OUTPUT_DIR/<name>_attention.png with the image and its attention overlaid (per head too, "
                    "for [CLS] models).")
-    g.add_argument("--image_size", default=None, type=int, help="Short side (pixels) the model sees; default: "
-                   "the checkpoint's training size. Maps are upsampled back to each image's resolution.")
+    g.add_argument("--image_size", default=None, type=number(int, low=1), help="Short side (pixels) the model sees; "
+                   "default: the checkpoint's training size. Maps are upsampled back to each image's resolution.")
     g.add_argument("--normalize", default="auto", choices=["auto", "imagenet", FASHION_MNIST], help="Input "
                    "normalisation statistics; auto: those of the data the checkpoint was trained on.")
-    g.add_argument("--display_size", default=224, type=int, help="Minimum height of the written panels; smaller "
-                   "images are enlarged (nearest).")
+    g.add_argument("--display_size", default=224, type=number(int, low=1), help="Minimum height of the written panels; "
+                   "smaller images are enlarged (nearest).")
     g = p.add_argument_group("evaluation")
     g.add_argument("--evaluate", action="store_true", help="Score the maps against object masks: Jaccard of the "
                    "top-mass token mask, and CorLoc; writes OUTPUT_DIR/attention.json.")
     g.add_argument("--mask_dir", default=None, type=str, help="Your own image/mask pairs (images/<name>.jpg + "
                    "masks/<name>.png, or <name>.jpg + <name>_mask.png); default: the built-in synthetic set.")
-    g.add_argument("--num_images", default=500, type=int, help="Size of the built-in synthetic set.")
-    g.add_argument("--object_scale", default=(0.5, 0.9), type=float, nargs=2, help="Synthetic set: range of an "
-                   "item's side as a fraction of the image side.")
-    g.add_argument("--background_gain", default=0.5, type=float, help="Synthetic set: texture brightness factor.")
-    g.add_argument("--threshold", default=0.6, type=float, help="Fraction of the attention mass the kept tokens "
-                   "hold (DINO: 0.6).")
-    g.add_argument("--save_examples", default=8, type=int, help="Write this many evaluation panels (image, mask, "
-                   "map, kept tokens) to OUTPUT_DIR/examples.")
+    g.add_argument("--num_images", default=500, type=number(int, low=1), help="Size of the built-in synthetic set.")
+    g.add_argument("--object_scale", default=(0.5, 0.9), type=number(float, above=0, below=1), nargs=2,
+                   help="Synthetic set: range of an item's side as a fraction of the image side.")
+    g.add_argument("--background_gain", default=0.5, type=number(float, low=0), help="Synthetic set: texture "
+                   "brightness factor.")
+    g.add_argument("--threshold", default=0.6, type=number(float, low=0, high=1), help="Fraction of the attention mass "
+                   "the kept tokens hold (DINO: 0.6).")
+    g.add_argument("--save_examples", default=8, type=number(int, low=0), help="Write this many evaluation panels "
+                   "(image, mask, map, kept tokens) to OUTPUT_DIR/examples.")
     g.add_argument("--seed", default=0, type=int, help="Seed of the synthetic set.")
     p.add_argument("--output_dir", default="attention", type=str, help="Where the PNGs and attention.json go.")
     p.add_argument("--cpu", action="store_true", help="Run on CPU even when CUDA is available.")

@@ -14,7 +14,7 @@ import torch.nn as nn
 from simpool.optim import (LARS, build_optimizer, cancel_last_layer_gradients, clip_gradients, ema_update,
                            param_groups)
 from utils import (CheckpointError, bool_flag, cosine_scheduler, linear_warmup_constant, load_checkpoint,
-                   load_latest_checkpoint, save_checkpoint)
+                   load_latest_checkpoint, number, save_checkpoint)
 
 
 # ---------------------------------------------------------------- schedules
@@ -331,6 +331,34 @@ def test_load_checkpoint_does_not_run_pickled_code(tmp_path, use_torch_save):
         _assert_one_line_error(path)
     assert not marker.exists()
     assert [str(w.message) for w in caught] == []  # the one-line error is all the user sees
+
+
+
+# ---------------------------------------------------------------- number (ranged argparse types)
+def test_number_bounds():
+    assert number(int, low=1)("1") == 1 and number(int, low=0)("0") == 0
+    assert number(float, low=0, high=1)("1") == 1.0 and number(float, above=0)("1e-9") == 1e-9
+    for parse, text in [(number(int, low=1), "0"), (number(float, above=0), "0"), (number(float, low=0), "-0.1"),
+                        (number(float, low=0, high=1), "1.5"), (number(float, low=0, below=1), "1"),
+                        (number(float, low=0), "nan"), (number(int, low=-1), "-2")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=f"got {text}$"):
+            parse(text)
+    with pytest.raises(ValueError):
+        number(int, low=1)("2.5")
+
+
+def test_number_in_argparse_is_a_one_line_usage_error(capsys):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=number(int, low=1))
+    parser.add_argument("--scale", type=number(float, above=0, high=1), nargs=2)
+    assert parser.parse_args(["--epochs", "3", "--scale", "0.5", "1"]).scale == [0.5, 1.0]
+    for argv, expected in [(["--epochs", "0"], "argument --epochs: expected an integer >= 1, got 0"),
+                           (["--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
+                           (["--scale", "0", "1"], "argument --scale: expected a number > 0 and <= 1, got 0")]:
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(argv)
+        assert e.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith("error: " + expected)
 
 
 # ---------------------------------------------------------------- bool_flag

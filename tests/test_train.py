@@ -101,6 +101,22 @@ def test_official_mode_trains_with_cls_guided_masking(tmp_path):
     assert np.isfinite(read_log(tmp_path)[0]["train_patch_loss"])
 
 
+@pytest.mark.parametrize("flags,code,expected", [
+    (["--batch_size_per_gpu", "0"], 2, "argument --batch_size_per_gpu: expected an integer >= 1, got 0"),
+    (["--local_crops_number", "-1"], 2, "argument --local_crops_number: expected an integer >= 0, got -1"),
+    (["--teacher_temp", "0"], 2, "argument --teacher_temp: expected a number > 0, got 0"),
+    (["--global_crops_scale", "0.9", "0.4"], 1, "--global_crops_scale takes the low end first (MIN MAX), got 0.9 0.4"),
+    (["--local_crops_size", "6"], 1, "--local_crops_size 6 is smaller than one patch (--patch_size 7)"),
+])
+def test_out_of_range_flags_are_one_line_errors(tmp_path, capsys, flags, code, expected):
+    # the demo recipe (vit_nano/7, 28-px crops) with one bad flag: stopped before any data or model is built
+    with pytest.raises(SystemExit) as e:
+        main_dino.main(flags + ["--output_dir", str(tmp_path)])
+    assert e.value.code == code
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(expected)
+    assert os.listdir(tmp_path) == []
+
+
 def test_bad_data_path_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main_dino.main(["--data_path", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")])
