@@ -62,6 +62,7 @@ def get_args_parser():
     p = argparse.ArgumentParser("SimPool-SSL pretraining (DINO/iBOT with SimPool and AttMask)", add_help=True,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     b, n = utils.bool_flag, utils.number
+    zero_to_one = n(float, low=0, high=1)  # probabilities, fractions, momenta
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="vit_small", choices=list(backbones.ARCHS), help="Backbone: a ViT "
                    "(masking-capable), resnet50, convnext_* or fcvit_* (SimPool on the last feature map).")
@@ -83,7 +84,7 @@ def get_args_parser():
     g.add_argument("--norm_last_layer", default=True, type=b, help="Keep the head's last layer "
                    "weight-normalised with fixed unit norm: more stable; False trains better small models.")
     g.add_argument("--use_bn_in_head", default=False, type=b, help="BatchNorm in the projection head MLP.")
-    g.add_argument("--momentum_teacher", default=0.996, type=n(float, low=0, high=1), help="Base EMA momentum of the "
+    g.add_argument("--momentum_teacher", default=0.996, type=zero_to_one, help="Base EMA momentum of the "
                    "teacher, raised to 1 by a cosine over training. Use 0.99-0.996; higher for small batches.")
     g.add_argument("--drop_path_rate", default=0.1, type=n(float, low=0, below=1), help="Stochastic depth rate of the "
                    "student.")
@@ -115,12 +116,12 @@ def get_args_parser():
                    "turns masking and the iBOT loss off (plain DINO).")
     g.add_argument("--pred_ratio_var", default=0.0, type=n(float, low=0, below=1), help="Each sample's ratio is "
                    "uniform in pred_ratio +- pred_ratio_var.")
-    g.add_argument("--masking_prob", default=0.5, type=n(float, low=0, high=1), help="Probability that a global crop "
+    g.add_argument("--masking_prob", default=0.5, type=zero_to_one, help="Probability that a global crop "
                    "is masked at all.")
     g.add_argument("--pred_start_epoch", default=0, type=n(int, low=0), help="Epoch from which masking starts.")
-    g.add_argument("--show_max", default=0.1, type=n(float, low=0, high=1), help="attmask_hint: fraction of "
+    g.add_argument("--show_max", default=0.1, type=zero_to_one, help="attmask_hint: fraction of "
                    "most-attended patches among which hints are revealed.")
-    g.add_argument("--show_ratio", default=0.1, type=n(float, low=0, high=1), help="attmask_hint: fraction of all "
+    g.add_argument("--show_ratio", default=0.1, type=zero_to_one, help="attmask_hint: fraction of all "
                    "patches revealed as hints (taken among the top --show_max).")
 
     g = p.add_argument_group("optimisation")
@@ -157,13 +158,13 @@ def get_args_parser():
     g.add_argument("--local_crops_size", default=96, type=n(int, low=1), help="Side of local crops in pixels.")
     g.add_argument("--blur_sigma", default=(0.1, 2.0), type=n(float, above=0), nargs=2, help="Range of the Gaussian "
                    "blur sigma, in output pixels.")
-    g.add_argument("--blur_prob", default=(1.0, 0.1, 0.5), type=n(float, low=0, high=1), nargs=3, help="Blur "
+    g.add_argument("--blur_prob", default=(1.0, 0.1, 0.5), type=zero_to_one, nargs=3, help="Blur "
                    "probability of global crop 1, global crop 2 and the local crops.")
-    g.add_argument("--color_jitter_prob", default=0.8, type=n(float, low=0, high=1), help="Probability of colour "
+    g.add_argument("--color_jitter_prob", default=0.8, type=zero_to_one, help="Probability of colour "
                    "jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1) per crop.")
-    g.add_argument("--grayscale_prob", default=0.2, type=n(float, low=0, high=1), help="Probability of turning a crop "
+    g.add_argument("--grayscale_prob", default=0.2, type=zero_to_one, help="Probability of turning a crop "
                    "gray.")
-    g.add_argument("--solarization_prob", default=0.2, type=n(float, low=0, high=1), help="Probability of solarizing "
+    g.add_argument("--solarization_prob", default=0.2, type=zero_to_one, help="Probability of solarizing "
                    "global crop 2.")
 
     g = p.add_argument_group("data, evaluation and run")
