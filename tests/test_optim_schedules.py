@@ -333,7 +333,6 @@ def test_load_checkpoint_does_not_run_pickled_code(tmp_path, use_torch_save):
     assert [str(w.message) for w in caught] == []  # the one-line error is all the user sees
 
 
-
 # ---------------------------------------------------------------- number (ranged argparse types)
 def test_number_bounds():
     assert number(int, low=1)("1") == 1 and number(int, low=0)("0") == 0
