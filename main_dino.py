@@ -107,7 +107,8 @@ def get_args_parser():
     g.add_argument("--teacher_patch_temp", default=0.07, type=n(float, above=0), help="Patch-head teacher temperature "
                    "after warm-up.")
     g.add_argument("--lambda1", default=1.0, type=n(float, low=0), help="Weight of the DINO loss on pooled vectors.")
-    g.add_argument("--lambda2", default=1.0, type=n(float, low=0), help="Weight of the iBOT loss on masked patches.")
+    g.add_argument("--lambda2", default=1.0, type=n(float, low=0), help="Weight of the iBOT loss on masked patches; "
+                   "0 keeps the masking (the student sees masked global crops) without that loss.")
 
     g = p.add_argument_group("masking (iBOT / AttMask)")
     g.add_argument("--pred_shape", default="attmask_high", choices=PRED_SHAPES, help="How to choose masked "
@@ -250,12 +251,14 @@ class MultiCropNetwork(nn.Module):
         super().__init__()
         self.backbone, self.head = backbone, head
 
-    def forward(self, globals_, locals_=None, masks=None):
+    def forward(self, globals_, locals_=None, masks=None, predict_patches=True):
         out = self.backbone.forward_features(globals_, mask=masks)
         pooled = out["pooled"]
         if locals_ is not None:
             pooled = torch.cat([pooled, self.backbone(locals_)])
-        patch_logits = self.head.forward_patches(out["patch_tokens"][masks]) if masks is not None else None
+        patch_logits = None
+        if masks is not None and predict_patches:
+            patch_logits = self.head.forward_patches(out["patch_tokens"][masks])
         return self.head(pooled), patch_logits
 
 
@@ -278,6 +281,28 @@ def build_network(args, drop_path_rate, grad_checkpointing=False):
         head.forward = torch.compile(head.forward)
         head.forward_patches = torch.compile(head.forward_patches)
     return MultiCropNetwork(backbone, head)
+
+
+def build_student_teacher(args, device):
+    """(student, student as DDP trains it, teacher): with several processes the student is
+    wrapped in DDP, which overwrites every rank's weights with rank 0's (each rank drew its own
+    initialisation from seed + rank); the teacher is copied after that, so all ranks start from
+    the same teacher."""
+    student = build_network(args, args.drop_path_rate, args.grad_checkpointing).to(device)
+    teacher = build_network(args, 0.0).to(device)
+    if args.world_size > 1 and backbones.uses_batchnorm(student):
+        if backbones.sync_batchnorm_supported(device):
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        else:  # torch's SyncBatchNorm has no CPU kernel
+            logger.warning("BatchNorm statistics stay per process on CPU (SyncBatchNorm needs a GPU).")
+    student_ddp = student
+    if args.world_size > 1:
+        student_ddp = nn.parallel.DistributedDataParallel(
+            student, device_ids=[args.gpu] if device.type == "cuda" else None, find_unused_parameters=True)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    return student, student_ddp, teacher
 
 
 class Diverged(RuntimeError):
@@ -336,30 +361,14 @@ def train_dino(args):
     logger.info(f"Data: {len(dataset)} training images from {args.data_path}, {niter} steps per epoch.")
 
     # ---- student, teacher (EMA of the student, no gradients), losses, optimizer
-    student = build_network(args, args.drop_path_rate, args.grad_checkpointing).to(device)
-    teacher = build_network(args, 0.0).to(device)
-    if args.world_size > 1 and backbones.uses_batchnorm(student):
-        if backbones.sync_batchnorm_supported(device):
-            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
-        else:  # torch's SyncBatchNorm has no CPU kernel
-            logger.warning("BatchNorm statistics stay per process on CPU (SyncBatchNorm needs a GPU).")
-    teacher.load_state_dict(student.state_dict())
-    teacher.requires_grad_(False)
-    student_ddp = student
-    if args.world_size > 1:
-        student_ddp = nn.parallel.DistributedDataParallel(
-            student, device_ids=[args.gpu] if device.type == "cuda" else None, find_unused_parameters=True)
+    student, student_ddp, teacher = build_student_teacher(args, device)
     logger.info(f"Student and teacher: {args.arch}/{args.patch_size} ({args.mode}), "
                 f"{sum(p.numel() for p in student.backbone.parameters()) / 1e6:.2f}M backbone parameters.")
 
     ncrops = 2 + args.local_crops_number
     dino_loss = DINOLoss(args.out_dim, ncrops).to(device)
     patch_loss = PatchLoss(args.out_dim if args.shared_head else args.patch_out_dim).to(device)
-    masking = args.pred_ratio > 0 and args.masking_prob > 0 and args.lambda2 > 0
-    if masking and not backbones.supports_masking(student.backbone):
-        logger.warning(backbones.masking_off_message(args.arch))
-        masking = False
+    masking = uses_masking(args, student.backbone)
     optimizer = build_optimizer(args.optimizer, param_groups(student))
     fp16 = args.use_fp16 and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if fp16 else None
@@ -508,10 +517,23 @@ def warn_if_collapsed(stats, out_dim):
                        "or a higher --teacher_temp")
 
 
+def uses_masking(args, backbone):
+    """Whether the student's global crops are masked: --pred_ratio and --masking_prob above 0
+    and a backbone with a mask token (a warning otherwise). --lambda2 0 keeps the masking and
+    drops only the iBOT loss, as in iBOT."""
+    if args.pred_ratio == 0 or args.masking_prob == 0:
+        return False
+    if not backbones.supports_masking(backbone):
+        logger.warning(backbones.masking_off_message(args.arch))
+        return False
+    return True
+
+
 def distillation_loss(student, teacher, dino_loss, patch_loss, globals_, locals_, masking, teacher_temp,
                       patch_temp, amp_dtype, args):
     """The self-distillation objective of one batch of crops: returns the weighted total
-    and its parts {"dino_loss", "patch_loss"}."""
+    and its parts {"dino_loss", "patch_loss"} ("patch_loss" only with masking and --lambda2 > 0)."""
+    predict_patches = masking and args.lambda2 > 0
     with torch.autocast(globals_.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
         # teacher: pooled logits and the pooling attention on the unmasked global crops
         with torch.no_grad():
@@ -522,12 +544,13 @@ def distillation_loss(student, teacher, dino_loss, patch_loss, globals_, locals_
                 grid = teacher.backbone.grid_size(*globals_.shape[-2:])
                 masks = make_masks(t_out["attention"], grid, args.pred_shape, args.pred_ratio,
                                    args.pred_ratio_var, args.masking_prob, args.show_max, args.show_ratio)
-                t_patch = teacher.head.forward_patches(t_out["patch_tokens"][masks])
+                if predict_patches:
+                    t_patch = teacher.head.forward_patches(t_out["patch_tokens"][masks])
         # student: masked globals and unmasked locals
-        s_logits, s_patch = student(globals_, locals_, masks)
+        s_logits, s_patch = student(globals_, locals_, masks, predict_patches=predict_patches)
     parts = {"dino_loss": dino_loss(s_logits, t_logits, teacher_temp)}
     loss = args.lambda1 * parts["dino_loss"]
-    if masking:  # iBOT: the student predicts the teacher's tokens where it saw the mask token
+    if predict_patches:  # iBOT: the student predicts the teacher's tokens where it saw the mask token
         parts["patch_loss"] = patch_loss(s_patch, t_patch, masks.nonzero()[:, 0], masks.shape[0], patch_temp)
         loss = loss + args.lambda2 * parts["patch_loss"]
     return loss, parts

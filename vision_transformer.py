@@ -196,13 +196,15 @@ def cls_attention(block, x, num_prefix_tokens=1, average_heads=True):
     """The [CLS] row of ``block``'s self-attention on input ``x`` (B, T, C), over the
     patch tokens only (the first ``num_prefix_tokens`` columns dropped): (B, N) averaged
     over heads, or (B, heads, N) with ``average_heads=False``. Only the one query row is
-    computed; the softmax is in fp32."""
+    computed; the logits and the softmax are in fp32, also under autocast."""
     attn = block.attn
     B, T, C = x.shape
     qkv = attn.qkv(block.norm1(x)).reshape(B, T, 3, attn.num_heads, attn.head_dim)
     q = attn.q_norm(qkv[:, :1, 0].transpose(1, 2))  # (B, h, 1, hd)
     k = attn.k_norm(qkv[:, :, 1].transpose(1, 2))   # (B, h, T, hd)
-    weights = ((q @ k.transpose(-2, -1)).float() * attn.scale).softmax(dim=-1)[:, :, 0, num_prefix_tokens:]
+    with torch.autocast(x.device.type, enabled=False):
+        logits = q.float() @ k.float().transpose(-2, -1) * attn.scale
+    weights = logits.softmax(dim=-1)[:, :, 0, num_prefix_tokens:]
     return weights.mean(dim=1) if average_heads else weights
 
 

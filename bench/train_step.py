@@ -40,7 +40,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import main_dino  # noqa: E402
 from bench.reference import ReferenceStep  # noqa: E402
-from simpool import backbones  # noqa: E402
 from simpool.augment import MultiCropAugmentation  # noqa: E402
 from simpool.losses import DINOLoss, PatchLoss  # noqa: E402
 from simpool.optim import build_optimizer, param_groups  # noqa: E402
@@ -100,9 +99,7 @@ class Ours:
         self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
         self.amp_dtype = torch.float16 if fp16 else (torch.bfloat16 if args.precision == "bf16" else None)
         self.precision = "fp16" if fp16 else args.precision
-        # as main_dino.py: convnets have no patch tokens, so masking and the iBOT loss stay off
-        self.masking = args.pred_ratio > 0 and args.masking_prob > 0 and args.lambda2 > 0 and \
-            backbones.supports_masking(self.student.backbone)
+        self.masking = main_dino.uses_masking(args, self.student.backbone)
         B, size = args.batch_size_per_gpu, args.global_crops_size
         # uint8 crops as the ImageFolder loader's workers hand them over (crop_image + collate);
         # the step runs the photometric stage on them, as main_dino.py does
@@ -121,11 +118,16 @@ class Ours:
     def state(self):
         return state_mib(self.student, self.teacher, self.optimizer)
 
+    def objective(self):
+        if not self.masking:
+            return "masking + iBOT loss off (plain DINO)"
+        return "masking + iBOT loss on" if self.args.lambda2 > 0 else "masking on, iBOT loss off"
+
     def describe(self):
         a = self.args
         extras = [name for name, on in (("grad checkpointing", a.grad_checkpointing), ("compiled", a.compile)) if on]
         return (f"ours: {a.arch}/{a.patch_size} {a.mode}, precision {self.precision}, "
-                f"masking + iBOT loss {'on' if self.masking else 'off (plain DINO)'}, optimizer {a.optimizer}"
+                f"{self.objective()}, optimizer {a.optimizer}"
                 + "".join(f", {e}" for e in extras))
 
 
@@ -151,6 +153,11 @@ class Reference:
 
     def state(self):
         return state_mib(self.impl.student, self.impl.teacher, self.impl.optimizer)
+
+    def objective(self):
+        if not self.masking:
+            return "masking + iBOT loss off (plain DINO)"
+        return "masking + iBOT loss on" if self.args.lambda2 > 0 else "masking on, iBOT loss off"
 
     def describe(self):
         a = self.args

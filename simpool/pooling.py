@@ -32,7 +32,8 @@ class SimPool(nn.Module):
         qk_scale: attention scale; default (d / num_heads) ** -0.5.
         gamma: exponent of the generalised mean; ``None`` pools with a plain
             attention-weighted average.
-        use_beta: add a learned scalar offset to the pooled vector.
+        use_beta: add a learned scalar offset to the pooled vector (also with ``gamma=None``,
+            where the official release leaves it out; its weights carry no ``beta`` then).
     """
 
     def __init__(self, dim, num_heads=1, qkv_bias=False, qk_scale=None, gamma=None, use_beta=False):
@@ -62,17 +63,19 @@ class SimPool(nn.Module):
         q = query.reshape(B, h, 1, d // h)
         k = keys.reshape(B, N, h, d // h).transpose(1, 2)  # (B, h, N, d/h)
         v = tokens.reshape(B, N, h, d // h).transpose(1, 2)
-        # Softmax and pooling in at least fp32: bf16 logits lose the precision the ranking needs.
+        # Logits, softmax and pooling in at least fp32, also under autocast (which would run both
+        # products in bf16): bf16 logits tie and reorder the ranking that AttMask masks by.
         dtype = torch.promote_types(x.dtype, torch.float32)
-        attn = ((q @ k.transpose(-2, -1)).to(dtype) * self.scale).softmax(dim=-1)  # (B, h, 1, N)
-        v = v.to(dtype)
-        if self.gamma is None:
-            pooled = attn @ v
-        else:
-            # Shift each sample's values to be positive; the minimum is taken per sample
-            # so that a sample's vector never depends on its batch-mates.
-            v = v - v.amin(dim=(1, 2, 3), keepdim=True) + self.eps
-            pooled = (attn @ v.pow(self.gamma)).pow(1.0 / self.gamma)
+        with torch.autocast(x.device.type, enabled=False):
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+            attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)  # (B, h, 1, N)
+            if self.gamma is None:
+                pooled = attn @ v
+            else:
+                # Shift each sample's values to be positive; the minimum is taken per sample
+                # so that a sample's vector never depends on its batch-mates.
+                v = v - v.amin(dim=(1, 2, 3), keepdim=True) + self.eps
+                pooled = (attn @ v.pow(self.gamma)).pow(1.0 / self.gamma)
         pooled = pooled.reshape(B, d)
         if self.beta is not None:
             pooled = pooled + self.beta

@@ -454,6 +454,41 @@ def ddp_reference(tmp_path_factory):
     return load(out / "checkpoint.pth")
 
 
+RECORD_START_WEIGHTS = """
+import hashlib, json, os, sys
+sys.path.insert(0, {root!r})
+import main_dino
+
+real_build = main_dino.build_student_teacher
+
+def digest(module):
+    return hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in module.state_dict().values())).hexdigest()
+
+def build(args, device):  # note what each rank starts from, then stop
+    student, student_ddp, teacher = real_build(args, device)
+    with open(os.path.join(args.output_dir, f"rank{{args.rank}}.json"), "w") as f:
+        json.dump({{"student": digest(student), "teacher": digest(teacher)}}, f)
+    raise SystemExit(0)
+
+main_dino.build_student_teacher = build
+main_dino.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_every_rank_starts_from_the_same_student_and_teacher(tmp_path):
+    # Each rank draws its own initialisation (seed + rank); DDP hands rank 0's student to all,
+    # and the teacher must be copied after that, or each rank distils from a different teacher.
+    driver = tmp_path / "driver.py"
+    driver.write_text(RECORD_START_WEIGHTS.format(root=ROOT))
+    out = tmp_path / "out"
+    rc, text = launch("--nproc_per_node", "2", str(driver), *DDP_RUN, output_dir=out)
+    assert rc == 0, text[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["student"] == ranks[1]["student"]
+    assert ranks[0]["teacher"] == ranks[1]["teacher"] == ranks[0]["student"]
+
+
 NAN_ON_RANK_1 = """
 import hashlib, os, sys
 sys.path.insert(0, {root!r})

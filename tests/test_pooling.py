@@ -192,6 +192,32 @@ def test_finite_under_bf16_autocast_with_gamma():
     assert (out.float() - ref).abs().max() < 0.2 * ref.abs().max()
 
 
+@pytest.mark.parametrize("gamma", [None, 1.25])
+def test_logits_and_pooling_in_fp32_under_bf16_autocast(gamma):
+    # The projections run in bf16 under autocast; from their outputs on, the map (which AttMask
+    # ranks) and the pooled vector must be fp32-exact, not rounded through bf16 products.
+    torch.manual_seed(8)
+    B, N, d = 2, 196, 64
+    m = _randomise(SimPool(d, gamma=gamma))
+    seen = {}
+    m.wq.register_forward_hook(lambda mod, inp, out: seen.__setitem__("q", out))
+    m.wk.register_forward_hook(lambda mod, inp, out: seen.__setitem__("k", out))
+    m.norm_patches.register_forward_hook(lambda mod, inp, out: seen.__setitem__("v", out))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, attn = m(torch.randn(B, N, d) * 3, return_attention=True)
+    assert seen["q"].dtype == torch.bfloat16  # the projections did run in bf16
+    q, k, v = (seen[key].double() for key in ("q", "k", "v"))
+    expected_attn = ((k @ q.unsqueeze(-1)).squeeze(-1) * d ** -0.5).softmax(-1)
+    if gamma is not None:
+        v = v - v.reshape(B, -1).min(1).values.view(B, 1, 1) + EPS
+        expected = (expected_attn.unsqueeze(1) @ v ** gamma).squeeze(1) ** (1 / gamma)
+    else:
+        expected = (expected_attn.unsqueeze(1) @ v).squeeze(1)
+    assert attn.dtype == torch.float32 and out.dtype == torch.float32
+    torch.testing.assert_close(attn.double(), expected_attn, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("use_beta", [False, True])
 def test_state_dict_keys_match_official_names(use_beta):
     m = SimPool(8, gamma=1.25, use_beta=use_beta)

@@ -152,3 +152,27 @@ def test_optimised_step_equals_plain_step(masking, drop_path, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"student {name}")
     for (name, a), b in zip(ft.state_dict().items(), pt.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"teacher {name}")
+
+
+def test_lambda2_zero_masks_the_student_without_the_patch_loss():
+    # As in iBOT: --lambda2 0 drops the patch loss, not the masking the student's DINO loss sees.
+    args = main_dino.parse_args(ARGS + ["--pred_ratio", "0.4", "--lambda2", "0"])
+    student, teacher = _setup(args)
+    assert main_dino.uses_masking(args, student.backbone)
+    assert not main_dino.uses_masking(main_dino.parse_args(ARGS + ["--pred_ratio", "0"]), student.backbone)
+    g, l = _crops(args)[0]
+    seen = []
+    forward = student.forward
+    student.forward = lambda *a, **kw: seen.append((a, kw)) or forward(*a, **kw)
+    dino = DINOLoss(args.out_dim, 2 + args.local_crops_number)
+    patch = PatchLoss(args.patch_out_dim)
+    with torch.no_grad():
+        torch.manual_seed(100)
+        loss, parts = main_dino.distillation_loss(student, teacher, dino, patch, g, l, True, 0.04, 0.07, None, args)
+        unmasked, _ = main_dino.distillation_loss(student, teacher, dino, patch, g, l, False, 0.04, 0.07, None, args)
+    masks = seen[0][0][2]
+    assert masks is not None and masks.sum() == 2 * args.batch_size_per_gpu * int(0.4 * 64)
+    assert seen[0][1] == {"predict_patches": False} and set(parts) == {"dino_loss"}
+    assert torch.equal(patch.center, torch.zeros_like(patch.center))  # no patch loss, no centre update
+    assert loss.item() == pytest.approx(args.lambda1 * parts["dino_loss"].item())
+    assert abs(loss.item() - unmasked.item()) > 1e-4  # the student did see the masked crops

@@ -266,6 +266,25 @@ def test_cls_attention_is_cls_row_averaged_over_heads():
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_cls_attention_logits_in_fp32_under_bf16_autocast():
+    # The qkv projection runs in bf16 under autocast; the logits from its output must not be
+    # rounded to bf16 (ties and swaps in the ranking that AttMask masks by).
+    torch.manual_seed(0)
+    model = _randomise_(_vit("official"), std=0.3)
+    block = model.blocks[0]
+    x = torch.randn(2, 65, 24)
+    seen = {}
+    block.attn.qkv.register_forward_hook(lambda mod, inp, out: seen.__setitem__("qkv", out))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cls_attention(block, x, average_heads=False)
+    assert seen["qkv"].dtype == torch.bfloat16
+    h = block.attn.num_heads
+    qkv = seen["qkv"].double().reshape(2, 65, 3, h, -1)
+    q, k = qkv[:, :1, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
+    expected = (q @ k.transpose(-2, -1) * block.attn.scale).softmax(-1)[:, :, 0, 1:]
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-7)
+
+
 def test_official_attention_is_last_block_cls_row():
     model = _randomise_(_vit("official"), std=0.3).double()
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
