@@ -176,6 +176,11 @@ class LinearSweep(nn.Module):
         H, B, C = logits.shape
         return F.cross_entropy(logits.reshape(H * B, C), labels.repeat(H)) * H
 
+    def empty_loss(self):
+        """Zero, with a (zero) gradient for every parameter: the loss of a rank that has no
+        sample in this step, which must still join the gradient all-reduce and the step."""
+        return (self.weight.sum() + self.bias.sum()) * 0.0
+
     @torch.no_grad()
     def step(self, lr_factor=1.0):
         """One SGD-momentum update of every head, at lr_h * lr_factor."""
@@ -225,7 +230,7 @@ def train_cached_epoch(sweep, feats, labels, global_batch, lr_factors, generator
     for i in it:
         idx = order[i * global_batch:(i + 1) * global_batch][rank::world]
         loss = sweep.loss(feats[idx].to(sweep.weight.device), labels[idx].to(sweep.weight.device)) if len(idx) \
-            else sweep.weight.sum() * 0.0  # a rank with no sample left still joins the all-reduce
+            else sweep.empty_loss()
         sweep.zero_grad(set_to_none=True)
         loss.backward()
         sweep.all_reduce_grads()
@@ -278,7 +283,7 @@ def train_augmented_epoch(sweep, features, dataset, args, epoch, lr_factors, met
                                              enabled=args.precision == "bf16"):
             f = features(x).float()
         keep = labels >= 0
-        loss = sweep.loss(f[keep], labels[keep]) if bool(keep.any()) else sweep.weight.sum() * 0.0
+        loss = sweep.loss(f[keep], labels[keep]) if bool(keep.any()) else sweep.empty_loss()
         sweep.zero_grad(set_to_none=True)
         loss.backward()
         sweep.all_reduce_grads()

@@ -398,7 +398,7 @@ def train_dino(args):
         utils.restore_modules(ckpt, student=student, teacher=teacher, optimizer=optimizer, scaler=scaler,
                               dino_loss=dino_loss, patch_loss=patch_loss)
         start_epoch, start_step = ckpt["epoch"], ckpt.get("epoch_step", 0)
-        restore_rng(ckpt.get("rng"), args.rank)
+        restore_rng(ckpt.get("rng"), args.rank, device)
         logger.info(f"Resumed from {ckpt_file} at epoch {start_epoch}, step {start_step} "
                     f"(iteration {ckpt['iteration']}).")
 
@@ -411,7 +411,7 @@ def train_dino(args):
                  "dino_loss": dino_loss.state_dict(), "patch_loss": patch_loss.state_dict(),
                  "epoch": epoch, "epoch_step": epoch_step, "iteration": epoch * niter + epoch_step,
                  "sampler_position": epoch_step * args.batch_size_per_gpu, "args": serializable_args(args),
-                 "rng": rng_state()}
+                 "rng": rng_state(device)}
         if utils.is_main_process():
             utils.save_checkpoint(state, ckpt_path, keep=args.keep_checkpoints)
             if epoch_step == 0 and args.saveckp_freq and epoch % args.saveckp_freq == 0:
@@ -445,7 +445,7 @@ def train_dino(args):
     logger.info(f"Training time {total}.")
     if writer is not None:
         writer.close()
-    if args.demo:
+    if args.demo and utils.is_main_process():  # rank 0 writes log.txt; the others may read it half-written
         print_demo_summary(log_path)
 
 
@@ -462,7 +462,10 @@ def train_one_epoch(student, student_ddp, teacher, dino_loss, patch_loss, loader
         for path in set(bad) - bad_files:  # name each unreadable file once per run
             logger.warning(f"skipped unreadable image {path}")
             bad_files.add(path)
-        if batch is None:
+        # a rank whose whole batch was unreadable has nothing to train on; every rank skips the
+        # step with it, or its collectives would pair with the next step's on the others
+        no_batch = utils.all_reduce_sum(batch is None, device) if args.world_size > 1 else batch is None
+        if no_batch:
             continue
         images = batch[0]
         for j, group in enumerate(optimizer.param_groups):
@@ -595,7 +598,7 @@ def online_knn(backbone, knn_data, args, amp_dtype):
     train_f, train_y = extract_features(backbone, train, header="k-NN train features", **kw)
     test_f, test_y = extract_features(backbone, test, header="k-NN test features", **kw)
     results = knn_classify(train_f, train_y, test_f, test_y, ks=args.nb_knn, temperature=args.temperature,
-                           num_classes=len(train.classes))
+                           num_classes=len(train.classes), use_gpu=args.device.type == "cuda")
     for k, r in results.items():
         logger.info(f"k-NN (k={k}): top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%")
     first = results[min(results, key=lambda k: abs(k - args.nb_knn[0]))]
@@ -617,10 +620,18 @@ def serializable_args(args):
             if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
 
 
-def rng_state():
-    """This rank's torch and Python RNG states, gathered from all ranks so that a resume
-    continues every rank's random stream (augmentations, masks) where it stopped."""
-    state = torch.cat([torch.get_rng_state(), torch.tensor(random.getstate()[1], dtype=torch.int64).view(torch.uint8)])
+PYTHON_RNG_BYTES = 625 * 8  # random.getstate()[1]: 625 int64 words
+
+
+def rng_state(device):
+    """This rank's torch CPU, Python and (on CUDA) GPU generator states as one uint8 tensor,
+    gathered from all ranks so that a resume continues every rank's random stream where it
+    stopped (masks draw on the CPU; on CUDA the photometric augmentation and drop-path draw on
+    the GPU)."""
+    parts = [torch.get_rng_state(), torch.tensor(random.getstate()[1], dtype=torch.int64).view(torch.uint8)]
+    if device.type == "cuda":
+        parts.append(torch.cuda.get_rng_state(device))
+    state = torch.cat(parts)
     if utils.get_world_size() > 1:
         states = [torch.empty_like(state) for _ in range(utils.get_world_size())]
         dist.all_gather_object(states, state)
@@ -628,13 +639,17 @@ def rng_state():
     return [state]
 
 
-def restore_rng(states, rank):
+def restore_rng(states, rank, device):
     if not states or rank >= len(states):
         return  # a run resumed with more ranks: new ranks keep their fresh seeds
     n_torch = torch.get_rng_state().numel()
     state = states[rank]
     torch.set_rng_state(state[:n_torch].clone())
-    random.setstate((3, tuple(state[n_torch:].clone().view(torch.int64).tolist()), None))
+    python = state[n_torch:n_torch + PYTHON_RNG_BYTES].clone()
+    random.setstate((3, tuple(python.view(torch.int64).tolist()), None))
+    gpu = state[n_torch + PYTHON_RNG_BYTES:]
+    if device.type == "cuda" and gpu.numel():  # absent in a checkpoint written on CPU
+        torch.cuda.set_rng_state(gpu.clone(), device)
 
 
 def check_compatible(saved, args, path):

@@ -7,6 +7,7 @@ import os
 import random
 import re
 import sys
+import tempfile
 import time
 import warnings
 from collections import defaultdict, deque
@@ -41,7 +42,14 @@ def init_distributed_mode(args):
     """
     env = os.environ
     args.rank, args.world_size, args.gpu, local_world = launch_environment()
+    if args.world_size > 1 and "RANK" not in env and args.dist_url == "env://" and "MASTER_ADDR" not in env:
+        raise RunError(f"this is task {args.rank} of {args.world_size} SLURM tasks (SLURM_PROCID, SLURM_NTASKS) but "
+                       "MASTER_ADDR is not set: start the tasks with `srun ./launch ...`, which sets up the "
+                       "rendezvous, or export MASTER_ADDR and MASTER_PORT; for one process in a multi-task job, "
+                       "use `srun --ntasks 1 python ...`")
     use_cuda = torch.cuda.is_available() and not getattr(args, "cpu", False)
+    if use_cuda:  # with one GPU bound per task (--gpus-per-task), a task sees only device 0
+        args.gpu %= torch.cuda.device_count()
     args.device = torch.device("cuda", args.gpu) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(args.gpu)
@@ -51,9 +59,11 @@ def init_distributed_mode(args):
         timeout = datetime.timedelta(minutes=30)
         where = {"init_method": args.dist_url}
         attempt = env.get("TORCHELASTIC_RESTART_COUNT")
-        if attempt is not None and args.dist_url == "env://":
-            # torchrun keeps its store across restarts: without a key space per attempt, a restarted
-            # rank can read a dead peer's address from the previous attempt and fail or hang
+        if attempt is not None and args.dist_url == "env://" and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # the workers share torchrun's store, which outlives restarts: without a key space per
+            # attempt, a restarted rank can read a dead peer's address from the previous attempt
+            # and fail or hang. (./launch --rdzv_endpoint gives each round a fresh store instead,
+            # as the restart count can differ between nodes there.)
             store, _, _ = next(dist.rendezvous(args.dist_url, args.rank, args.world_size, timeout=timeout))
             where = {"store": dist.PrefixStore(f"attempt_{attempt}", store)}
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", world_size=args.world_size,
@@ -264,8 +274,9 @@ def ensure_writable_dir(path):
     """Create ``path`` if needed and check that files can be written there."""
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write_test{os.getpid()}")
-        with open(probe, "wb") as f:
+        # a unique name (O_EXCL): ranks on other nodes may share this folder and this pid
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write_test")
+        with os.fdopen(fd, "wb") as f:
             f.write(b"ok")
         os.remove(probe)
     except OSError as e:

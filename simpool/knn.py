@@ -22,6 +22,7 @@ Example:
     >>> knn_classify(train, labels, train[:10], labels[:10], ks=(1,))[1]["top1"]
     100.0
 """
+import contextlib
 import math
 
 import torch
@@ -55,6 +56,27 @@ def _faiss_search(train, test, k, chunk_size, use_gpu):
     return torch.cat(sims), torch.cat(idx)
 
 
+@contextlib.contextmanager
+def _exact_cuda_matmuls(device):
+    """On CUDA, whatever the caller set: bf16 products accumulated in fp32 (the error bound
+    below assumes it; cuBLAS may otherwise reduce in bf16) and fp32 products without TF32."""
+    settings = torch.backends.cuda.matmul
+    wanted = {"allow_bf16_reduced_precision_reduction": False, "fp32_precision": "ieee"}
+    saved = {}
+    if device.type == "cuda":
+        for name, value in wanted.items():
+            try:
+                saved[name] = getattr(settings, name)
+                setattr(settings, name, value)
+            except (AttributeError, RuntimeError):  # a torch without this setting
+                saved.pop(name, None)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(settings, name, value)
+
+
 @torch.no_grad()
 def knn_search(train, test, k, chunk_size=2048, margin=16, prefilter_dtype=None):
     """Exact top-``k`` inner products: (similarities (Q, k) fp32, descending; indices
@@ -62,6 +84,11 @@ def knn_search(train, test, k, chunk_size=2048, margin=16, prefilter_dtype=None)
     ``prefilter_dtype`` (default bf16 where fast, else fp32) is the candidate search's
     precision; ``margin``: extra candidates per query in the first round (a query that
     needs more gets 16x as many, then an fp32 scan)."""
+    with _exact_cuda_matmuls(train.device):
+        return _knn_search(train, test, k, chunk_size, margin, prefilter_dtype)
+
+
+def _knn_search(train, test, k, chunk_size, margin, prefilter_dtype):
     train, test = train.float(), test.float()
     n, d = train.shape
     device = train.device

@@ -160,3 +160,17 @@ def test_two_gloo_ranks_match_one_process(checkpoint, tmp_path):
     assert two["global_batch"] == one["global_batch"] == 32
     for a, b in zip(two["per_head"], one["per_head"]):
         assert a["top1"] == pytest.approx(b["top1"], abs=2.6)  # same steps; float sums may flip one image
+
+
+def test_a_step_without_samples_still_steps_every_parameter():
+    # A rank whose share of the last global batch is empty (or whose batch had no labelled
+    # image) runs a zero loss: the step must still work and move the heads by momentum alone.
+    x, y = toy_problem(64, 3)
+    sweep = LinearSweep(32, 10, lrs=[0.1], wds=[0.0])
+    train_cached_epoch(sweep, x, y, 64, [1.0], torch.Generator().manual_seed(0))
+    before = sweep.weight.detach().clone(), sweep.bias.detach().clone()
+    moment = sweep.momentum_weight.clone(), sweep.momentum_bias.clone()
+    train_cached_epoch(sweep, x[:0], y[:0], 64, [1.0], torch.Generator().manual_seed(1))  # no sample at all
+    assert sweep.weight.grad is not None and not sweep.weight.grad.any() and not sweep.bias.grad.any()
+    torch.testing.assert_close(sweep.weight, before[0] - 0.1 * 0.9 * moment[0])
+    torch.testing.assert_close(sweep.bias, before[1] - 0.1 * 0.9 * moment[1])

@@ -351,6 +351,45 @@ def test_bad_images_are_skipped_counted_and_named_once(tmp_path, capsys):
     assert load(out / "checkpoint.pth")["iteration"] == 6
 
 
+SKIP_A_WHOLE_BATCH_ON_RANK_1 = """
+import os, sys
+sys.path.insert(0, {root!r})
+import main_dino
+
+rank, calls = int(os.environ["RANK"]), [0]
+real_collate = main_dino.skip_bad_collate
+
+def skip_bad_collate(inner):
+    collate = real_collate(inner)
+    def collate_on_rank(samples):
+        calls[0] += 1
+        batch, bad = collate(samples)
+        if rank == 1 and calls[0] == 2:  # as if every image of rank 1's second batch were unreadable
+            return None, bad + ["injected/unreadable.jpg"]
+        return batch, bad
+    return collate_on_rank
+
+main_dino.skip_bad_collate = skip_bad_collate
+main_dino.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_without_one_readable_image_skips_the_step_with_all_ranks(tmp_path):
+    make_image_folder(tmp_path / "data")  # 30 files: 3 steps of 2 ranks x 5 per epoch
+    driver = tmp_path / "driver.py"
+    driver.write_text(SKIP_A_WHOLE_BATCH_ON_RANK_1.format(root=ROOT))
+    out = tmp_path / "out"
+    # before the fix the ranks' collectives fell out of step: a hang until this timeout, or a crash
+    rc, text = launch("--nproc_per_node", "2", str(driver), *TINY, "--data_path", str(tmp_path / "data"),
+                      "--subset", "-1", "--batch_size_per_gpu", "5", "--epochs", "2", output_dir=out, timeout=600)
+    assert rc == 0, text[-3000:]
+    records = read_log(out)
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert [r["train_skipped_images"] for r in records] == [4, 3]  # 3 bad files per epoch + the injected one
+    assert load(out / "checkpoint.pth")["iteration"] == 6
+
+
 @pytest.mark.parametrize("layout", ["missing", "empty_folder", "no_train", "no_classes", "empty_classes"])
 def test_unusable_data_path_fails_before_distributed_init(tmp_path, monkeypatch, capsys, layout):
     data = tmp_path / "data"
@@ -607,3 +646,50 @@ def test_killed_rank_is_restarted_by_torchrun_and_resumes(tmp_path, ddp_referenc
           f"({redone} completed step(s) redone); kill -> new rank 0 started {resumed['started'] - killed['time']:.1f}s, "
           f"kill -> first step after restart {resumed['time'] - killed['time'] - delay:.1f}s (without the injected "
           f"{delay:.0f}s delay); whole run {wall:.1f}s")
+
+
+STALL_ONE_NODE_KILL_THE_OTHER = """
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+import main_dino
+from simpool.losses import DINOLoss
+
+rank, calls = int(os.environ["RANK"]), [0]
+out = sys.argv[sys.argv.index("--output_dir") + 1]
+os.makedirs(out, exist_ok=True)
+marker = os.path.join(out, f"started{{rank}}")
+first_life = not os.path.exists(marker)  # node ranks may swap between rendezvous rounds
+open(marker, "w").close()
+real_forward = DINOLoss.forward
+
+def forward(self, *args):
+    calls[0] += 1
+    if first_life and calls[0] == {kill_call}:
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(3600)  # as a rank waiting in an NCCL collective on a dead peer: its agent sees it healthy
+    return real_forward(self, *args)
+
+DINOLoss.forward = forward
+main_dino.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_two_nodes_on_c10d_restart_together_when_one_loses_its_worker(tmp_path, ddp_reference):
+    # The node whose worker died restarts with restart count 1; the other node's agent only follows
+    # the new rendezvous round, with count 0. Before ./launch gave each round a fresh store, the
+    # two halves waited in different key spaces of the shared store until the 30-minute timeout.
+    driver = tmp_path / "driver.py"
+    driver.write_text(STALL_ONE_NODE_KILL_THE_OTHER.format(root=ROOT, kill_call=9))  # iteration 8
+    out, port = tmp_path / "out", str(free_port())
+    node = LAUNCH + ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_endpoint", f"127.0.0.1:{port}",
+                     "--max_restarts", "1", str(driver), *DDP_RUN, "--saveckp_iters", "2", "--output_dir", str(out)]
+    t0 = time.time()
+    (rc0, log0), (rc1, log1) = run_together(node, node, timeout=600)
+    print(f"two-node c10d restart: {time.time() - t0:.1f}s")
+    assert (rc0, rc1) == (0, 0), log0[-3000:] + log1[-3000:]
+    final = load(out / "checkpoint.pth")
+    assert final["iteration"] == DDP_STEPS and final["args"]["world_size"] == 2
+    assert [r["epoch"] for r in read_log(out)] == [0, 1]
+    assert_same_weights(ddp_reference, final, rtol=1e-5, atol=1e-5)

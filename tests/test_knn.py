@@ -157,3 +157,21 @@ def test_search_unnormalised_features_and_backends_agree():
     b = knn_classify(F.normalize(bank, dim=1), labels, F.normalize(queries, dim=1), test_y, ks=(5, 20), num_classes=7,
                      backend="faiss")
     assert a == b
+
+
+def test_cuda_search_forces_fp32_accumulation_and_restores_the_callers_settings():
+    # The candidate bound assumes fp32 accumulation of the bf16 products; cuBLAS may reduce in
+    # bf16 and the fp32 rescoring may run in TF32 unless told otherwise. (The settings are
+    # process-wide flags, settable without a GPU.)
+    from simpool.knn import _exact_cuda_matmuls
+    settings = torch.backends.cuda.matmul
+    saved = settings.allow_bf16_reduced_precision_reduction, settings.fp32_precision
+    try:
+        settings.allow_bf16_reduced_precision_reduction, settings.fp32_precision = True, "tf32"
+        with _exact_cuda_matmuls(torch.device("cpu")):
+            assert settings.allow_bf16_reduced_precision_reduction and settings.fp32_precision == "tf32"
+        with _exact_cuda_matmuls(torch.device("cuda", 0)):
+            assert not settings.allow_bf16_reduced_precision_reduction and settings.fp32_precision == "ieee"
+        assert settings.allow_bf16_reduced_precision_reduction and settings.fp32_precision == "tf32"
+    finally:
+        settings.allow_bf16_reduced_precision_reduction, settings.fp32_precision = saved

@@ -1,5 +1,7 @@
 """utils.run_command, the wrapper of every command-line tool: one line and exit 1 for a mistake
 the user can fix, a traceback for a bug, and the process group left either way."""
+import argparse
+
 import pytest
 import torch.distributed as dist
 
@@ -36,4 +38,20 @@ def test_the_process_group_is_left_after_an_error(tmp_path):
         raise utils.RunError("stop")
     with pytest.raises(SystemExit):
         utils.run_command(joined_then_failed)
+    assert not dist.is_initialized()
+
+
+def test_slurm_tasks_without_a_rendezvous_address_are_a_one_line_error(monkeypatch, capsys):
+    # `srun python main_dino.py` (or a plain python in a multi-task sbatch script) without
+    # ./launch: before, env:// failed deep inside torch with a traceback about MASTER_ADDR
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    args = argparse.Namespace(dist_url="env://", cpu=True)
+    with pytest.raises(SystemExit) as stop:
+        utils.run_command(utils.init_distributed_mode, args)
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: this is task 1 of 4 SLURM tasks") and "srun ./launch" in err and err.count("\n") == 1
     assert not dist.is_initialized()

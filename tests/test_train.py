@@ -47,6 +47,31 @@ def test_resume_is_exact(tmp_path):
     assert not torch.equal(mid["backbone.blocks.0.attn.qkv.weight"], b["teacher"]["backbone.blocks.0.attn.qkv.weight"])
 
 
+def test_rng_state_round_trip_includes_the_gpu_generator(monkeypatch):
+    # No GPU here: a stand-in CUDA generator checks that its state is saved after the CPU and
+    # Python ones and handed back on resume, and that a CPU checkpoint resumes on CUDA.
+    import random
+    gpu_state = {"now": torch.arange(16, dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: gpu_state["now"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: gpu_state.__setitem__("now", state))
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    torch.manual_seed(3)
+    random.seed(4)
+    saved = main_dino.rng_state(cuda)
+    expected = (torch.rand(3), random.random())
+    torch.manual_seed(99)
+    random.seed(99)
+    gpu_state["now"] = torch.zeros(16, dtype=torch.uint8)
+    main_dino.restore_rng(saved, 0, cuda)
+    assert torch.equal(gpu_state["now"], torch.arange(16, dtype=torch.uint8))
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    cpu_saved = main_dino.rng_state(cpu)
+    assert cpu_saved[0].numel() == saved[0].numel() - 16
+    gpu_state["now"] = torch.zeros(16, dtype=torch.uint8)
+    main_dino.restore_rng(cpu_saved, 0, cuda)  # written on CPU: the GPU generator keeps its seed
+    assert not gpu_state["now"].any()
+
+
 def test_resume_with_other_arch_is_a_one_line_error(tmp_path, capsys):
     main_dino.main(TINY + ["--epochs", "1", "--output_dir", str(tmp_path)])
     with pytest.raises(SystemExit) as e:
