@@ -311,14 +311,24 @@ class Diverged(RuntimeError):
 
 class ResumableSampler(DistributedSampler):
     """DistributedSampler that can begin an epoch part-way, after ``start`` of this
-    rank's samples, so a mid-epoch resume neither repeats nor skips a sample."""
+    rank's samples, so a mid-epoch resume neither repeats nor skips a sample.
 
-    def __init__(self, *args, **kwargs):
+    With ``draw_seeds`` it yields (index, seed) pairs, the seed a function of --seed, the
+    epoch and the index only, for data sets that crop in loader workers (SafeImageFolder):
+    an image's crops then do not depend on which worker serves it, on --num_workers, or on
+    where a resumed epoch began."""
+
+    def __init__(self, *args, draw_seeds=False, **kwargs):
         super().__init__(*args, **kwargs)
         self.start = 0
+        self.draw_seeds = draw_seeds
 
     def __iter__(self):
-        return itertools.islice(super().__iter__(), self.start, None)
+        indices = itertools.islice(super().__iter__(), self.start, None)
+        if not self.draw_seeds:
+            return indices
+        epoch_key = (self.seed * 1_000_003 + self.epoch) << 32
+        return ((i, (epoch_key | i) % 2 ** 63) for i in indices)
 
     def __len__(self):
         return self.num_samples - self.start
@@ -350,7 +360,7 @@ def train_dino(args):
     # uint8 images in; multi-crop views out, with the photometric part on the device
     in_memory = not hasattr(dataset, "samples")
     sampler = ResumableSampler(dataset, num_replicas=args.world_size, rank=args.rank, shuffle=True,
-                               seed=args.seed, drop_last=True)
+                               seed=args.seed, drop_last=True, draw_seeds=not in_memory)
     loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu, drop_last=True,
                         num_workers=0 if in_memory else args.num_workers, pin_memory=device.type == "cuda",
                         collate_fn=(lambda b: (b, [])) if in_memory else skip_bad_collate(  # ((globals, locals), labels)

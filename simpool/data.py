@@ -95,7 +95,12 @@ class InMemoryImages(Dataset):
 
 class SafeImageFolder(ImageFolder):
     """ImageFolder that returns ``None`` for unreadable, truncated or non-image files
-    instead of raising; ``skip_bad_collate`` drops them and reports their paths."""
+    instead of raising; ``skip_bad_collate`` drops them and reports their paths.
+
+    An item may be asked for as ``(index, seed)``: the transform then draws its random
+    numbers from a generator seeded with ``seed`` (and leaves the process's stream as it was),
+    so the result depends on the pair alone, not on the loader worker or what it served before.
+    """
 
     def __init__(self, root, transform=None):
         super().__init__(root, transform=transform, is_valid_file=lambda p: not os.path.basename(p).startswith("."),
@@ -103,6 +108,11 @@ class SafeImageFolder(ImageFolder):
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
 
     def __getitem__(self, index):
+        if isinstance(index, tuple):
+            index, seed = index
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self[index]
         path, target = self.samples[index]
         try:
             with warnings.catch_warnings():

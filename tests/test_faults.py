@@ -390,6 +390,37 @@ def test_a_rank_without_one_readable_image_skips_the_step_with_all_ranks(tmp_pat
     assert load(out / "checkpoint.pth")["iteration"] == 6
 
 
+def test_image_folder_crops_depend_on_neither_workers_nor_resume(tmp_path, monkeypatch):
+    # Loader workers crop with their own random streams. Each image's crops are drawn from a seed
+    # of (--seed, epoch, index), so 0 or 2 workers, and a resume in the middle of an epoch (whose
+    # workers start afresh), all end at the uninterrupted run's teacher.
+    make_image_folder(tmp_path / "data")  # 3 steps of 10 per epoch
+    flags = TINY + ["--data_path", str(tmp_path / "data"), "--subset", "-1", "--batch_size_per_gpu", "10",
+                    "--epochs", "2", "--saveckp_iters", "2", "--lr", "0.1", "--momentum_teacher", "0.9"]
+    main_dino.main(flags + ["--num_workers", "2", "--output_dir", str(tmp_path / "two_workers")])
+    main_dino.main(flags + ["--num_workers", "0", "--output_dir", str(tmp_path / "no_workers")])
+    calls, real_loss = [0], main_dino.distillation_loss
+
+    def crash_in_the_last_step(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 6:  # epoch 1, step 2: the checkpoint after step 1 is 2 steps into the epoch
+            raise Crash("injected")
+        return real_loss(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(main_dino, "distillation_loss", crash_in_the_last_step)
+        with pytest.raises(Crash):
+            main_dino.main(flags + ["--num_workers", "2", "--output_dir", str(tmp_path / "resumed")])
+    assert load(tmp_path / "resumed" / "checkpoint.pth")["epoch_step"] == 2
+    main_dino.main(flags + ["--num_workers", "2", "--output_dir", str(tmp_path / "resumed")])
+    reference = load(tmp_path / "two_workers" / "checkpoint.pth")
+    for other in ("no_workers", "resumed"):
+        final = load(tmp_path / other / "checkpoint.pth")
+        assert final["iteration"] == 6
+        for key in ("student", "teacher"):
+            assert_same_weights(reference, final, key=key, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("layout", ["missing", "empty_folder", "no_train", "no_classes", "empty_classes"])
 def test_unusable_data_path_fails_before_distributed_init(tmp_path, monkeypatch, capsys, layout):
     data = tmp_path / "data"
