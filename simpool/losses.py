@@ -81,7 +81,7 @@ class PatchLoss(nn.Module):
     Inputs are gathered masked tokens only, which saves the head's work on the rest:
     ``student_patch`` and ``teacher_patch`` (M, K), and ``sample_index`` (M,) giving
     each token's row in the (num_samples,) list of (view, sample) pairs. The centre is
-    the EMA of the teacher's outputs over those masked tokens.
+    the EMA of the mean of the teacher's outputs over those masked tokens, on all ranks.
     """
 
     def __init__(self, patch_out_dim, student_temp=0.1, center_momentum=0.9):
@@ -102,9 +102,12 @@ class PatchLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_patch):
-        if teacher_patch.shape[0]:
-            batch_center = teacher_patch.float().mean(0, keepdim=True)
-        else:
-            batch_center = self.center.clone()
-        _all_reduce_mean_(batch_center)
+        # sum and count over all ranks: every masked token weighs the same, whichever rank (and
+        # however many masked tokens) it came from; no masked token anywhere keeps the centre
+        stats = torch.cat([teacher_patch.float().sum(0), teacher_patch.new_full((1,), teacher_patch.shape[0],
+                                                                                  dtype=torch.float32)])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats)
+        total, count = stats[None, :-1], stats[-1]
+        batch_center = torch.where(count > 0, total / count.clamp(min=1), self.center)
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)

@@ -206,3 +206,25 @@ def test_dino_loss_backprops_and_center_keeps_no_graph():
     loss_fn = DINOLoss(5, 4)
     loss_fn(s, t, 0.04)
     assert not loss_fn.center.requires_grad
+
+
+def _patch_center_on_rank(rank, store, tokens, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        loss_fn = PatchLoss(2, center_momentum=0.9)
+        loss_fn.update_center(tokens[rank])
+        torch.save(loss_fn.center, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_patch_center_weighs_every_masked_token_of_every_rank_alike(tmp_path):
+    # Rank 0 masked one token, rank 1 three: the batch centre is the mean of all four, as one
+    # process with the whole batch computes it (a mean of the ranks' means weighs rank 0's 3x).
+    tokens = [torch.tensor([[4.0, 0.0]]), torch.tensor([[0.0, 8.0]] * 3)]
+    torch.multiprocessing.spawn(_patch_center_on_rank, args=(str(tmp_path / "store"), tokens, str(tmp_path / "c")),
+                                nprocs=2)
+    expected = 0.1 * torch.tensor([[1.0, 6.0]])
+    for rank in range(2):
+        torch.testing.assert_close(torch.load(tmp_path / f"c.{rank}", weights_only=True), expected)
