@@ -345,13 +345,18 @@ def eval_linear(args):
         kw.update(num_workers=args.num_workers, collate=tolerant_collate(image_size))
     if args.evaluate:
         val_f, val_y = drop_unreadable(*extract_features(features, val, header="Evaluation features", **kw))
-        return evaluate_saved_head(args, val_f, val_y, features.dim)
+        return evaluate_saved_head(args, val_f, val_y, features, info)
 
     global_batch = args.batch_size_per_gpu * utils.get_world_size()
     sweep = LinearSweep(features.dim, num_labels, [lr * global_batch / 256 for lr in args.lrs], args.wds,
                         args.momentum).to(device)
+    # what shapes the heads (but --epochs, which a resume may extend): any of it changed is another sweep
     config = {"lrs": list(args.lrs), "wds": list(args.wds), "dim": features.dim, "num_labels": num_labels,
-              "global_batch": global_batch}
+              "global_batch": global_batch, "momentum": args.momentum,
+              "pretrained_weights": os.path.abspath(args.pretrained_weights) if args.pretrained_weights else None,
+              "checkpoint_key": args.checkpoint_key, "data_path": args.data_path, "subset": args.subset,
+              "image_size": image_size, "precision": args.precision, "train_augment": args.train_augment,
+              "crop_scale": list(args.crop_scale), **feature_settings(features)}
     os.makedirs(args.output_dir, exist_ok=True)
     ckpt_path = os.path.join(args.output_dir, "linear_checkpoint.pth")
     start_epoch, best = 0, {"per_head": [None] * sweep.num_heads, "best": None, "best_head": None}
@@ -438,22 +443,34 @@ def score_heads(sweep, val_f, val_y, epoch, best, base_pairs):
     return best["per_head"]
 
 
+def feature_settings(features):
+    return {"n_last_blocks": features.n_last_blocks, "avgpool_patchtokens": features.avgpool}
+
+
 def best_head_file(best, args, info, features, classes):
     return {**best["best_head"], "result": best["best"], "classes": list(classes),
-            "features": {"dim": features.dim, "n_last_blocks": features.n_last_blocks,
-                         "avgpool_patchtokens": features.avgpool},
+            "features": {"dim": features.dim, **feature_settings(features)},
             "model": {k: info.get(k) for k in ("arch", "patch_size", "mode", "gamma", "image_size")},
             "pretrained_weights": args.pretrained_weights or None, "checkpoint_key": args.checkpoint_key}
 
 
-def evaluate_saved_head(args, val_f, val_y, dim):
+def evaluate_saved_head(args, val_f, val_y, features, info):
     path = args.pretrained_linear or os.path.join(args.output_dir, "linear_head.pth")
     head = utils.load_checkpoint(path)
     if not isinstance(head, dict) or not torch.is_tensor(head.get("weight")) or not torch.is_tensor(head.get("bias")):
         raise EvalError(f"{path} is not a linear head saved by eval_linear.py")
-    if head["weight"].shape[1] != dim:
-        raise EvalError(f"{path} takes features of dimension {head['weight'].shape[1]} but this backbone gives {dim} "
-                        "(check --n_last_blocks / --avgpool_patchtokens / --pretrained_weights)")
+    if head["weight"].shape[1] != features.dim:
+        raise EvalError(f"{path} takes features of dimension {head['weight'].shape[1]} but this backbone gives "
+                        f"{features.dim} (check --n_last_blocks / --avgpool_patchtokens / --pretrained_weights)")
+    # the same width can come from other features (2 blocks' [CLS], or 1 block's with the patch average)
+    trained_on = {k: (head.get("features") or {}).get(k) for k in ("n_last_blocks", "avgpool_patchtokens")}
+    if None not in trained_on.values() and trained_on != feature_settings(features):
+        raise EvalError(f"{path} was trained on the features of --n_last_blocks {trained_on['n_last_blocks']} "
+                        f"--avgpool_patchtokens {trained_on['avgpool_patchtokens']}; pass the same flags")
+    model = {k: (head.get("model") or {}).get(k) for k in ("arch", "patch_size", "mode")}
+    if None not in model.values() and model != {k: info.get(k) for k in model}:
+        raise EvalError(f"{path} was trained on a {model['arch']}/{model['patch_size']} ({model['mode']}) backbone "
+                        f"but --pretrained_weights gives a {info['arch']}/{info['patch_size']} ({info['mode']}) one")
     if not utils.is_main_process():
         return None
     logits = F.linear(val_f, head["weight"].float(), head["bias"].float())

@@ -30,6 +30,7 @@ import vision_transformer as vits
 from simpool import backbones
 from simpool.augment import MultiCropAugmentation
 from simpool.data import FASHION_MNIST, DataError, build_dataset, eval_transform, skip_bad_collate
+from simpool.evaluation import drop_unreadable, tolerant_collate
 from simpool.knn import extract_features, knn_classify
 from simpool.losses import DINOLoss, PatchLoss
 from simpool.masking import PRED_SHAPES, make_masks
@@ -604,9 +605,11 @@ def build_knn_data(args):
 def online_knn(backbone, knn_data, args, amp_dtype):
     train, test = knn_data
     kw = dict(batch_size=max(args.batch_size_per_gpu, 256), device=args.device, image_size=args.global_crops_size,
-              amp_dtype=amp_dtype, num_workers=0 if not hasattr(train, "samples") else args.num_workers)
-    train_f, train_y = extract_features(backbone, train, header="k-NN train features", **kw)
-    test_f, test_y = extract_features(backbone, test, header="k-NN test features", **kw)
+              amp_dtype=amp_dtype)
+    if hasattr(train, "samples"):  # an image folder: unreadable files become rows that are dropped
+        kw.update(num_workers=args.num_workers, collate=tolerant_collate(args.global_crops_size))
+    train_f, train_y = drop_unreadable(*extract_features(backbone, train, header="k-NN train features", **kw))
+    test_f, test_y = drop_unreadable(*extract_features(backbone, test, header="k-NN test features", **kw))
     results = knn_classify(train_f, train_y, test_f, test_y, ks=args.nb_knn, temperature=args.temperature,
                            num_classes=len(train.classes), use_gpu=args.device.type == "cuda")
     for k, r in results.items():

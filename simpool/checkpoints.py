@@ -350,14 +350,15 @@ def _at_least_min_input(arch, image_size):
 
 def _timm_resnet_layout(state, path):
     """A flat ResNet-50 state dict under torchvision/timm names (``conv1.weight``, ``layer1.*``;
-    DINO's ResNet-50 release) as our ``trunk.*`` names, its classifier (``fc.*``) dropped."""
+    DINO's ResNet-50 release, and SimPool's, whose ``simpool.*`` pooling sits beside the layers)
+    as our ``trunk.*`` names, ``simpool.*`` kept, its classifier (``fc.*``) dropped."""
     if "conv1.weight" not in state or "layer4.0.conv1.weight" not in state or \
             any(k.startswith(("trunk.", "patch_embed.")) for k in state):
         return state
     fc = [k for k in state if k.startswith("fc.")]
     if fc:
         logger.info(f"{path}: dropped the classifier ({', '.join(fc)}).")
-    return {f"trunk.{k}": v for k, v in state.items() if k not in fc}
+    return {(k if k.startswith("simpool.") else f"trunk.{k}"): v for k, v in state.items() if k not in fc}
 
 
 def _build_uninitialised(arch, **kwargs):

@@ -196,9 +196,10 @@ def build_dataset(data_path, split, subset=-1, transform=None, seed=0):
 
 
 def eval_transform(image_size):
-    """Per-image transform for ImageFolder evaluation: resize the short side to
-    image_size * 256/224, centre-crop image_size, keep uint8."""
-    return v2.Compose([v2.ToImage(), v2.Resize(int(round(image_size * 256 / 224)), antialias=True),
+    """Per-image transform for ImageFolder evaluation, DINO's: resize the short side to
+    image_size * 256/224 (bicubic), centre-crop image_size, keep uint8."""
+    return v2.Compose([v2.ToImage(), v2.Resize(int(round(image_size * 256 / 224)),
+                                               interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
                        v2.CenterCrop(image_size)])
 
 

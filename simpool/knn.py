@@ -212,10 +212,13 @@ def extract_features(model, dataset, batch_size=256, device="cpu", image_size=No
         feats.append((F.normalize(f, dim=1) if normalize else f).cpu())
         labels.append(torch.as_tensor(target).cpu())
     model.train(was_training)
-    feats, labels = torch.cat(feats), torch.cat(labels)
-    if world > 1:
-        feats, labels = _gather_shards(feats, labels, len(dataset), world, device)
-    return feats, labels
+    if world > 1:  # a rank without a sample (fewer images than ranks) takes the width from the others
+        width = torch.tensor(feats[0].shape[1] if feats else 0, device=device)
+        dist.all_reduce(width, op=dist.ReduceOp.MAX)
+        feats = torch.cat(feats) if feats else torch.zeros(0, int(width))
+        labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+        return _gather_shards(feats, labels, len(dataset), world, device)
+    return torch.cat(feats), torch.cat(labels)
 
 
 def _gather_shards(feats, labels, total, world, device):

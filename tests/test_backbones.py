@@ -324,6 +324,21 @@ def test_dino_resnet50_layout_loads_in_official_mode(tmp_path):
         assert torch.equal(model(x), backbone(x))
 
 
+def test_simpool_resnet50_release_layout_loads_in_simpool_mode(tmp_path):
+    """SimPool's ResNet-50 release: torchvision names with the ``simpool.*`` pooling beside
+    them (not under the layers), under a "teacher" key."""
+    from simpool.checkpoints import load_pretrained
+    backbone = _perturbed_convnet("resnet50", mode="simpool", seed=3)
+    state = {k[len("trunk."):] if k.startswith("trunk.") else k: v for k, v in backbone.state_dict().items()}
+    assert any(k.startswith("simpool.") for k in state) and not any(k.startswith("trunk.") for k in state)
+    torch.save({"teacher": state}, tmp_path / "sp_r50.pth")
+    model, info = load_pretrained(str(tmp_path / "sp_r50.pth"), image_size=32)
+    assert (info["arch"], info["mode"]) == ("resnet50", "simpool")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), backbone(x))
+
+
 @pytest.fixture(scope="module")
 def tiny_folder_and_fcvit(tmp_path_factory):
     """A 2-class ImageFolder of 24x20 images (below a convnet's 32 px) and an fcvit_tiny

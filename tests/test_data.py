@@ -9,7 +9,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from simpool.data import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, DataError, InMemoryImages, SafeImageFolder,
-                          build_dataset, load_fashion_mnist, normalize_batch, skip_bad_collate, subset_per_class)
+                          build_dataset, eval_transform, load_fashion_mnist, normalize_batch, skip_bad_collate,
+                          subset_per_class)
 
 HAS_FMNIST = os.path.exists(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))
 needs_fmnist = pytest.mark.skipif(not HAS_FMNIST, reason="Debian package dataset-fashion-mnist not installed")
@@ -189,3 +190,19 @@ def test_normalize_batch_rgb_and_resize():
     big = normalize_batch(const, (0.5,) * 3, (0.25,) * 3, image_size=32)
     assert big.shape == (2, 3, 32, 32)
     torch.testing.assert_close(big, torch.full_like(big, (128 / 255 - 0.5) / 0.25), rtol=0, atol=1e-5)
+
+
+def test_eval_transform_is_dinos_bicubic_resize_and_centre_crop():
+    # DINO evaluates on Resize(256, bicubic) + CenterCrop(224); PIL's resize is the reference.
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    got = eval_transform(224)(image)
+    assert got.shape == (3, 224, 224) and got.dtype == torch.uint8
+
+    def pil(resample):
+        resized = np.asarray(image.resize((341, 256), resample), dtype=np.float64)  # short side 256
+        top, left = (256 - 224) // 2, (341 - 224) // 2
+        return torch.from_numpy(resized[top:top + 224, left:left + 224]).permute(2, 0, 1)
+
+    bicubic, bilinear = ((got.double() - pil(r)).abs().mean().item() for r in (Image.BICUBIC, Image.BILINEAR))
+    assert bicubic < 1.0 and bilinear > 3 * bicubic, (bicubic, bilinear)

@@ -113,6 +113,35 @@ def test_cli_cached_resume_and_evaluate(checkpoint, tmp_path, capsys):
     assert "belongs to another sweep" in capsys.readouterr().err
 
 
+def test_resume_with_other_weights_or_evaluate_with_other_features_is_refused(checkpoint, tmp_path, capsys):
+    # The sweep's folder knows which backbone and features its heads were trained on: another
+    # --pretrained_weights must not be reported (or trained on) as if it were the same sweep, and
+    # a saved head must not be scored on other features of the same width.
+    out = str(tmp_path / "sweep")
+    other = tmp_path / "other.pth"
+    save_training_checkpoint(other, tiny_backbone("simpool", patch_size=7, img_size=28, seed=5))
+    eval_linear.main(["--pretrained_weights", str(checkpoint), "--train_augment", "False", "--output_dir", out,
+                      "--epochs", "1"] + COMMON)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        eval_linear.main(["--pretrained_weights", str(other), "--train_augment", "False", "--output_dir", out,
+                          "--epochs", "1"] + COMMON)
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "belongs to another sweep: pretrained_weights" in err and str(other) in err
+    cls_model = tmp_path / "cls.pth"
+    save_training_checkpoint(cls_model, tiny_backbone("official", patch_size=7, img_size=28))
+    cls_out = str(tmp_path / "cls_sweep")
+    eval_linear.main(["--pretrained_weights", str(cls_model), "--train_augment", "False", "--output_dir", cls_out,
+                      "--epochs", "1", "--n_last_blocks", "2"] + COMMON)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # 1 block + patch average: the same 2 x 192 width
+        eval_linear.main(["--pretrained_weights", str(cls_model), "--evaluate", "--output_dir", cls_out,
+                          "--val_subset", "4", "--n_last_blocks", "1", "--avgpool_patchtokens", "True"])
+    assert e.value.code == 1
+    assert "was trained on the features of --n_last_blocks 2 --avgpool_patchtokens False" in capsys.readouterr().err
+
+
 def test_cli_with_augmentation(checkpoint, tmp_path):
     eval_linear.main(["--pretrained_weights", str(checkpoint), "--epochs", "1", "--output_dir", str(tmp_path)]
                      + COMMON)

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -349,6 +350,18 @@ def test_bad_images_are_skipped_counted_and_named_once(tmp_path, capsys):
     assert [r["train_skipped_images"] for r in records] == [3, 3]
     assert all(np.isfinite(r["train_loss"]) for r in records)
     assert load(out / "checkpoint.pth")["iteration"] == 6
+
+
+def test_online_knn_leaves_out_unreadable_images(tmp_path, capsys):
+    bad = make_image_folder(tmp_path / "data")
+    shutil.copytree(tmp_path / "data" / "train", tmp_path / "data" / "val")  # bad files in both splits
+    out = tmp_path / "out"
+    main_dino.main(TINY + ["--data_path", str(tmp_path / "data"), "--subset", "-1", "--batch_size_per_gpu", "10",
+                           "--epochs", "1", "--eval_every", "1", "--output_dir", str(out)])
+    records = read_log(out)
+    assert all(0 <= r["knn_top1"] <= 100 for r in records) and len(records) == 2  # before and after training
+    assert "3 unreadable images left out." in capsys.readouterr().out
+    assert len(bad) == 3
 
 
 SKIP_A_WHOLE_BATCH_ON_RANK_1 = """

@@ -65,6 +65,34 @@ def test_extract_features_normalises_on_request():
     torch.testing.assert_close(unit, F.normalize(raw, dim=1))
 
 
+def _features_on_rank(rank, store, world, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5))
+        images = torch.arange(2 * 16, dtype=torch.uint8).view(2, 1, 4, 4)
+        ds = InMemoryImages(images, torch.tensor([7, 8]), ["a"] * 9, (0.5,) * 3, (0.25,) * 3)
+        torch.save(extract_features(model, ds, batch_size=4), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_more_ranks_than_images_gather_every_feature_once(tmp_path):
+    # 3 ranks, 2 images: rank 2 has no sample but must still join the gather with the right width.
+    torch.multiprocessing.spawn(_features_on_rank, args=(str(tmp_path / "store"), 3, str(tmp_path / "f")), nprocs=3)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5))
+    images = torch.arange(2 * 16, dtype=torch.uint8).view(2, 1, 4, 4)
+    alone = extract_features(model, InMemoryImages(images, torch.tensor([7, 8]), ["a"] * 9, (0.5,) * 3,
+                                                   (0.25,) * 3), batch_size=4)
+    for rank in range(3):
+        feats, labels = torch.load(tmp_path / f"f.{rank}", weights_only=True)
+        assert torch.equal(labels, torch.tensor([7, 8]))
+        torch.testing.assert_close(feats, alone[0])
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("knn") / "checkpoint.pth"

@@ -219,6 +219,7 @@ def _patch_center_on_rank(rank, store, tokens, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_patch_center_weighs_every_masked_token_of_every_rank_alike(tmp_path):
     # Rank 0 masked one token, rank 1 three: the batch centre is the mean of all four, as one
     # process with the whole batch computes it (a mean of the ranks' means weighs rank 0's 3x).
