@@ -30,8 +30,9 @@ logger = logging.getLogger("simpool")
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("Weighted k-NN evaluation on frozen features (DINO protocol)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="eval_knn.py", description="Weighted k-NN evaluation on frozen features (DINO protocol)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p)
     g = add_data_args(p)
     g.add_argument("--batch_size_per_gpu", default=256, type=number(int, low=1), help="Images per process per forward "
@@ -106,6 +107,9 @@ def format_table(results):
 
 
 def eval_knn(args):
+    utils.ensure_writable_dir(args.output_dir)  # before any feature is computed
+    if args.dump_features:
+        utils.ensure_writable_dir(args.dump_features)
     utils.init_distributed_mode(args)
     if any(k <= 0 for k in args.nb_knn):
         raise EvalError(f"--nb_knn values must be positive, got {args.nb_knn}")

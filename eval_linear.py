@@ -47,8 +47,9 @@ DEFAULT_LRS = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1, 2e-1,
 
 def get_args_parser():
     b = utils.bool_flag
-    p = argparse.ArgumentParser("Linear probe on frozen features, many learning rates at once",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="eval_linear.py", description="Linear probe on frozen features, many learning rates at once",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p)
     g = p.add_argument_group("features")
     g.add_argument("--n_last_blocks", default=4, type=number(int, low=1), help="[CLS] models: concatenate the [CLS] "
@@ -309,6 +310,9 @@ def format_table(rows, best):
 
 
 def eval_linear(args):
+    utils.ensure_writable_dir(args.output_dir)  # before any feature is computed
+    if args.crop_scale[0] > args.crop_scale[1]:
+        raise EvalError(f"--crop_scale {args.crop_scale[0]} {args.crop_scale[1]}: give the low end first")
     utils.init_distributed_mode(args)
     utils.fix_random_seeds(args.seed)
     device = args.device

@@ -313,6 +313,8 @@ def restore_modules(checkpoint, **modules):
 def setup_logging(rank=0):
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(message)s", stream=sys.stdout, force=True)
+    # faiss reports, at INFO, each CPU-specific library it tries and fails to load before the one it uses
+    logging.getLogger("faiss").setLevel(logging.WARNING)
 
 
 class SmoothedValue:

@@ -384,8 +384,10 @@ def evaluate_maps(model, samples, mean, std, patch_size, threshold=0.6, batch_si
 
 # ---------------------------------------------------------------- CLI
 def get_args_parser():
-    p = argparse.ArgumentParser("Attention maps of a SimPool-SSL backbone: overlays and mask quality",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m simpool.attention",
+        description="Attention maps of a SimPool-SSL backbone: overlays and mask quality",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p)
     g = p.add_argument_group("maps")
     g.add_argument("--images", default=[], nargs="+", type=str, help="Images to draw: each gives "
@@ -443,6 +445,9 @@ def run(args):
         raise AttentionError("nothing to do: give --images FILES and/or --evaluate")
     if not 0 < args.threshold <= 1:
         raise AttentionError(f"--threshold must be in (0, 1], got {args.threshold}")
+    if args.object_scale[0] > args.object_scale[1]:
+        raise AttentionError(f"--object_scale {args.object_scale[0]} {args.object_scale[1]}: give the low end first")
+    utils.ensure_writable_dir(args.output_dir)  # before the model and the data are loaded
     model, info = load_pretrained(args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size,
                                   args.mode, args.gamma, image_size=args.image_size)
     convnet = is_convnet(info["arch"])

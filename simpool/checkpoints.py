@@ -32,7 +32,7 @@ from timm.layers import resample_abs_pos_embed
 import utils
 import vision_transformer as vits
 from simpool import backbones
-from utils import CheckpointError
+from utils import CheckpointError, number
 
 logger = logging.getLogger("simpool")
 
@@ -78,8 +78,8 @@ def add_model_args(parser):
     g.add_argument("--arch", default=None, choices=list(backbones.ARCHS), help="Backbone architecture (a ViT, "
                    "resnet50, convnext_* or fcvit_*); default: from the checkpoint (its stored args, else its "
                    "weights); vit_small for random init.")
-    g.add_argument("--patch_size", default=None, type=int, help="Patch size (ViTs only); default: from the "
-                   "checkpoint (16 for random init).")
+    g.add_argument("--patch_size", default=None, type=number(int, low=1), help="Patch size (ViTs only); default: "
+                   "from the checkpoint (16 for random init).")
     g.add_argument("--mode", default=None, choices=backbones.MODES, help="'simpool' (SimPool pooling, no [CLS]) or "
                    "'official' ([CLS] token for ViTs, the architecture's own pooling for convnets); default: from "
                    "the checkpoint's weights (cls_token, or no simpool.* weights for convnets -> official).")
@@ -159,12 +159,14 @@ def backbone_state_dict(ckpt, checkpoint_key="teacher", path="checkpoint"):
     elif _is_state_dict(ckpt):
         state, what = ckpt, "flat state dict"
     else:
-        for key in ("state_dict", "model", "teacher"):
+        holds = ", ".join(sorted(str(k) for k in ckpt)[:12])
+        # the default key falls back to the other releases' names; a key the user chose does not
+        fallbacks = ("state_dict", "model", "teacher") if checkpoint_key in (None, "teacher") else ()
+        for key in fallbacks:
             if isinstance(ckpt.get(key), dict):
                 state, what = ckpt[key], f"'{key}'"
                 break
         else:
-            holds = ", ".join(sorted(str(k) for k in ckpt)[:12])
             raise CheckpointError(f"{path} has no '{checkpoint_key}' entry (it holds: {holds}); "
                                   "choose one with --checkpoint_key")
         logger.info(f"{path}: no '{checkpoint_key}' entry; using {what}.")
@@ -273,6 +275,8 @@ def load_pretrained(path, checkpoint_key="teacher", arch=None, patch_size=None, 
         patch_size = None if is_convnet(arch) else patch_size or 16
         gamma = backbones.resolve_gamma(arch, gamma)  # 'auto': None for ViTs, 2.0 for convnets
         image_size = _at_least_min_input(arch, image_size or 224)
+        if patch_size and image_size < patch_size:
+            raise CheckpointError(f"--image_size {image_size} is smaller than one {patch_size}-pixel patch")
         logger.warning("WARNING: no --pretrained_weights given: evaluating a RANDOMLY INITIALISED "
                        f"{_describe(arch, patch_size, mode)}. Its numbers are a chance-level baseline, not a result.")
         model = backbones.build_backbone(arch, patch_size=patch_size, img_size=image_size, mode=mode, gamma=gamma,
@@ -321,6 +325,8 @@ def load_pretrained(path, checkpoint_key="teacher", arch=None, patch_size=None, 
                                "Pass --gamma if it was trained with another.")
     img_size = _resolve(meta.get("img_size"), meta.get("global_crops_size"), found.get("img_size"), default=224)
     image_size = _at_least_min_input(arch, image_size or img_size)
+    if patch_size and image_size < patch_size:
+        raise CheckpointError(f"--image_size {image_size} is smaller than one {patch_size}-pixel patch of {path}")
     model = _build_uninitialised(arch, patch_size=patch_size, img_size=image_size, mode=mode, gamma=gamma,
                                  use_beta=use_beta)
     desc = _describe(arch, patch_size, mode)

@@ -180,7 +180,8 @@ def build_dataset(data_path, split, subset=-1, transform=None, seed=0):
     else:
         root = os.path.join(data_path, split)
         if not os.path.isdir(data_path):
-            raise DataError(f"--data_path {data_path!r} does not exist (expected a folder with {split}/<class>/<images>, "
+            what = "is not a folder" if os.path.exists(data_path) else "does not exist"
+            raise DataError(f"--data_path {data_path!r} {what} (expected a folder with {split}/<class>/<images>, "
                             f"or '{FASHION_MNIST}')")
         if not os.path.isdir(root):
             raise DataError(f"--data_path {data_path!r} has no '{split}/' folder (expected {root}/<class>/<images>)")
@@ -193,6 +194,17 @@ def build_dataset(data_path, split, subset=-1, transform=None, seed=0):
     if subset is not None and subset > 0:
         ds = ds.subset(subset_per_class(ds.labels, subset, seed))
     return ds
+
+
+def check_same_classes(train, val, data_path):
+    """Labels are class indices in sorted folder order: an evaluation split with other class
+    folders than train/ would be scored against the wrong labels."""
+    if list(train.classes) != list(val.classes):
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        raise DataError(f"{data_path}: the training and evaluation splits have different class folders (only in "
+                        f"train: {', '.join(only_train[:5]) or '-'}; only in the evaluation split: "
+                        f"{', '.join(only_val[:5]) or '-'}); they must hold the same ones")
 
 
 def eval_transform(image_size):

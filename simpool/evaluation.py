@@ -13,7 +13,7 @@ from torch.utils.data import default_collate
 
 import utils
 from utils import number
-from simpool.data import FASHION_MNIST, DataError, build_dataset, eval_transform
+from simpool.data import FASHION_MNIST, DataError, build_dataset, check_same_classes, eval_transform
 
 logger = logging.getLogger("simpool")
 __all__ = ["EvalError", "build_eval_splits", "tolerant_collate", "drop_unreadable", "amp_dtype", "run_main",
@@ -38,9 +38,7 @@ def build_eval_splits(data_path, image_size, subset=-1, val_subset=-1, train_tra
     train = build_dataset(data_path, "train", subset, transform=train_transform or val_tf, seed=seed)
     val = build_dataset(data_path, "test" if data_path == FASHION_MNIST else "val", val_subset,
                         transform=val_tf, seed=seed)
-    if list(train.classes) != list(val.classes):
-        raise DataError(f"{data_path}: train/ and val/ have different classes ({len(train.classes)} vs "
-                        f"{len(val.classes)}); they must hold the same class folders")
+    check_same_classes(train, val, data_path)
     return train, val
 
 

@@ -106,10 +106,11 @@ def build_timm_vit(meta):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("Export a SimPool-SSL backbone (no head) with its metadata: any --arch (ViTs, "
-                                "resnet50, convnext_*, fcvit_*); the timm ViT helpers (to_timm_state_dict, "
-                                "build_timm_vit) are for ViTs only",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m simpool.export",
+        description="Export a SimPool-SSL backbone (no head) with its metadata: any --arch (ViTs, resnet50, "
+        "convnext_*, fcvit_*); the timm ViT helpers (to_timm_state_dict, build_timm_vit) are for ViTs only",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, type=str, help="Training checkpoint (or any checkpoint "
                    "eval_knn reads: official DINO/iBOT/AttMask/SimPool, or an exported backbone).")
     p.add_argument("--output", required=True, type=str, help="Output file: *.pth (torch) or *.safetensors.")

@@ -215,3 +215,12 @@ def test_gamma_auto_in_stored_args_means_none_for_vits(tmp_path):
     model, info = load_pretrained(str(tmp_path / "auto.pth"))
     assert info["gamma"] is None and model.simpool.gamma is None
     assert load_pretrained(str(tmp_path / "auto.pth"), gamma=1.5)[1]["gamma"] == 1.5  # the flag wins
+
+
+def test_a_misspelt_checkpoint_key_is_an_error_not_the_teacher(tmp_path):
+    # before: "no 'studnet' entry; using 'teacher'" and the teacher evaluated (and exported as [studnet])
+    backbone = tiny_backbone("official", patch_size=4, img_size=28, seed=3)
+    save_official_checkpoint(tmp_path / "dino.pth", backbone)
+    with pytest.raises(CheckpointError, match=r"has no 'studnet' entry \(it holds: .*student.*teacher.*\); choose "
+                                              r"one with --checkpoint_key"):
+        load_pretrained(str(tmp_path / "dino.pth"), checkpoint_key="studnet")

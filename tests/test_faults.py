@@ -434,10 +434,12 @@ def test_image_folder_crops_depend_on_neither_workers_nor_resume(tmp_path, monke
             assert_same_weights(reference, final, key=key, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("layout", ["missing", "empty_folder", "no_train", "no_classes", "empty_classes"])
+@pytest.mark.parametrize("layout", ["missing", "a_file", "empty_folder", "no_train", "no_classes", "empty_classes"])
 def test_unusable_data_path_fails_before_distributed_init(tmp_path, monkeypatch, capsys, layout):
     data = tmp_path / "data"
-    if layout != "missing":
+    if layout == "a_file":
+        data.write_text("not a folder\n")
+    elif layout != "missing":
         data.mkdir()
     if layout == "no_train":
         (data / "val" / "cat").mkdir(parents=True)
@@ -453,7 +455,38 @@ def test_unusable_data_path_fails_before_distributed_init(tmp_path, monkeypatch,
     with pytest.raises(SystemExit) as e:
         main_dino.main(TINY + ["--data_path", str(data), "--subset", "-1", "--output_dir", str(tmp_path / "out")])
     assert e.value.code == 1
-    assert str(data) in one_line_error(capsys)
+    err = one_line_error(capsys)
+    assert str(data) in err
+    assert ("is not a folder" in err) == (layout == "a_file") and ("does not exist" in err) == (layout == "missing")
+
+
+def test_a_folder_of_unreadable_files_is_a_one_line_error(tmp_path, capsys):
+    # before: every step skipped, "Training time 0:00:00", exit 0 and an untrained checkpoint
+    for c in ("cat", "dog"):
+        (tmp_path / "data" / "train" / c).mkdir(parents=True)
+        for i in range(10):
+            (tmp_path / "data" / "train" / c / f"{i}.jpg").write_text("not an image\n")
+    with pytest.raises(SystemExit) as e:
+        main_dino.main(TINY + ["--data_path", str(tmp_path / "data"), "--subset", "-1", "--batch_size_per_gpu", "10",
+                               "--output_dir", str(tmp_path / "out")])
+    assert e.value.code == 1
+    err = one_line_error(capsys)
+    assert err.startswith("error: no training image of epoch 0 could be read (20 unreadable files in")
+    assert not (tmp_path / "out" / "log.txt").exists()
+
+
+def test_evaluation_split_with_other_class_folders_is_a_one_line_error(tmp_path, capsys):
+    # labels are indices in sorted folder order: val/{bird,cat} would be scored with train's {cat,dog}
+    make_image_folder(tmp_path / "data")
+    for c in ("bird", "cat"):
+        (tmp_path / "data" / "val" / c).mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(tmp_path / "data" / "val" / c / "0.jpg")
+    with pytest.raises(SystemExit) as e:
+        main_dino.main(TINY + ["--data_path", str(tmp_path / "data"), "--subset", "-1", "--batch_size_per_gpu", "10",
+                               "--eval_every", "1", "--output_dir", str(tmp_path / "out")])
+    assert e.value.code == 1
+    err = one_line_error(capsys)
+    assert "only in train: dog; only in the evaluation split: bird" in err
 
 
 @pytest.mark.parametrize("launcher", ["plain", "torchrun", "slurm", "fits"])

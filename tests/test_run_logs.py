@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import struct
+import subprocess
 import sys
 
 import pytest
@@ -134,3 +135,12 @@ def test_a_test_run_on_a_nearly_full_disk_stops_with_one_line(tmp_path, monkeypa
     assert free_disk_problem(str(tmp_path)) == (
         f"only 0.5 GiB free in {tmp_path}; the test run writes up to ~1 GB of checkpoints there "
         "(free some space or pass --basetemp on a disk with 1.5 GiB free)")
+
+
+def test_faiss_library_probing_stays_out_of_the_log():
+    # faiss logs at INFO each CPU-specific build it fails to load ("Could not load library with
+    # AVX512-SPR support due to: ModuleNotFoundError..."): noise that reads like an error
+    code = "import utils; utils.setup_logging(0); import faiss, logging; logging.getLogger('simpool').info('ok')"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout == "ok\n" and "faiss" not in out.stderr, out.stdout + out.stderr
