@@ -1,0 +1,57 @@
+"""User mistakes in the evaluation tools and ``launch`` end in one line (``error: ...``), exit 1
+(or argparse's usage error, exit 2), before any feature is computed; never a traceback."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import eval_knn
+import eval_linear
+from checkpoint_factory import save_training_checkpoint, tiny_backbone
+from simpool import attention
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = ["--data_path", "fashion-mnist", "--subset", "2", "--val_subset", "2"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "checkpoint.pth"
+    save_training_checkpoint(path, tiny_backbone("simpool", patch_size=7, img_size=28))
+    return str(path)
+
+
+@pytest.mark.parametrize("tool,args,code,expected", [
+    (eval_knn, ["--output_dir", "{file}"], 1, "cannot write to output folder {file}"),
+    (eval_knn, ["--dump_features", "{file}"], 1, "cannot write to output folder {file}"),
+    (eval_linear, ["--output_dir", "{file}"], 1, "cannot write to output folder {file}"),
+    (eval_linear, ["--crop_scale", "1.0", "0.08", "--output_dir", "{dir}"], 1, "--crop_scale 1.0 0.08: give the low end"),
+    (attention, ["--evaluate", "--output_dir", "{file}"], 1, "cannot write to output folder {file}"),
+    (attention, ["--evaluate", "--object_scale", "0.9", "0.5", "--output_dir", "{dir}"], 1,
+     "--object_scale 0.9 0.5: give the low end first"),
+    (eval_knn, ["--image_size", "5", "--output_dir", "{dir}"], 1, "--image_size 5 is smaller than one 7-pixel patch"),
+    (eval_knn, ["--patch_size", "0", "--output_dir", "{dir}"], 2, "argument --patch_size: expected an integer >= 1"),
+], ids=["knn-output-file", "knn-dump-file", "linear-output-file", "linear-crop-scale", "attention-output-file",
+        "attention-object-scale", "knn-image-below-patch", "knn-patch-size-0"])
+def test_evaluation_tool_mistakes_are_one_line(tool, args, code, expected, checkpoint, tmp_path, capsys):
+    file = tmp_path / "a_file"
+    file.write_text("x")
+    args = [a.format(file=file, dir=tmp_path / "out") for a in args]
+    with pytest.raises(SystemExit) as e:
+        tool.main(["--pretrained_weights", checkpoint] + DATA * (tool is not attention) + args)
+    assert e.value.code == code
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert expected.format(file=file) in err and "Traceback" not in err, err
+    assert "features" not in capsys.readouterr().out  # stopped before any feature was computed
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--nproc_per_node", "0", "main_dino.py"], "--nproc_per_node: expected a positive integer, got '0'"),
+    (["--max_restarts", "-1", "main_dino.py"], "--max_restarts: expected an integer >= 0, got -1"),
+    (["no_such_script.py"], "script 'no_such_script.py': no such file"),
+])
+def test_launch_mistakes_are_usage_errors(args, expected):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "launch"), "--dry_run"] + args, cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == f"launch: error: {expected}", out.stderr
