@@ -413,7 +413,8 @@ def get_args_parser():
                    "the kept tokens hold (DINO: 0.6).")
     g.add_argument("--save_examples", default=8, type=number(int, low=0), help="Write this many evaluation panels "
                    "(image, mask, map, kept tokens) to OUTPUT_DIR/examples.")
-    g.add_argument("--seed", default=0, type=int, help="Seed of the synthetic set.")
+    g.add_argument("--seed", default=0, type=int, help="Seed of the synthetic set (and of the weights of a "
+                   "random-init model).")
     p.add_argument("--output_dir", default="attention", type=str, help="Where the PNGs and attention.json go.")
     p.add_argument("--cpu", action="store_true", help="Run on CPU even when CUDA is available.")
     return p
@@ -448,6 +449,7 @@ def run(args):
     if args.object_scale[0] > args.object_scale[1]:
         raise AttentionError(f"--object_scale {args.object_scale[0]} {args.object_scale[1]}: give the low end first")
     utils.ensure_writable_dir(args.output_dir)  # before the model and the data are loaded
+    torch.manual_seed(args.seed)  # a random-init baseline (no --pretrained_weights) is the same on every run
     model, info = load_pretrained(args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size,
                                   args.mode, args.gamma, image_size=args.image_size)
     convnet = is_convnet(info["arch"])
