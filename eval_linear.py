@@ -311,8 +311,7 @@ def format_table(rows, best):
 
 def eval_linear(args):
     utils.ensure_writable_dir(args.output_dir)  # before any feature is computed
-    if args.crop_scale[0] > args.crop_scale[1]:
-        raise EvalError(f"--crop_scale {args.crop_scale[0]} {args.crop_scale[1]}: give the low end first")
+    utils.require_low_first(args, "crop_scale")
     utils.init_distributed_mode(args)
     utils.fix_random_seeds(args.seed)
     device = args.device

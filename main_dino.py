@@ -224,10 +224,7 @@ def check_args(args):
     if args.compile and on_cpu and not shutil.which(compiler):
         raise utils.RunError(f"--compile on CPU needs a C++ compiler to build its kernels and {compiler} is not on "
                              "PATH; install g++ (or set CXX) or drop --compile")
-    for flag in ("global_crops_scale", "local_crops_scale", "blur_sigma"):
-        low, high = getattr(args, flag)
-        if low > high:
-            raise utils.RunError(f"--{flag} takes the low end first (MIN MAX), got {low:g} {high:g}")
+    utils.require_low_first(args, "global_crops_scale", "local_crops_scale", "blur_sigma")
     if args.arch in backbones.VIT_ARCHS:
         for flag in ("global_crops_size",) + (("local_crops_size",) if args.local_crops_number > 0 else ()):
             if getattr(args, flag) < args.patch_size:

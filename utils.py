@@ -446,6 +446,15 @@ def bool_flag(s):
     raise argparse.ArgumentTypeError(f"expected True or False, got {s!r}")
 
 
+def require_low_first(args, *flags):
+    """A one-line RunError when a (MIN, MAX) flag such as ``--crop_scale`` was given high end first
+    (each end's own range is checked by its ``number`` type)."""
+    for flag in flags:
+        low, high = getattr(args, flag)
+        if low > high:
+            raise RunError(f"--{flag} takes the low end first (MIN MAX), got {low:g} {high:g}")
+
+
 def number(kind, low=None, high=None, above=None, below=None):
     """argparse type: an ``int`` or ``float`` with ``low <= x <= high`` and ``above < x < below``
     (each bound optional), so that a value out of range is argparse's one-line usage error

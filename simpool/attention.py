@@ -446,8 +446,7 @@ def run(args):
         raise AttentionError("nothing to do: give --images FILES and/or --evaluate")
     if not 0 < args.threshold <= 1:
         raise AttentionError(f"--threshold must be in (0, 1], got {args.threshold}")
-    if args.object_scale[0] > args.object_scale[1]:
-        raise AttentionError(f"--object_scale {args.object_scale[0]} {args.object_scale[1]}: give the low end first")
+    utils.require_low_first(args, "object_scale")
     utils.ensure_writable_dir(args.output_dir)  # before the model and the data are loaded
     torch.manual_seed(args.seed)  # a random-init baseline (no --pretrained_weights) is the same on every run
     model, info = load_pretrained(args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size,
