@@ -29,9 +29,8 @@ import utils
 import vision_transformer as vits
 from simpool import backbones
 from simpool.augment import MultiCropAugmentation
-from simpool.data import (FASHION_MNIST, DataError, build_dataset, check_same_classes, eval_transform,
-                          skip_bad_collate)
-from simpool.evaluation import drop_unreadable, tolerant_collate
+from simpool.data import FASHION_MNIST, DataError, build_dataset, skip_bad_collate
+from simpool.evaluation import build_eval_splits, drop_unreadable, tolerant_collate
 from simpool.knn import extract_features, knn_classify
 from simpool.losses import DINOLoss, PatchLoss
 from simpool.masking import PRED_SHAPES, make_masks
@@ -595,15 +594,10 @@ def optimizer_step(loss, student, teacher, optimizer, scaler, epoch, momentum, a
 def build_knn_data(args):
     """Train (memory) and evaluation splits for the online k-NN; None if there is no
     evaluation split."""
-    eval_split = "test" if args.data_path == FASHION_MNIST else "val"
-    if args.data_path != FASHION_MNIST and not os.path.isdir(os.path.join(args.data_path, eval_split)):
-        logger.warning(f"No {eval_split}/ folder in {args.data_path}: online k-NN is off.")
+    if args.data_path != FASHION_MNIST and not os.path.isdir(os.path.join(args.data_path, "val")):
+        logger.warning(f"No val/ folder in {args.data_path}: online k-NN is off.")
         return None
-    transform = eval_transform(args.global_crops_size)
-    train = build_dataset(args.data_path, "train", args.subset, transform=transform, seed=args.seed)
-    test = build_dataset(args.data_path, eval_split, -1, transform=transform)
-    check_same_classes(train, test, args.data_path)
-    return train, test
+    return build_eval_splits(args.data_path, args.global_crops_size, args.subset, seed=args.seed)
 
 
 def online_knn(backbone, knn_data, args, amp_dtype):

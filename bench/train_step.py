@@ -154,11 +154,6 @@ class Reference:
     def state(self):
         return state_mib(self.impl.student, self.impl.teacher, self.impl.optimizer)
 
-    def objective(self):
-        if not self.masking:
-            return "masking + iBOT loss off (plain DINO)"
-        return "masking + iBOT loss on" if self.args.lambda2 > 0 else "masking on, iBOT loss off"
-
     def describe(self):
         a = self.args
         return (f"reference (official DINO step, bench/reference.py): {a.arch}/{a.patch_size} [CLS], "
