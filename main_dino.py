@@ -208,6 +208,11 @@ def parse_args(argv=None):
         args.demo = True
     else:
         args.demo = False
+    if args.mode == "official":  # [CLS] pooling: SimPool's knobs would be recorded in checkpoints but do nothing
+        given = [f"--{k} {getattr(args, k)}" for k in ("gamma", "use_beta") if getattr(args, k) != parser.get_default(k)]
+        if given:
+            raise utils.RunError(f"{' and '.join(given)} set SimPool, which --mode official does not use (it pools "
+                                 "with the [CLS] token); drop them or use --mode simpool")
     check_args(args)
     return args
 

@@ -138,6 +138,10 @@ def test_official_mode_trains_with_cls_guided_masking(tmp_path):
     (["--teacher_temp", "0"], 2, "argument --teacher_temp: expected a number > 0, got 0"),
     (["--global_crops_scale", "0.9", "0.4"], 1, "--global_crops_scale takes the low end first (MIN MAX), got 0.9 0.4"),
     (["--local_crops_size", "6"], 1, "--local_crops_size 6 is smaller than one patch (--patch_size 7)"),
+    (["--mode", "official", "--use_beta", "True"], 1, "--use_beta True set SimPool, which --mode official does not "
+     "use (it pools with the [CLS] token); drop them or use --mode simpool"),
+    (["--mode", "official", "--gamma", "2.0"], 1, "--gamma 2.0 set SimPool, which --mode official does not use (it "
+     "pools with the [CLS] token); drop them or use --mode simpool"),
 ])
 def test_out_of_range_flags_are_one_line_errors(tmp_path, capsys, flags, code, expected):
     # the demo recipe (vit_nano/7, 28-px crops) with one bad flag: stopped before any data or model is built
