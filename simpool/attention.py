@@ -29,6 +29,7 @@ Example:
     0.3333
 """
 import argparse
+import itertools
 import logging
 import math
 import os
@@ -350,7 +351,8 @@ def evaluate_maps(model, samples, mean, std, patch_size, threshold=0.6, batch_si
     """Mean Jaccard and CorLoc (percent) of the pooling map over ``samples`` (a list of
     (name, uint8 image (3, h, w), bool mask (h, w))); for [CLS] models also per head."""
     per_head, pooled_j, hits, prior_j, prior_hits = [], [], [], [], []
-    for start in range(0, len(samples), batch_size):
+    starts = range(0, len(samples), batch_size)
+    for start in utils.MetricLogger().log_every(starts, 1, header=f"attention maps ({len(samples)} images)"):
         chunk = samples[start:start + batch_size]
         groups = {}
         for s in chunk:  # equal sizes batch together
@@ -423,7 +425,7 @@ def get_args_parser():
 def draw_images(model, info, args, mean, std):
     images = [(path, _open_image(path, "RGB")) for path in args.images]  # all readable before any work
     os.makedirs(args.output_dir, exist_ok=True)
-    written = []
+    written, names = [], set()
     for path, image in images:
         x = _normalize(torch.from_numpy(np.asarray(resize_for_model(image, info["image_size"], map_cell_size(model)))
                                         .copy()).permute(2, 0, 1)[None], mean, std)
@@ -432,7 +434,13 @@ def draw_images(model, info, args, mean, std):
         tiles = [img, overlay(img, maps.mean(0))]
         if maps.shape[0] > 1:
             tiles += [overlay(img, m) for m in maps]
-        out = os.path.join(args.output_dir, os.path.splitext(os.path.basename(path))[0] + "_attention.png")
+        stem = name = os.path.splitext(os.path.basename(path))[0]
+        for copy in itertools.count(2):  # a/x.jpg and b/x.png: x_attention.png and x_2_attention.png
+            if name not in names:
+                break
+            name = f"{stem}_{copy}"
+        names.add(name)
+        out = os.path.join(args.output_dir, name + "_attention.png")
         save_panel(tiles, out, args.display_size)
         written.append(out)
         what = "SimPool map" if model.mode != "official" else f"[CLS] mean and {maps.shape[0]} heads"

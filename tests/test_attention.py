@@ -126,6 +126,22 @@ def test_cli_draws_and_evaluates_both_kinds_of_model(checkpoints, tmp_path, name
     assert len(list((out / "examples").glob("*.png"))) == 2
 
 
+def test_images_of_the_same_name_get_their_own_panels_and_evaluation_shows_progress(checkpoints, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for folder, shape in (("a", (28, 28, 3)), ("b", (28, 42, 3))):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(tmp_path / folder / "x.png")
+    out = tmp_path / "out"
+    att.main(["--pretrained_weights", str(checkpoints / "simpool.pth"), "--images", str(tmp_path / "a" / "x.png"),
+              str(tmp_path / "b" / "x.png"), "--evaluate", "--num_images", "3", "--save_examples", "0",
+              "--output_dir", str(out)])
+    # each panel is its own image: 28 and 42 pixels wide plus the map tile, enlarged 8x to >= 224 high
+    assert Image.open(out / "x_attention.png").size == (8 * (2 * 28 + 2), 224)
+    assert Image.open(out / "x_2_attention.png").size == (8 * (2 * 42 + 2), 224)
+    logged = capsys.readouterr()
+    assert "attention maps (3 images) [1/1]  eta: 0:00:00" in logged.out + logged.err
+
+
 def test_cli_on_a_mask_folder(checkpoints, tmp_path):
     pairs = tmp_path / "pairs"
     (pairs / "images").mkdir(parents=True)
