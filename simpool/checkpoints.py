@@ -274,9 +274,7 @@ def load_pretrained(path, checkpoint_key="teacher", arch=None, patch_size=None, 
         arch, mode = arch or "vit_small", mode or "simpool"
         patch_size = None if is_convnet(arch) else patch_size or 16
         gamma = backbones.resolve_gamma(arch, gamma)  # 'auto': None for ViTs, 2.0 for convnets
-        image_size = _at_least_min_input(arch, image_size or 224)
-        if patch_size and image_size < patch_size:
-            raise CheckpointError(f"--image_size {image_size} is smaller than one {patch_size}-pixel patch")
+        image_size = _evaluation_size(arch, patch_size, image_size or 224)
         logger.warning("WARNING: no --pretrained_weights given: evaluating a RANDOMLY INITIALISED "
                        f"{_describe(arch, patch_size, mode)}. Its numbers are a chance-level baseline, not a result.")
         model = backbones.build_backbone(arch, patch_size=patch_size, img_size=image_size, mode=mode, gamma=gamma,
@@ -324,9 +322,7 @@ def load_pretrained(path, checkpoint_key="teacher", arch=None, patch_size=None, 
                 logger.warning(f"{path} does not record SimPool's gamma; using {gamma} (the convnet default). "
                                "Pass --gamma if it was trained with another.")
     img_size = _resolve(meta.get("img_size"), meta.get("global_crops_size"), found.get("img_size"), default=224)
-    image_size = _at_least_min_input(arch, image_size or img_size)
-    if patch_size and image_size < patch_size:
-        raise CheckpointError(f"--image_size {image_size} is smaller than one {patch_size}-pixel patch of {path}")
+    image_size = _evaluation_size(arch, patch_size, image_size or img_size, f" of {path}")
     model = _build_uninitialised(arch, patch_size=patch_size, img_size=image_size, mode=mode, gamma=gamma,
                                  use_beta=use_beta)
     desc = _describe(arch, patch_size, mode)
@@ -344,8 +340,11 @@ def _describe(arch, patch_size, mode):
     return f"{arch} ({mode})" if is_convnet(arch) else f"{arch}/{patch_size} ({mode})"
 
 
-def _at_least_min_input(arch, image_size):
-    """``image_size``, raised to the convnet's smallest input (one stride-32 cell) when below it."""
+def _evaluation_size(arch, patch_size, image_size, of=""):
+    """``image_size``, raised to the convnet's smallest input (one stride-32 cell) when below it;
+    one below a ViT's patch is an error."""
+    if patch_size and image_size < patch_size:
+        raise CheckpointError(f"--image_size {image_size} is smaller than one {patch_size}-pixel patch{of}")
     smallest = backbones.ConvNetBackbone.min_input_size if is_convnet(arch) else 0
     if image_size < smallest:
         logger.info(f"{arch} needs inputs of at least {smallest}x{smallest} pixels: images are resized to "
