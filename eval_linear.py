@@ -106,6 +106,7 @@ class LinearFeatures(nn.Module):
     ``n_last_blocks`` and ``avgpool`` are ignored.
 
     Example:
+        >>> import vision_transformer
         >>> vit = vision_transformer.build_vit("vit_nano", patch_size=7, img_size=28, mode="official")
         >>> f = LinearFeatures(vit, n_last_blocks=4, avgpool=True)
         >>> f(torch.randn(2, 3, 28, 28)).shape, f.dim

@@ -208,11 +208,13 @@ def parse_args(argv=None):
         args.demo = True
     else:
         args.demo = False
-    if args.mode == "official":  # [CLS] pooling: SimPool's knobs would be recorded in checkpoints but do nothing
-        given = [f"--{k} {getattr(args, k)}" for k in ("gamma", "use_beta") if getattr(args, k) != parser.get_default(k)]
-        if given:
-            raise utils.RunError(f"{' and '.join(given)} set SimPool, which --mode official does not use (it pools "
-                                 "with the [CLS] token); drop them or use --mode simpool")
+    args.ignored_flags = []
+    if args.mode == "official":
+        # [CLS] pooling has no SimPool. SimPool's recipes switch to the baseline by changing --mode
+        # alone, so its knobs are accepted, logged as ignored, and recorded as what the model has.
+        args.ignored_flags = [f"--{k} {getattr(args, k)}" for k in ("gamma", "use_beta")
+                              if getattr(args, k) != parser.get_default(k)]
+        args.gamma, args.use_beta = None, False
     check_args(args)
     return args
 
@@ -360,6 +362,9 @@ def train_dino(args):
         logger.info("No --data_path given: running the CPU demo recipe on Fashion-MNIST "
                     f"(output in {args.output_dir}; flags you pass override the recipe).")
     logger.info("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+    if args.ignored_flags:
+        logger.warning(f"{' and '.join(args.ignored_flags)} ignored: --mode official pools with the [CLS] token, "
+                       "without SimPool")
 
     # uint8 images in; multi-crop views out, with the photometric part on the device
     in_memory = not hasattr(dataset, "samples")
@@ -671,6 +676,8 @@ def restore_rng(states, rank, device):
 def check_compatible(saved, args, path):
     """A resume whose model differs from the checkpoint's is a one-line error."""
     saved = dict(saved)
+    if saved.get("mode") == "official":  # no SimPool: its recorded knobs (older runs kept the flags) fit no weights
+        saved.pop("gamma", None), saved.pop("use_beta", None)
     if saved.get("gamma") == "auto":  # checkpoints written before --gamma auto was resolved at parse time
         saved["gamma"] = backbones.resolve_gamma(saved.get("arch", args.arch), "auto")
     for key in ("arch", "patch_size", "out_dim", "mode", "patch_out_dim", "shared_head", "gamma", "use_beta",

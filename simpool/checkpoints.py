@@ -14,7 +14,7 @@ input (32 px) when a smaller one is asked for (logged). A flat ResNet-50 state d
 torchvision/timm names (e.g. DINO's ResNet-50 release) is read as ``trunk.*``.
 
 Example:
-    >>> model, info = load_pretrained("output/checkpoint.pth", checkpoint_key="teacher")
+    >>> model, info = load_pretrained("output/demo/checkpoint.pth", checkpoint_key="teacher")
     >>> info["arch"], info["patch_size"], info["mode"], info["img_size"]
     ('vit_nano', 7, 'simpool', 28)
 """

@@ -20,7 +20,7 @@ timm route is for ViTs only; a loaded convnet's ``model.trunk`` is itself the ti
 (ResNet-50, ConvNeXt) or FCViT's timm ``MetaFormer``, under timm's own names.
 
 Example:
-    >>> meta = export_backbone("output/checkpoint.pth", "backbone.safetensors")
+    >>> meta = export_backbone("output/demo/checkpoint.pth", "backbone.safetensors")
     >>> model = load_backbone("backbone.safetensors")
     >>> timm_vit = build_timm_vit(meta)
     >>> timm_vit.load_state_dict(to_timm_state_dict(model))
