@@ -274,6 +274,8 @@ def load_pretrained(path, checkpoint_key="teacher", arch=None, patch_size=None, 
         arch, mode = arch or "vit_small", mode or "simpool"
         patch_size = None if is_convnet(arch) else patch_size or 16
         gamma = backbones.resolve_gamma(arch, gamma)  # 'auto': None for ViTs, 2.0 for convnets
+        if mode == "official":  # no SimPool: info and logs say so, whatever --gamma/--use_beta were
+            gamma, use_beta = None, False
         image_size = _evaluation_size(arch, patch_size, image_size or 224)
         logger.warning("WARNING: no --pretrained_weights given: evaluating a RANDOMLY INITIALISED "
                        f"{_describe(arch, patch_size, mode)}. Its numbers are a chance-level baseline, not a result.")
@@ -321,6 +323,8 @@ def load_pretrained(path, checkpoint_key="teacher", arch=None, patch_size=None, 
             elif mode == "simpool":
                 logger.warning(f"{path} does not record SimPool's gamma; using {gamma} (the convnet default). "
                                "Pass --gamma if it was trained with another.")
+    if mode == "official":  # no SimPool, whatever --gamma or the checkpoint's args say
+        gamma, use_beta = None, False
     img_size = _resolve(meta.get("img_size"), meta.get("global_crops_size"), found.get("img_size"), default=224)
     image_size = _evaluation_size(arch, patch_size, image_size or img_size, f" of {path}")
     model = _build_uninitialised(arch, patch_size=patch_size, img_size=image_size, mode=mode, gamma=gamma,

@@ -164,6 +164,16 @@ def test_official_dino_cls_checkpoints_load_with_identical_features(tmp_path, la
         assert torch.equal(a, b)
 
 
+def test_official_mode_records_no_simpool_knobs(tmp_path):
+    # SimPool's README runs its evaluation commands on the [CLS] baseline by changing --mode alone
+    path = tmp_path / "dino.pth"
+    save_official_checkpoint(path, tiny_backbone("official", patch_size=7, img_size=28), gamma=1.25)
+    _, info = load_pretrained(str(path), mode="official", gamma=1.25, use_beta=True)
+    assert info["mode"] == "official" and info["gamma"] is None and info["use_beta"] is False
+    _, info = load_pretrained("", arch="vit_nano", patch_size=7, mode="official", gamma=1.25, image_size=28)
+    assert info["gamma"] is None and info["use_beta"] is False
+
+
 def test_official_simpool_checkpoint_reads_gamma_from_its_args(tmp_path):
     backbone = tiny_backbone("simpool", patch_size=7, img_size=28, gamma=1.25, seed=4)
     save_official_checkpoint(tmp_path / "simpool.pth", backbone, gamma=1.25)
