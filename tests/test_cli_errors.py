@@ -1,6 +1,7 @@
 """User mistakes in the evaluation tools and ``launch`` end in one line (``error: ...``), exit 1
 (or argparse's usage error, exit 2), before any feature is computed; never a traceback."""
 import os
+import re
 import subprocess
 import sys
 
@@ -41,9 +42,11 @@ def test_evaluation_tool_mistakes_are_one_line(tool, args, code, expected, check
     with pytest.raises(SystemExit) as e:
         tool.main(["--pretrained_weights", checkpoint] + DATA * (tool is not attention) + args)
     assert e.value.code == code
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert expected.format(file=file) in err and "Traceback" not in err, err
-    assert "features" not in capsys.readouterr().out  # stopped before any feature was computed
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()[-1]
+    assert expected.format(file=file) in err and "Traceback" not in captured.err, err
+    # stopped before any feature or map was computed (no progress line such as "Train features [ 1/4]")
+    assert not re.search(r"(features|images\)) \[", captured.out + captured.err)
 
 
 @pytest.mark.parametrize("args,expected", [
