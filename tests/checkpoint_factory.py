@@ -55,14 +55,19 @@ def save_training_checkpoint(path, backbone, data_path="fashion-mnist", stored_g
     torch.save({"student": state, "teacher": state, "epoch": 3, "args": args, "optimizer": None}, path)
 
 
-def save_official_checkpoint(path, backbone, gamma=None):
+def save_official_checkpoint(path, backbone, gamma=None, student_backbone=None):
     """The official DINO / iBOT / SimPool training checkpoint layout: 'teacher' with
-    backbone./head. keys, 'student' with module.backbone./module.head. keys, args as an
+    backbone./head. keys, 'student' with module.backbone./module.head. keys (the student's
+    backbone is ``student_backbone`` when given, else the teacher's), args as an
     argparse.Namespace; no masked_embed (DINO's ViT has none)."""
-    bb = {k: v for k, v in backbone.state_dict().items() if k != "masked_embed"}
     head = _head_state(backbone.embed_dim)
-    teacher = {**{f"backbone.{k}": v for k, v in bb.items()}, **{f"head.{k}": v for k, v in head.items()}}
-    student = {f"module.{k}": v for k, v in teacher.items()}
+
+    def network(bb):
+        bb = {k: v for k, v in bb.state_dict().items() if k != "masked_embed"}
+        return {**{f"backbone.{k}": v for k, v in bb.items()}, **{f"head.{k}": v for k, v in head.items()}}
+
+    teacher = network(backbone)
+    student = {f"module.{k}": v for k, v in network(student_backbone or backbone).items()}
     ns = argparse.Namespace(arch=_arch_of(backbone), patch_size=backbone.patch_size, out_dim=32, lr=0.0005,
                             global_crops_scale=(0.4, 1.0), data_path="/path/to/imagenet/train")
     if gamma is not None:

@@ -151,17 +151,19 @@ def test_wrong_mode_or_patch_size_is_a_clear_error(trained):
 
 @pytest.mark.parametrize("layout", ["teacher", "student", "flat"])
 def test_official_dino_cls_checkpoints_load_with_identical_features(tmp_path, layout):
-    backbone = tiny_backbone("official", patch_size=4, img_size=28, seed=3)
+    teacher = tiny_backbone("official", patch_size=4, img_size=28, seed=3)
+    student = tiny_backbone("official", patch_size=4, img_size=28, seed=5)  # so the key must pick the right one
     path = tmp_path / "dino.pth"
     if layout == "flat":
-        save_flat_backbone(path, backbone)
+        save_flat_backbone(path, teacher)
     else:
-        save_official_checkpoint(path, backbone)
+        save_official_checkpoint(path, teacher, student_backbone=student)
     model, info = load_pretrained(str(path), checkpoint_key=layout)
     assert (info["arch"], info["patch_size"], info["mode"], info["img_size"]) == ("vit_nano", 4, "official", 28)
     x = torch.randn(2, 3, 28, 28)
-    for a, b in zip(features(backbone, x), features(model, x)):
-        assert torch.equal(a, b)
+    chosen, other = (student, teacher) if layout == "student" else (teacher, student)
+    for a, b, c in zip(features(chosen, x), features(model, x), features(other, x)):
+        assert torch.equal(a, b) and not torch.allclose(b, c)
 
 
 def test_official_mode_records_no_simpool_knobs(tmp_path):
