@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import eval_linear
 import utils
@@ -61,15 +62,47 @@ def test_heads_are_independent():
     assert many.num_heads == 4 and many.pairs[1] == (0.1, 1e-3)
 
 
+def test_every_head_takes_the_sgd_momentum_step_with_its_own_weight_decay():
+    """Two steps of a 2 lr x 2 wd sweep against SGD with momentum written out in float64:
+    v = m v + (g + wd W), W -= lr v; the bias's momentum without decay."""
+    x, y = toy_problem(64, 3)
+    sweep = LinearSweep(32, 10, lrs=[0.1, 0.02], wds=[0.0, 0.05])
+    W, b = sweep.weight.detach().double().clone(), sweep.bias.detach().double().clone()
+    vW, vb = torch.zeros_like(W), torch.zeros_like(b)
+    lrs = torch.tensor([p[0] for p in sweep.pairs], dtype=torch.float64)
+    wds = torch.tensor([p[1] for p in sweep.pairs], dtype=torch.float64)
+    for lr_factor in (1.0, 0.5):
+        sweep.zero_grad()
+        sweep.loss(x, y).backward()
+        sweep.step(lr_factor)
+        W.requires_grad_(True), b.requires_grad_(True)
+        loss = sum(F.cross_entropy(x.double() @ W[h] + b[h], y) for h in range(4))  # W: (heads, dim, classes)
+        gW, gb = torch.autograd.grad(loss, (W, b))
+        with torch.no_grad():
+            vW = 0.9 * vW + gW + wds[:, None, None] * W
+            vb = 0.9 * vb + gb
+            W = W - (lr_factor * lrs)[:, None, None] * vW
+            b = b - (lr_factor * lrs)[:, None] * vb
+    torch.testing.assert_close(sweep.weight.double(), W, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sweep.bias.double(), b, rtol=1e-5, atol=1e-6)
+
+
 def test_cls_features_concatenate_last_blocks():
     model = tiny_backbone("official", patch_size=4, img_size=28)
     feats = LinearFeatures(model, n_last_blocks=4, avgpool=True)
     x = torch.randn(2, 3, 28, 28)
+    block_outputs = []  # a second code path: each block's output, caught by hooks
+    hooks = [blk.register_forward_hook(lambda m, i, o: block_outputs.append(o)) for blk in model.blocks]
     with torch.no_grad():
         f = feats(x)
         out = model.forward_features(x)
+        last4 = [model.norm(o)[:, 0] for o in block_outputs[len(model.blocks) - 4:len(model.blocks)]]
+    for h in hooks:
+        h.remove()
     assert f.shape == (2, 5 * 192) and feats.dim == 5 * 192
-    torch.testing.assert_close(f[:, 3 * 192:4 * 192], out["pooled"])  # last block's normed [CLS]
+    for i, cls in enumerate(last4):  # the normed [CLS] of each of the last 4 blocks, in order
+        torch.testing.assert_close(f[:, i * 192:(i + 1) * 192], cls)
+    torch.testing.assert_close(f[:, 3 * 192:4 * 192], out["pooled"])  # the last one is the pooled vector
     torch.testing.assert_close(f[:, 4 * 192:], out["patch_tokens"].mean(1))
     simpool = LinearFeatures(tiny_backbone("simpool", patch_size=7, img_size=28), n_last_blocks=4)
     assert simpool.dim == 192  # SimPool models: the pooled vector
