@@ -40,11 +40,24 @@ def test_ratio_variance_counts_in_range_and_vary(pred_shape):
 
 
 def test_ratio_range_is_clipped_to_zero_one():
-    torch.manual_seed(2)
-    N = 25
-    mask = make_masks(_attention(50, N), (5, 5), "rand", pred_ratio=0.9, pred_ratio_var=0.5, masking_prob=1.0)
-    counts = mask.sum(1)
+    # The range pred_ratio ± var is clipped to [0, 1] before the uniform draw, so the
+    # count floor(U[low, high] * N) is uniform over floor(low*N)..ceil(high*N)-1.
+    N, B = 25, 4000
+    g = torch.Generator().manual_seed(2)
+    # 0.9 ± 0.5 -> U[0.4, 1.0]: counts uniform on 10..24 (mean 17), a fully masked grid
+    # (ratio exactly 1.0) essentially never; without the upper clip, U[0.4, 1.4] masks
+    # the whole grid in 40% of the images (mean count 20.2).
+    counts = make_masks(torch.zeros(B, N), (5, 5), "rand", pred_ratio=0.9, pred_ratio_var=0.5,
+                        masking_prob=1.0, generator=g).sum(1)
     assert counts.min() >= math.floor(0.4 * N) and counts.max() <= N
+    assert (counts == N).float().mean() < 0.01
+    assert counts.double().mean().item() == pytest.approx(17.0, abs=0.4)  # SE ~0.07
+    # 0.1 ± 0.3 -> U[0, 0.4]: counts uniform on 0..9, so 10% of images have none masked;
+    # without the lower clip, U[-0.2, 0.4] gives none masked for ratio < 0.04, i.e. 40%.
+    counts = make_masks(torch.zeros(B, N), (5, 5), "rand", pred_ratio=0.1, pred_ratio_var=0.3,
+                        masking_prob=1.0, generator=g).sum(1)
+    assert counts.max() <= math.floor(0.4 * N) - 1
+    assert (counts == 0).float().mean().item() == pytest.approx(0.1, abs=0.03)  # SE ~0.005
 
 
 @pytest.mark.parametrize("pred_shape", PRED_SHAPES)
@@ -146,9 +159,13 @@ def test_block_mask_count(grid, count):
 
 
 def test_block_mask_never_exceeds_request():
-    random.seed(11)
-    for _ in range(20):
-        assert int(block_mask((6, 6), 36).sum()) <= 36
+    # Requests below the grid size, where a rounded rectangle can overshoot the
+    # remaining budget: block_mask must reject such rectangles, never mask more.
+    for seed in range(5):
+        random.seed(seed)
+        for count in (1, 2, 3, 5, 7, 10, 13, 17, 22, 29):
+            for _ in range(10):
+                assert int(block_mask((6, 6), count).sum()) <= count, (seed, count)
 
 
 def test_block_masks_vary_and_are_blocky():
