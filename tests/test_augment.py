@@ -4,10 +4,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+from torchvision.transforms.v2 import functional as TF
 
-from simpool.augment import (MultiCropAugmentation, color_jitter, gaussian_blur, hue_rotate,
-                             random_resized_crop_boxes)
+from simpool.augment import (MultiCropAugmentation, _jitter, color_jitter, gaussian_blur, hue_rotate,
+                             jitter_factors, random_resized_crop_boxes)
 
 MEAN = (0.1, 0.2, 0.3)
 STD = (0.5, 0.25, 0.125)
@@ -397,3 +398,197 @@ def test_color_jitter_brightness_only_scales():
     torch.testing.assert_close(f, f[:, :1].expand_as(f), rtol=0, atol=1e-4)
     assert (f[:, 0] >= 0.6 - 1e-5).all() and (f[:, 0] <= 1.4 + 1e-5).all()
     assert f[:, 0].std() > 1e-3
+
+
+# ---------------------------------------------------------------- jitter: float64 reference formulas
+_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def _luma64(x):
+    """Luma (n, h, w) of (n, 3, h, w), float64, with the test's LUMA weights."""
+    return np.einsum("c,nchw->nhw", LUMA, x)
+
+
+def _reference_jitter(x, factors):
+    """torchvision's brightness -> contrast -> saturation order in float64, then a YIQ hue
+    rotation by factors[:, 3] radians; clamped to [0, 1] after each step."""
+    x = x.double().numpy()
+    f = factors.double().numpy()
+    out = np.empty_like(x)
+    for i in range(len(x)):
+        b, c, s, angle = f[i]
+        y = np.clip(x[i:i + 1] * b, 0, 1)  # brightness: scale
+        m = _luma64(y).mean()  # contrast pivots on the mean of the grayscale image
+        y = np.clip(c * y + (1 - c) * m, 0, 1)
+        g = _luma64(y)[:, None]  # saturation blends with each pixel's luma
+        y = np.clip(s * y + (1 - s) * g, 0, 1)
+        rot = np.array([[1, 0, 0], [0, math.cos(angle), -math.sin(angle)], [0, math.sin(angle), math.cos(angle)]])
+        mat = np.linalg.inv(_YIQ) @ rot @ _YIQ  # rotate the (I, Q) chroma plane, keep Y
+        out[i] = np.clip(np.einsum("ij,jhw->ihw", mat, y[0]), 0, 1)
+    return torch.from_numpy(out)
+
+
+def _coloured(n, h=5, w=6, seed=30):
+    """Random images with very unequal channel means (dark red, dim green, bright blue), so the
+    mean luma (~0.28) differs clearly from the plain mean (~0.42)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, h, w, generator=g, dtype=torch.float64)
+    return x * torch.tensor([0.2, 0.3, 0.2], dtype=torch.float64).view(1, 3, 1, 1) \
+        + torch.tensor([0.0, 0.1, 0.8], dtype=torch.float64).view(1, 3, 1, 1)
+
+
+_FIXED_FACTORS = torch.tensor([[1.0, 1.0, 1.0, 0.0],  # identity
+                               [1.3, 0.6, 1.2, 0.5],  # brightness clips, contrast/saturation/hue all on
+                               [0.7, 1.4, 0.8, -0.6],  # contrast stretch clips
+                               [1.0, 0.5, 1.0, 0.0],  # contrast alone: pivot on the mean luma
+                               [1.0, 1.0, 0.3, 0.0]], dtype=torch.float64)  # saturation alone
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_jitter_fixed_factors_match_float64_reference(dtype, atol):
+    # pins each jitter step's formula (contrast pivot = mean luma), its order and the clamps
+    x = _coloured(len(_FIXED_FACTORS))
+    y = _jitter(x.to(dtype), _FIXED_FACTORS.to(dtype))
+    torch.testing.assert_close(y.double(), _reference_jitter(x.to(dtype), _FIXED_FACTORS), rtol=0, atol=atol)
+    assert (x[1] * 1.3 > 1).any()  # the brightness clamp is exercised
+
+
+def test_jitter_contrast_pivot_is_mean_luma_not_plain_mean():
+    # contrast 0 maps every pixel of every channel to the mean of the image's luma
+    x = _coloured(2)
+    y = _jitter(x, torch.tensor([[1.0, 0.0, 1.0, 0.0]] * 2, dtype=torch.float64))
+    pivot = torch.from_numpy(_luma64(x.numpy()).mean(axis=(1, 2)))
+    torch.testing.assert_close(y, pivot.view(2, 1, 1, 1).expand_as(y), rtol=0, atol=1e-12)
+    assert (pivot - x.mean(dim=(1, 2, 3))).abs().min() > 0.1  # the plain mean is far off
+
+
+def test_jitter_brightness_contrast_saturation_match_torchvision():
+    # with hue off, the jitter is torchvision's adjust_brightness -> adjust_contrast -> adjust_saturation
+    # (torchvision's luma weights are 0.2989/0.587/0.114, hence the 1e-4 tolerance)
+    x = _coloured(len(_FIXED_FACTORS))
+    y = _jitter(x, torch.cat([_FIXED_FACTORS[:, :3], torch.zeros(len(x), 1, dtype=torch.float64)], 1))
+    for i, (b, c, s, _) in enumerate(_FIXED_FACTORS.tolist()):
+        ref = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x[i], b), c), s)
+        torch.testing.assert_close(y[i], ref, rtol=0, atol=1e-4)
+
+
+def test_color_jitter_random_factors_match_float64_reference():
+    # color_jitter = the reference formula with the factors jitter_factors draws (hue in radians)
+    x = _coloured(6).float()
+    apply = torch.tensor([True, True, False, True, True, True])
+    torch.manual_seed(31)
+    y = color_jitter(x.clone(), apply)
+    torch.manual_seed(31)
+    factors = jitter_factors(apply)
+    torch.testing.assert_close(y.double(), _reference_jitter(x, factors), rtol=0, atol=1e-5)
+
+
+def test_jitter_factor_ranges_and_hue_in_radians():
+    # draws are U(1 +- 0.4), U(1 +- 0.4), U(1 +- 0.2) and the hue angle U(+-0.1 turn) = U(+-0.2 pi) rad
+    torch.manual_seed(32)
+    apply = torch.arange(4000) % 4 != 0
+    f = jitter_factors(apply)
+    assert f.shape == (4000, 4)
+    torch.testing.assert_close(f[~apply], torch.tensor([[1.0, 1.0, 1.0, 0.0]]).expand(1000, 4), rtol=0, atol=0)
+    on = f[apply]
+    for col, (lo, hi) in enumerate([(0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.2 * math.pi, 0.2 * math.pi)]):
+        span = hi - lo
+        assert on[:, col].min() >= lo - 1e-6 and on[:, col].max() <= hi + 1e-6, col
+        assert on[:, col].min() < lo + 0.02 * span and on[:, col].max() > hi - 0.02 * span, col
+
+
+def test_color_jitter_hue_rotation_spans_a_tenth_of_a_turn():
+    # hue=0.1 rotates the YIQ chroma of a pixel by angles spread over [-0.2 pi, 0.2 pi]
+    torch.manual_seed(33)
+    n = 2000
+    x = torch.tensor([0.5, 0.45, 0.42]).view(1, 3, 1, 1).repeat(n, 1, 1, 1)  # low chroma: stays in gamut
+    y = color_jitter(x.clone(), torch.ones(n, dtype=torch.bool), brightness=0, contrast=0, saturation=0, hue=0.1)
+    assert (y > 0).all() and (y < 1).all()
+    a, b = _yiq(x)[:, :, 0, 0], _yiq(y)[:, :, 0, 0]
+    torch.testing.assert_close(b[:, 0], a[:, 0], rtol=0, atol=1e-6)  # luma kept
+    angle = torch.atan2(a[:, 1] * b[:, 2] - a[:, 2] * b[:, 1], a[:, 1] * b[:, 1] + a[:, 2] * b[:, 2])
+    assert angle.abs().max() <= 0.2 * math.pi + 1e-4
+    assert angle.max() > 0.19 * math.pi and angle.min() < -0.19 * math.pi
+
+
+# ---------------------------------------------------------------- photometric: per-op probabilities
+def _photo_inputs(B=2, seed=34):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(2 * B, 3, 8, 8, generator=g), torch.rand(3 * B, 3, 6, 6, generator=g)
+
+
+def _denorm(x):
+    return x.double() * torch.tensor(STD, dtype=torch.float64).view(1, 3, 1, 1) \
+        + torch.tensor(MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+
+
+_OFF = dict(color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=(0.0, 0.0, 0.0), solarization_prob=0.0)
+
+
+def test_photometric_all_probabilities_zero_is_normalisation_only():
+    # with every op off, photometric is (x - mean) / std
+    g, l = _photo_inputs()
+    out_g, out_l = _aug(**_OFF).photometric(g, l)
+    torch.testing.assert_close(_denorm(out_g), g.double(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(_denorm(out_l), l.double(), rtol=0, atol=1e-6)
+
+
+def test_photometric_grayscale_prob_one_gives_luma_in_every_channel():
+    # grayscale replaces every channel of every crop (globals and locals) with the luma
+    g, l = _photo_inputs()
+    out_g, out_l = _aug(**{**_OFF, "grayscale_prob": 1.0}).photometric(g, l)
+    for x, out in ((g, out_g), (l, out_l)):
+        luma = torch.from_numpy(_luma64(x.double().numpy()))[:, None]
+        torch.testing.assert_close(_denorm(out), luma.expand_as(out), rtol=0, atol=1e-6)
+
+
+def test_photometric_solarization_only_on_second_global_view():
+    # solarize p=1 inverts pixels >= 128 (PIL's ImageOps.solarize) of global view 2 only
+    B = 2
+    g = (torch.arange(2 * B * 3 * 16 * 16) % 256).to(torch.uint8).view(2 * B, 3, 16, 16)
+    l = (torch.arange(3 * B * 3 * 8 * 8) * 7 % 256).to(torch.uint8).view(3 * B, 3, 8, 8)
+    out_g, out_l = _aug(**{**_OFF, "solarization_prob": 1.0}).photometric(g, l)
+
+    def pil_solarize(crop):
+        img = ImageOps.solarize(Image.fromarray(crop.permute(1, 2, 0).numpy()), threshold=128)
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1)
+
+    expected_g = torch.cat([g[:B], torch.stack([pil_solarize(c) for c in g[B:]])])
+    torch.testing.assert_close(_denorm(out_g), expected_g.double() / 255, rtol=0, atol=1e-6)
+    torch.testing.assert_close(_denorm(out_l), l.double() / 255, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("blur_prob", [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)])
+def test_photometric_blur_probability_per_view(blur_prob):
+    # blur_prob = (global view 1, global view 2, locals): only the p=1 group is blurred (sigma fixed at 1)
+    B = 2
+    g, l = _photo_inputs(B)
+    out_g, out_l = _aug(**{**_OFF, "blur_prob": blur_prob, "blur_sigma": (1.0, 1.0)}).photometric(g, l)
+    groups = [(out_g[:B], g[:B]), (out_g[B:], g[B:]), (out_l, l)]
+    for p, (out, x) in zip(blur_prob, groups):
+        expected = _reference_blur(x, 1.0, 3) if p else x.double()
+        torch.testing.assert_close(_denorm(out), expected, rtol=0, atol=1e-6)
+
+
+def test_photometric_default_probabilities_are_dinos():
+    # DINO's defaults: grayscale 0.2 everywhere, blur 1.0 / 0.1 / 0.5, solarize 0 / 0.2 / 0 (view 1 / 2 / locals)
+    torch.manual_seed(35)
+    B, n_local = 200, 2
+    aug = _aug(local_crops_number=n_local, color_jitter_prob=0.0, blur_sigma=(1.0, 1.0))
+    g = torch.rand(2 * B, 3, 5, 5) * 0.4 + 0.55  # all > 0.5, so blur and gray stay > 0.5 and solarize < 0.5
+    l = torch.rand(n_local * B, 3, 5, 5) * 0.4 + 0.55
+    out_g, out_l = aug.photometric(g, l)
+    stats = []
+    for x, out in ((g[:B], out_g[:B]), (g[B:], out_g[B:]), (l, out_l)):
+        y = _denorm(out)
+        gray = (y - y[:, :1]).abs().amax(dim=(1, 2, 3)) < 1e-6
+        solar = y.amax(dim=(1, 2, 3)) < 0.5
+        y = torch.where(solar.view(-1, 1, 1, 1), 1 - y, y)
+        src = x.double()
+        src = torch.where(gray.view(-1, 1, 1, 1), torch.from_numpy(_luma64(src.numpy()))[:, None].expand_as(src), src)
+        blurred = (y - src).abs().amax(dim=(1, 2, 3)) > 1e-5
+        stats.append((gray.float().mean().item(), blurred.float().mean().item(), solar.float().mean().item()))
+    (g1, b1, s1), (g2, b2, s2), (gl, bl, sl) = stats
+    assert all(0.1 < p < 0.3 for p in (g1, g2, gl)), stats
+    assert b1 == 1.0 and 0.03 < b2 < 0.2 and 0.4 < bl < 0.6, stats
+    assert s1 == 0.0 and 0.12 < s2 < 0.3 and sl == 0.0, stats
