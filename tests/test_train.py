@@ -4,13 +4,16 @@ import os
 import shutil
 import subprocess
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.checkpoint import checkpoint
 
 import main_dino
+import vision_transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny but complete run: every stage of the step (multi-crop, AttMask from SimPool's map,
@@ -309,14 +312,27 @@ def test_teacher_entropy_monitors_match_their_definition():
     loss_fn = main_dino.DINOLoss(out_dim=8, ncrops=2)
     loss_fn(torch.randn(2 * 3, 8), one_hot_teacher, teacher_temp=0.04)
     assert loss_fn.teacher_entropy.item() < 1e-4 and loss_fn.teacher_batch_entropy.item() < 1e-4
+    # each of the 6 teacher rows sure of another prototype: per-image entropy 0, batch entropy log 6
+    spread_teacher = torch.full((2 * 3, 8), -1e4)
+    spread_teacher[torch.arange(6), torch.arange(6)] = 1e4
+    loss_fn = main_dino.DINOLoss(out_dim=8, ncrops=2)
+    loss_fn(torch.randn(2 * 3, 8), spread_teacher, teacher_temp=0.04)
+    assert loss_fn.teacher_entropy.item() < 1e-4 and abs(loss_fn.teacher_batch_entropy.item() - np.log(6)) < 1e-5
 
 
 def test_grad_checkpointing_trains_exactly_like_the_plain_run(tmp_path):
     """Same seed, drop-path on: the recomputed student replays the same random draws, so the
     run ends with the very same teacher."""
-    main_dino.main(TINY + ["--epochs", "1", "--drop_path_rate", "0.2", "--output_dir", str(tmp_path / "plain")])
-    main_dino.main(TINY + ["--epochs", "1", "--drop_path_rate", "0.2", "--grad_checkpointing", "True",
-                           "--output_dir", str(tmp_path / "checkpointed")])
+    calls = {"plain": 0, "checkpointed": 0}
+    for run, flags in (("plain", []), ("checkpointed", ["--grad_checkpointing", "True"])):
+        def counted(*a, run=run, **kw):
+            calls[run] += 1
+            return checkpoint(*a, **kw)
+        with mock.patch.object(vision_transformer, "checkpoint", counted):
+            main_dino.main(TINY + ["--epochs", "1", "--drop_path_rate", "0.2", "--output_dir", str(tmp_path / run)]
+                           + flags)
+    # the student's blocks really ran checkpointed (one call per block per student forward), the plain run never
+    assert calls["plain"] == 0 and calls["checkpointed"] > 0
     plain, checkpointed = (load(tmp_path / d / "checkpoint.pth") for d in ("plain", "checkpointed"))
     assert checkpointed["args"]["grad_checkpointing"] and not plain["args"]["grad_checkpointing"]
     for name, weight in plain["teacher"].items():

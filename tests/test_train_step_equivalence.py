@@ -176,3 +176,46 @@ def test_lambda2_zero_masks_the_student_without_the_patch_loss():
     assert torch.equal(patch.center, torch.zeros_like(patch.center))  # no patch loss, no centre update
     assert loss.item() == pytest.approx(args.lambda1 * parts["dino_loss"].item())
     assert abs(loss.item() - unmasked.item()) > 1e-4  # the student did see the masked crops
+
+
+@pytest.mark.parametrize("mode", ["official", "simpool"])
+def test_attmask_hides_the_tokens_the_teacher_attends_to_most(mode):
+    """The student's masks are the top --pred_ratio of the teacher's map on the same crop: the
+    last block's [CLS] row averaged over heads (official), SimPool's map (simpool), each
+    recomputed here from the layers' weights in float64."""
+    args = main_dino.parse_args(ARGS + ["--mode", mode, "--pred_shape", "attmask_high", "--pred_ratio", "0.4",
+                                        "--pred_ratio_var", "0"])
+    student, teacher = _setup(args)
+    g, l = _crops(args)[0]
+    seen, inputs = [], {}
+    forward = student.forward
+    student.forward = lambda *a, **kw: seen.append(a[2]) or forward(*a, **kw)
+    bb = teacher.backbone
+    last = bb.blocks[-1] if mode == "official" else bb.simpool
+    hook = last.register_forward_pre_hook(lambda m, a: inputs.update(x=a[0].detach().double()))  # returns None
+    with torch.no_grad():
+        main_dino.distillation_loss(student, teacher, DINOLoss(args.out_dim, 4), PatchLoss(args.patch_out_dim), g, l,
+                                    True, 0.04, 0.07, None, args)
+    hook.remove()
+    x = inputs["x"]
+    with torch.no_grad():
+        if mode == "official":  # explicit softmax(q k^T / sqrt(d)) of the last block, the [CLS] query row
+            B, T, C = x.shape
+            h = last.attn.num_heads
+            qkv = F.linear(F.layer_norm(x, (C,), last.norm1.weight.double(), last.norm1.bias.double(), last.norm1.eps),
+                           last.attn.qkv.weight.double(), last.attn.qkv.bias.double())
+            q, k, _ = qkv.reshape(B, T, 3, h, C // h).permute(2, 0, 3, 1, 4)
+            attn = (q @ k.transpose(-2, -1) * (C // h) ** -0.5).softmax(-1)[:, :, 0, 1:].mean(1)
+        else:  # SimPool: query from the mean token, keys from the layer-normalised tokens
+            sp = last
+            tokens = F.layer_norm(x, (x.shape[-1],), sp.norm_patches.weight.double(), sp.norm_patches.bias.double(),
+                                  sp.norm_patches.eps)
+            q = x.mean(1) @ sp.wq.weight.double().T
+            k = tokens @ sp.wk.weight.double().T
+            attn = (torch.einsum("bd,bnd->bn", q, k) * sp.scale).softmax(-1)
+    masks = seen[0]
+    count = int(0.4 * attn.shape[1])
+    assert masks.shape == attn.shape and (masks.sum(1) == count).all()
+    spread = attn.max() - attn.min()
+    for a, m in zip(attn, masks):  # every hidden token is attended at least as much as every shown one
+        assert a[m].min() >= a[~m].max() - 1e-6 * spread
