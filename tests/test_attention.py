@@ -50,6 +50,14 @@ def test_corloc_uses_the_largest_connected_part():
     assert att.mask_box(mask) == (0, 0, 4, 2)
     assert att.box_iou((0, 0, 2, 2), (1, 0, 3, 2)) == pytest.approx(2 / 6)
     assert att.jaccard(torch.zeros(3, 3), torch.zeros(3, 3)) == 1.0
+    # score_map: the most attended token lies far from the object; the rest of the kept mass is on it
+    attn = torch.full((4, 4), 0.004)
+    attn[3, 3] = 0.2
+    attn[:2, :2] = torch.tensor([[0.19, 0.188], [0.186, 0.184]])
+    target = torch.zeros(4, 4, dtype=torch.bool)
+    target[:2, :2] = True
+    r = att.score_map(attn, target, patch_size=1)
+    assert r["kept"][3, 3] and r["hit"]  # boxed without the stray token: IoU 1 (0.25 with it)
 
 
 def test_token_mask_to_pixels_pads_beyond_the_grid():

@@ -159,6 +159,10 @@ def test_attention_upsampling(resnet):
     image_map = upsample_attention(attention, grid, (96, 128))
     assert image_map.shape == (1, 96, 128)
     assert torch.allclose(upsample_attention(torch.full((2, 12), 0.5), (3, 4), (9, 8)), torch.full((2, 9, 8), 0.5))
+    # row-major layout: token r*w + c lands on cell (r, c), each cell 2x2 pixels at twice the size
+    cells = torch.arange(12.0).view(3, 4)
+    expected = cells.repeat_interleave(2, 0).repeat_interleave(2, 1)
+    assert torch.equal(upsample_attention(torch.arange(12.0)[None], (3, 4), (6, 8), mode="nearest")[0], expected)
     with pytest.raises(ValueError, match="3x3"):
         upsample_attention(attention, (3, 3), (96, 96))
     vit = build_backbone("vit_nano", patch_size=8, img_size=64)
