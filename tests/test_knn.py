@@ -163,7 +163,8 @@ def test_search_is_exact_with_near_ties_and_fallbacks(margin):
     base = F.normalize(torch.randn(20, 24, generator=g), dim=1)  # 100 near-copies of each
     bank = F.normalize(base.repeat(100, 1) + 1e-4 * torch.randn(2000, 24, generator=g), dim=1)
     queries = F.normalize(base.repeat(2, 1)[:30] + 0.05 * torch.randn(30, 24, generator=g), dim=1)
-    sims, idx = knn_search(bank, queries, 25, chunk_size=7, margin=margin)
+    # bf16 candidates asked for explicitly: the default picks fp32 on a CPU without AVX512-BF16/AMX
+    sims, idx = knn_search(bank, queries, 25, chunk_size=7, margin=margin, prefilter_dtype=torch.bfloat16)
     exact_sims, exact_idx = (queries @ bank.T).topk(25, dim=1)
     torch.testing.assert_close(sims, exact_sims, rtol=0, atol=1e-6)
     torch.testing.assert_close(bank[idx] @ queries[:, :, None], exact_sims[:, :, None], rtol=0, atol=1e-6)
