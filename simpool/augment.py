@@ -189,6 +189,7 @@ class MultiCropAugmentation:
         # every random draw for the whole batch first, so chunking below changes no result
         jitter = torch.rand(n, device=device) < self.color_jitter_prob
         factors = jitter_factors(jitter)
+        order = jitter_order(n, device)
         gray = torch.rand(n, device=device) < self.grayscale_prob
         blur = torch.rand(n, device=device) < blur_p
         sigma = torch.empty(n, device=device).uniform_(*self.blur_sigma)
@@ -203,7 +204,7 @@ class MultiCropAugmentation:
         for i in range(0, n, step):
             rows = slice(i, i + step)
             y = x[rows] if x.dtype != torch.uint8 else x[rows] * (1 / 255)  # one pass, to float32
-            y = _on_rows(y, jitter[rows], _jitter, factors[rows])
+            y = _on_rows(y, jitter[rows], _jitter, factors[rows], order[rows])
             y = _on_rows(y, gray[rows], lambda t: _gray(t).expand_as(t))
             y = _on_rows(y, blur[rows], lambda t, sg: _blur(t, sg, self.blur_sigma[1]), sigma[rows])
             y = _on_rows(y, solarize[rows], lambda t: torch.where(t >= 0.5, 1 - t, t))
@@ -287,8 +288,9 @@ def color_jitter(x, apply, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1
     ``apply`` False are returned unchanged. Brightness, contrast and saturation
     factors are uniform in 1 +- their strength (contrast pivots on the mean luma,
     saturation on each pixel's luma), clamped to [0, 1] after each; hue is a rotation
-    of the chroma plane in YIQ space by up to ``hue`` of a turn."""
-    return _jitter(x, jitter_factors(apply, brightness, contrast, saturation, hue))
+    of the chroma plane in YIQ space by up to ``hue`` of a turn. Each row applies the
+    four in its own random order, as torchvision's ``ColorJitter`` (DINO's) does per image."""
+    return _jitter(x, jitter_factors(apply, brightness, contrast, saturation, hue), jitter_order(x.shape[0], x.device))
 
 
 def jitter_factors(apply, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
@@ -301,16 +303,66 @@ def jitter_factors(apply, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
     return torch.where(apply[:, None], torch.stack(draws, 1), identity)
 
 
-def _jitter(x, factors):
-    """Colour jitter with the (n, 4) ``factors`` of ``jitter_factors``; returns a new tensor."""
-    n = x.shape[0]
-    f = factors.to(x.dtype).view(n, 4, 1, 1)
-    x = (x * f[:, 0:1]).clamp_(0, 1)  # brightness
-    luma = torch.tensor(_LUMA, dtype=x.dtype, device=x.device)
-    mean = (x.mean(dim=(2, 3)) @ luma).view(n, 1, 1, 1)
-    x = x.mul_(f[:, 1:2]).add_(mean * (1 - f[:, 1:2])).clamp_(0, 1)  # contrast: (x - mean) * c + mean
-    x = torch.lerp(_gray(x).expand_as(x), x, f[:, 2:3]).clamp_(0, 1)  # saturation
-    return hue_rotate(x, factors[:, 3]).clamp_(0, 1)
+def jitter_order(n, device=None, generator=None):
+    """(n, 4) per-row orders of the four jitter ops (0 brightness, 1 contrast, 2 saturation,
+    3 hue), each a uniform random permutation."""
+    return torch.rand(n, 4, device=device, generator=generator).argsort(dim=1)
+
+
+def _brightness(x, b):
+    return (x * b.view(-1, 1, 1, 1)).clamp_(0, 1)
+
+
+def _contrast(x, c):  # (x - mean) * c + mean, around the image's mean luma
+    c = c.view(-1, 1, 1, 1)
+    mean = (x.mean(dim=(2, 3)) @ torch.tensor(_LUMA, dtype=x.dtype, device=x.device)).view(-1, 1, 1, 1)
+    return (x * c).add_(mean * (1 - c)).clamp_(0, 1)
+
+
+def _saturation(x, s):  # towards each pixel's luma
+    return torch.lerp(_gray(x).expand_as(x), x, s.view(-1, 1, 1, 1)).clamp_(0, 1)
+
+
+def _hue(x, angle):
+    return hue_rotate(x, angle).clamp_(0, 1)
+
+
+_JITTER_OPS = (_brightness, _contrast, _saturation, _hue)
+
+
+def _jitter(x, factors, order=None):
+    """Colour jitter with the (n, 4) ``factors`` of ``jitter_factors``, each row applying the
+    ops in its ``order`` (``jitter_order``; None: brightness, contrast, saturation, hue);
+    returns a new tensor. On the CPU the rows sharing an order run together; elsewhere (no
+    host syncs) each step runs every op on every row and keeps the row's own."""
+    factors = factors.to(x.dtype)
+    if order is None:
+        order = torch.arange(4, device=x.device).expand(x.shape[0], 4)
+    if x.device.type != "cpu":
+        return _jitter_all_rows(x, factors, order)
+    groups = {}
+    for i, o in enumerate(order.tolist()):
+        groups.setdefault(tuple(o), []).append(i)
+    out = None if len(groups) == 1 else torch.empty_like(x)
+    for ops, rows in groups.items():
+        # one row (the common case in small chunks): views, no gather
+        index = slice(rows[0], rows[0] + 1) if len(rows) == 1 else torch.tensor(rows, device=x.device)
+        y, f = (x, factors) if out is None else (x[index], factors[index])
+        for k in ops:
+            y = _JITTER_OPS[k](y, f[:, k])
+        if out is None:
+            return y
+        out[index] = y
+    return out
+
+
+def _jitter_all_rows(x, factors, order):
+    for step in range(4):
+        out = x
+        for k, op in enumerate(_JITTER_OPS):
+            out = torch.where((order[:, step] == k).view(-1, 1, 1, 1), op(x, factors[:, k]), out)
+        x = out
+    return x
 
 
 _RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],

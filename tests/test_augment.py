@@ -7,8 +7,8 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as TF
 
-from simpool.augment import (MultiCropAugmentation, _jitter, color_jitter, gaussian_blur, hue_rotate,
-                             jitter_factors, random_resized_crop_boxes)
+from simpool.augment import (MultiCropAugmentation, _jitter, _jitter_all_rows, color_jitter, gaussian_blur,
+                             hue_rotate, jitter_factors, jitter_order, random_resized_crop_boxes)
 
 MEAN = (0.1, 0.2, 0.3)
 STD = (0.5, 0.25, 0.125)
@@ -409,22 +409,31 @@ def _luma64(x):
     return np.einsum("c,nchw->nhw", LUMA, x)
 
 
-def _reference_jitter(x, factors):
-    """torchvision's brightness -> contrast -> saturation order in float64, then a YIQ hue
-    rotation by factors[:, 3] radians; clamped to [0, 1] after each step."""
+def _reference_jitter(x, factors, order=None):
+    """torchvision's brightness, contrast and saturation in float64, and a YIQ hue rotation by
+    factors[:, 3] radians, each row in its ``order`` (default: that order); clamped to [0, 1]
+    after each step."""
     x = x.double().numpy()
     f = factors.double().numpy()
     out = np.empty_like(x)
     for i in range(len(x)):
         b, c, s, angle = f[i]
-        y = np.clip(x[i:i + 1] * b, 0, 1)  # brightness: scale
-        m = _luma64(y).mean()  # contrast pivots on the mean of the grayscale image
-        y = np.clip(c * y + (1 - c) * m, 0, 1)
-        g = _luma64(y)[:, None]  # saturation blends with each pixel's luma
-        y = np.clip(s * y + (1 - s) * g, 0, 1)
-        rot = np.array([[1, 0, 0], [0, math.cos(angle), -math.sin(angle)], [0, math.sin(angle), math.cos(angle)]])
-        mat = np.linalg.inv(_YIQ) @ rot @ _YIQ  # rotate the (I, Q) chroma plane, keep Y
-        out[i] = np.clip(np.einsum("ij,jhw->ihw", mat, y[0]), 0, 1)
+        y = x[i:i + 1]
+        for op in (order[i].tolist() if order is not None else range(4)):
+            if op == 0:
+                y = np.clip(y * b, 0, 1)  # brightness: scale
+            elif op == 1:
+                m = _luma64(y).mean()  # contrast pivots on the mean of the grayscale image
+                y = np.clip(c * y + (1 - c) * m, 0, 1)
+            elif op == 2:
+                g = _luma64(y)[:, None]  # saturation blends with each pixel's luma
+                y = np.clip(s * y + (1 - s) * g, 0, 1)
+            else:
+                rot = np.array([[1, 0, 0], [0, math.cos(angle), -math.sin(angle)],
+                                [0, math.sin(angle), math.cos(angle)]])
+                mat = np.linalg.inv(_YIQ) @ rot @ _YIQ  # rotate the (I, Q) chroma plane, keep Y
+                y = np.clip(np.einsum("ij,jhw->ihw", mat, y[0]), 0, 1)[None]
+        out[i] = y[0]
     return torch.from_numpy(out)
 
 
@@ -480,7 +489,28 @@ def test_color_jitter_random_factors_match_float64_reference():
     y = color_jitter(x.clone(), apply)
     torch.manual_seed(31)
     factors = jitter_factors(apply)
-    torch.testing.assert_close(y.double(), _reference_jitter(x, factors), rtol=0, atol=1e-5)
+    order = jitter_order(6)
+    assert len({tuple(o) for o in order.tolist()}) > 1  # the rows do not all share one order
+    torch.testing.assert_close(y.double(), _reference_jitter(x, factors, order), rtol=0, atol=1e-5)
+
+
+def test_jitter_order_is_per_row_and_both_paths_agree():
+    # each row applies the four ops in its own order (torchvision's ColorJitter draws a permutation
+    # per image); the order matters, and the CPU's grouped path equals the no-sync path used elsewhere
+    x = _coloured(48).float()
+    factors = _FIXED_FACTORS[torch.arange(48) % len(_FIXED_FACTORS)].float()
+    order = jitter_order(48, generator=torch.Generator().manual_seed(5))
+    y = _jitter(x.clone(), factors, order)
+    torch.testing.assert_close(y.double(), _reference_jitter(x, factors, order), rtol=0, atol=1e-5)
+    assert (y - _jitter(x.clone(), factors)).abs().amax() > 0.05  # not the fixed order
+    torch.testing.assert_close(_jitter_all_rows(x.clone(), factors, order), y, rtol=0, atol=1e-6)
+
+
+def test_jitter_orders_are_uniform_permutations():
+    order = jitter_order(24000, generator=torch.Generator().manual_seed(6))
+    assert (order.sort(1).values == torch.arange(4)).all()  # permutations
+    counts = torch.unique(order @ torch.tensor([64, 16, 4, 1]), return_counts=True)[1]
+    assert len(counts) == 24 and counts.min() > 850 and counts.max() < 1150  # 1000 each, sd ~31
 
 
 def test_jitter_factor_ranges_and_hue_in_radians():
