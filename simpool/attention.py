@@ -483,7 +483,9 @@ def run(args):
             images, masks = synthetic_set(args.num_images, S, args.seed, tuple(args.object_scale),
                                           args.background_gain)
             samples = [(f"synthetic{i}", im, m) for i, (im, m) in enumerate(zip(images, masks))]
-            source = (f"synthetic: {args.num_images} Fashion-MNIST test items on scikit-image textures, "
+            background = "black" if args.background_gain == 0 else \
+                "scikit-image textures" + (f" x {args.background_gain}" if args.background_gain != 0.5 else "")
+            source = (f"synthetic: {args.num_images} Fashion-MNIST test items on {background}, "
                       f"{S}x{S}, seed {args.seed}")
         example_dir = os.path.join(args.output_dir, "examples")
         os.makedirs(example_dir, exist_ok=True)

@@ -148,6 +148,10 @@ def test_images_of_the_same_name_get_their_own_panels_and_evaluation_shows_progr
     assert Image.open(out / "x_2_attention.png").size == (8 * (2 * 42 + 2), 224)
     logged = capsys.readouterr()
     assert "attention maps (3 images) [1/1]  eta: 0:00:00" in logged.out + logged.err
+    assert "3 Fashion-MNIST test items on scikit-image textures, 28x28" in logged.out
+    att.main(["--pretrained_weights", str(checkpoints / "simpool.pth"), "--evaluate", "--num_images", "3",
+              "--background_gain", "0", "--save_examples", "0", "--output_dir", str(out)])
+    assert "3 Fashion-MNIST test items on black, 28x28" in capsys.readouterr().out  # says what it scored
 
 
 def test_cli_on_a_mask_folder(checkpoints, tmp_path):
