@@ -91,6 +91,9 @@ def test_synthetic_set_is_seeded_and_masks_are_exact():
     frac = masks.float().mean((1, 2))
     assert (frac > 0.05).all() and (frac < 0.9).all()
     assert torch.equal(images[:, 0], images[:, 2])  # grey, expanded to RGB
+    # exact: on a black background the mask is precisely the item's lit pixels
+    black, black_masks = att.synthetic_set(6, 28, seed=1, background_gain=0)
+    assert (black[:, 0][~black_masks] == 0).all() and (black[:, 0][black_masks] > 0).all()
 
 
 def test_colormap_and_overlay():
