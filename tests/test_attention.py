@@ -99,9 +99,14 @@ def test_synthetic_set_is_seeded_and_masks_are_exact():
 def test_colormap_and_overlay():
     c = att.colormap(np.array([[0.0, 1.0]]))
     assert c.shape == (1, 2, 3) and c.dtype == np.uint8 and c[0, 0].sum() < c[0, 1].sum()
+    assert c[0, 0].tolist() == [0, 0, 4] and c[0, 1].tolist() == [252, 255, 164]  # the scale's two ends
     img = np.zeros((10, 20, 3), np.uint8)
     out = att.overlay(img, torch.rand(2, 4))
     assert out.shape == (10, 20, 3)
+    # on a grey image, a map hot on the right: left edge 0.55 x dark + 0.45 x grey, right edge with yellow
+    grey = np.full((4, 8, 3), 100, np.uint8)
+    out = att.overlay(grey, torch.tensor([[0.0, 0.0, 1.0, 1.0]]))
+    assert out[0, 0].tolist() == [45, 45, 47] and out[0, -1].tolist() == [184, 185, 135]
 
 
 @pytest.fixture(scope="module")
