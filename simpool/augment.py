@@ -206,7 +206,7 @@ class MultiCropAugmentation:
             y = x[rows] if x.dtype != torch.uint8 else x[rows] * (1 / 255)  # one pass, to float32
             y = _on_rows(y, jitter[rows], _jitter, factors[rows], order[rows])
             y = _on_rows(y, gray[rows], lambda t: _gray(t).expand_as(t))
-            y = _on_rows(y, blur[rows], lambda t, sg: _blur(t, sg, self.blur_sigma[1]), sigma[rows])
+            y = _on_rows(y, blur[rows], lambda t, sg: _blur(t, sg, _sigma_bound(sg, self.blur_sigma[1])), sigma[rows])
             y = _on_rows(y, solarize[rows], lambda t: torch.where(t >= 0.5, 1 - t, t))
             out[rows].copy_(y).mul_(scale).add_(shift)  # (y - mean) / std; faster than one addcmul
         return out
@@ -287,18 +287,18 @@ def color_jitter(x, apply, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1
     """Per-sample colour jitter on float (n, 3, h, w) in [0, 1]; rows with
     ``apply`` False are returned unchanged. Brightness, contrast and saturation
     factors are uniform in 1 +- their strength (contrast pivots on the mean luma,
-    saturation on each pixel's luma), clamped to [0, 1] after each; hue is a rotation
-    of the chroma plane in YIQ space by up to ``hue`` of a turn. Each row applies the
-    four in its own random order, as torchvision's ``ColorJitter`` (DINO's) does per image."""
+    saturation on each pixel's luma), clamped to [0, 1] after each; hue is shifted in HSV
+    space by up to ``hue`` of a turn (``hue_shift``). Each row applies the four in its own
+    random order, as torchvision's ``ColorJitter`` (DINO's) does per image."""
     return _jitter(x, jitter_factors(apply, brightness, contrast, saturation, hue), jitter_order(x.shape[0], x.device))
 
 
 def jitter_factors(apply, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
     """(n, 4) colour-jitter draws: brightness, contrast and saturation factors and the hue
-    angle in radians; rows with ``apply`` False get the identity (1, 1, 1, 0)."""
+    shift in turns; rows with ``apply`` False get the identity (1, 1, 1, 0)."""
     n, device = apply.shape[0], apply.device
     draws = [torch.empty(n, device=device).uniform_(1 - s, 1 + s) for s in (brightness, contrast, saturation)]
-    draws.append(torch.empty(n, device=device).uniform_(-hue, hue) * 2 * math.pi)
+    draws.append(torch.empty(n, device=device).uniform_(-hue, hue))
     identity = torch.tensor([1.0, 1.0, 1.0, 0.0], device=device)
     return torch.where(apply[:, None], torch.stack(draws, 1), identity)
 
@@ -321,13 +321,6 @@ def _contrast(x, c):  # (x - mean) * c + mean, around the image's mean luma
 
 def _saturation(x, s):  # towards each pixel's luma
     return torch.lerp(_gray(x).expand_as(x), x, s.view(-1, 1, 1, 1)).clamp_(0, 1)
-
-
-def _hue(x, angle):
-    return hue_rotate(x, angle).clamp_(0, 1)
-
-
-_JITTER_OPS = (_brightness, _contrast, _saturation, _hue)
 
 
 def _jitter(x, factors, order=None):
@@ -365,41 +358,73 @@ def _jitter_all_rows(x, factors, order):
     return x
 
 
-_RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                        dtype=torch.float64)
-_YIQ2RGB = torch.linalg.inv(_RGB2YIQ)
+# Where each channel is the max on the hue circle, in sextants from red.
+_CHANNEL_HUES = (0.0, 2.0, -2.0)
 
 
-def hue_rotate(x, angle):
-    """Rotate the hue of float RGB (n, 3, h, w) by ``angle`` (n,) radians (YIQ rotation)."""
-    n = x.shape[0]
-    cos, sin = angle.double().cos(), angle.double().sin()
-    rot = torch.zeros(n, 3, 3, dtype=torch.float64, device=angle.device)
-    rot[:, 0, 0] = 1
-    rot[:, 1, 1], rot[:, 1, 2] = cos, -sin
-    rot[:, 2, 1], rot[:, 2, 2] = sin, cos
-    mat = _YIQ2RGB.to(angle.device) @ rot @ _RGB2YIQ.to(angle.device)  # (n, 3, 3)
-    return torch.bmm(mat.to(x.device, x.dtype), x.reshape(n, 3, -1)).view(x.shape)
+def hue_shift(x, shift):
+    """Shift the hue of float RGB (n, 3, h, w) in [0, 1] by ``shift`` (n,) turns in HSV space,
+    keeping saturation and value, as torchvision's ``adjust_hue`` does (to ~1e-6).
+
+    Written without masks (``where`` on booleans is the slow op here): with M, m the max and
+    min of a pixel and c = M - m, its hue in sextants from red is +-(d + a (3 - 2d)), signed
+    as g - b, where d = |g - b| / c and a = (M - r) / c (one of a = 0, d = 1, a = 1 holds:
+    red is the max, the middle or the min). Each channel comes back as
+    m + c * clamp(2 - circular distance of the hue from that channel's, 0, 1), with the
+    channels' hues moved by -shift instead of every pixel's by +shift.
+
+    Example:
+        >>> hue_shift(torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1), torch.tensor([1 / 3])).flatten()
+        tensor([0., 1., 0.])
+    """
+    r, g, b = x.unbind(1)
+    hi = torch.maximum(r, g)
+    hi = torch.maximum(hi, b, out=hi)
+    lo = torch.minimum(r, g)
+    lo = torch.minimum(lo, b, out=lo)
+    chroma = hi - lo
+    # grey pixels (chroma 0): d = a = 0, and the result is lo whatever the hue
+    inv = chroma.clamp_min(torch.finfo(x.dtype).tiny).reciprocal_()
+    g_minus_b = g - b
+    d = g_minus_b.abs().mul_(inv)
+    a = (hi - r).mul_(inv)
+    hue = torch.addcmul(d, a, d.mul(-2).add_(3)).copysign_(g_minus_b)  # in [-3, 3]
+    centres = torch.tensor(_CHANNEL_HUES, dtype=x.dtype, device=x.device) - 6 * shift.to(x.dtype)[:, None]
+    centres = torch.remainder(centres + 3, 6).sub_(3).view(-1, 3, 1, 1)  # in [-3, 3)
+    dist = (hue.unsqueeze(1) - centres).abs_()  # in [0, 6]: the circular distance is 3 - |dist - 3|
+    weight = dist.sub_(3).abs_().sub_(1).clamp_(0, 1)
+    return torch.addcmul(lo.unsqueeze(1), weight, chroma.unsqueeze(1))
+
+
+_JITTER_OPS = (_brightness, _contrast, _saturation, hue_shift)
 
 
 def gaussian_blur(x, apply, sigma_range):
     """Separable Gaussian blur with a per-sample sigma ~ U(sigma_range) where
-    ``apply`` is True; other rows pass unchanged. The kernel has radius
-    ceil(3 * max sigma) (at most the image side - 1) for every sample; borders are reflected."""
+    ``apply`` is True; other rows pass unchanged. Each sample's kernel is truncated at
+    ceil(3 sigma) taps (and at the image side - 1); borders are reflected."""
     sigma = torch.empty(x.shape[0], device=x.device).uniform_(*sigma_range)
-    return torch.where(apply.view(-1, 1, 1, 1), _blur(x, sigma, sigma_range[1]), x)
+    return torch.where(apply.view(-1, 1, 1, 1), _blur(x, sigma, _sigma_bound(sigma, sigma_range[1])), x)
+
+
+def _sigma_bound(sigma, max_sigma):
+    """The largest sigma that ``_blur``'s tap loop must cover: the largest present on the CPU,
+    the range's end elsewhere (no host sync); the result is the same either way."""
+    return float(sigma.max()) if sigma.device.type == "cpu" else max_sigma
 
 
 def _blur(x, sigma, max_sigma):
-    """Blur each sample of float (n, c, h, w) with its own ``sigma`` (n,), taps out to
-    ceil(3 * max_sigma): a sum of shifted copies per direction (cheaper on the CPU than a
-    grouped convolution with per-sample kernels)."""
+    """Blur each sample of float (n, c, h, w) with its own ``sigma`` (n,), its kernel truncated
+    at ceil(3 sigma) taps (at most the image side - 1); ``max_sigma`` bounds the sigmas, and
+    taps past a sample's own truncation weigh 0. A sum of shifted copies per direction (cheaper
+    on the CPU than a grouped convolution with per-sample kernels)."""
     n, c, h, w = x.shape
     radius = min(math.ceil(3 * max_sigma), min(h, w) - 1)
     if radius < 1:
         return x
     taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    kernel = torch.exp(-0.5 * (taps[None] / sigma.to(x.dtype)[:, None]) ** 2)
+    sigma = sigma.to(x.dtype)[:, None]
+    kernel = torch.exp(-0.5 * (taps[None] / sigma) ** 2) * (taps.abs() <= torch.ceil(3 * sigma))
     kernel = (kernel / kernel.sum(1, keepdim=True)).view(n, 1, 1, 2 * radius + 1)
     k = [kernel[..., t:t + 1] for t in range(2 * radius + 1)]
     p = F.pad(x, (radius, radius, 0, 0), mode="reflect")

@@ -1,4 +1,5 @@
 """Tests for simpool/augment.py: multi-crop geometry, photometric ops and their reference formulas."""
+import colorsys
 import math
 
 import numpy as np
@@ -7,8 +8,8 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as TF
 
-from simpool.augment import (MultiCropAugmentation, _jitter, _jitter_all_rows, color_jitter, gaussian_blur,
-                             hue_rotate, jitter_factors, jitter_order, random_resized_crop_boxes)
+from simpool.augment import (MultiCropAugmentation, _blur, _jitter, _jitter_all_rows, color_jitter, gaussian_blur,
+                             hue_shift, jitter_factors, jitter_order, random_resized_crop_boxes)
 
 MEAN = (0.1, 0.2, 0.3)
 STD = (0.5, 0.25, 0.125)
@@ -65,7 +66,7 @@ def test_pipeline_is_crop_batch_then_photometric():
 @pytest.mark.parametrize("channels", [1, 3])
 def test_black_images_normalise_to_minus_mean_over_std(channels):
     # Every photometric op maps black to black (brightness scales, contrast/saturation pivot
-    # on the zero mean, hue and grayscale are linear, blur averages, 0 < 0.5 is not solarized),
+    # on the zero mean, hue keeps a pixel's max and min, grayscale is linear, blur averages, 0 < 0.5 is not solarized),
     # so the output is exactly the normalised zero whatever the random draws.
     torch.manual_seed(2)
     g, l = _aug()(torch.zeros(3, channels, 20, 24, dtype=torch.uint8))
@@ -321,55 +322,88 @@ def test_blur_matches_float64_reference(sigma, size):
 
 
 def test_blur_random_sigma_per_sample_and_apply_mask():
+    # each applied row has its own sigma and its own truncation, ceil(3 sigma) taps
     x = torch.rand(3, 2, 11, 11, dtype=torch.float64)
     apply = torch.tensor([True, False, True])
     torch.manual_seed(13)
-    y = gaussian_blur(x, apply, (0.5, 1.5))
+    y = gaussian_blur(x, apply, (0.3, 1.5))
     torch.manual_seed(13)
-    sigmas = torch.empty(3).uniform_(0.5, 1.5)  # the first draw inside gaussian_blur
-    assert abs(sigmas[0].item() - sigmas[2].item()) > 1e-3
-    radius = math.ceil(3 * 1.5)
+    sigmas = torch.empty(3).uniform_(0.3, 1.5)  # the first draw inside gaussian_blur
+    radii = [math.ceil(3 * sigmas[i].item()) for i in (0, 2)]
+    assert radii[0] != radii[1], radii
     torch.testing.assert_close(y[1], x[1], rtol=0, atol=1e-12)
-    for i in (0, 2):
+    for i, radius in zip((0, 2), radii):
         ref = _reference_blur(x[i:i + 1], sigmas[i].item(), radius)[0]
         torch.testing.assert_close(y[i], ref, rtol=0, atol=1e-10)
 
 
+def test_blur_tap_loop_bound_changes_nothing():
+    # off the CPU the tap loop runs to the sigma range's end (no host sync); taps past a row's own
+    # truncation weigh 0, so the result equals the CPU's loop to the largest sigma present
+    x = torch.rand(4, 3, 16, 16, dtype=torch.float64)
+    sigma = torch.tensor([0.2, 0.7, 1.0, 1.3])
+    tight = _blur(x, sigma, float(sigma.max()))
+    torch.testing.assert_close(_blur(x, sigma, 2.0), tight, rtol=0, atol=1e-15)
+    assert (tight - x).abs().amax(dim=(1, 2, 3)).min() > 0 and (tight[2:] - x[2:]).abs().max() > 1e-2
+
+
 # ---------------------------------------------------------------- hue / colour jitter
-def _yiq(x):
-    m = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
-    return torch.einsum("ij,njhw->nihw", m, x.double())
+def _colorsys_hue(x, shift):
+    """Hue shift of float64 (n, 3, h, w) by ``shift`` (n,) turns, pixel by pixel with the standard
+    library's HSV conversion."""
+    out = np.empty_like(x)
+    for i in range(x.shape[0]):
+        for r in range(x.shape[2]):
+            for c in range(x.shape[3]):
+                h, sat, v = colorsys.rgb_to_hsv(*x[i, :, r, c])
+                out[i, :, r, c] = colorsys.hsv_to_rgb((h + shift[i]) % 1.0, sat, v)
+    return out
 
 
-@pytest.mark.parametrize("angle", [0.0, 2 * math.pi, -2 * math.pi])
-def test_hue_rotate_full_turns_are_identity(angle):
-    torch.manual_seed(14)
-    x = torch.rand(4, 3, 5, 6)
-    y = hue_rotate(x, torch.full((4,), angle))
-    torch.testing.assert_close(y, x, rtol=0, atol=1e-5)
+def _hue_inputs(n, dtype=torch.float64):
+    """Random pixels with every kind of tie: grey, two channels equal at the max or the min,
+    8-bit values, and pure primaries."""
+    g = torch.Generator().manual_seed(13)
+    x = torch.rand(n, 3, 6, 7, generator=g, dtype=dtype)
+    x[:, :, 0] = x[:, :1, 0]  # grey
+    x[:, 1, 1] = x[:, 0, 1]  # r == g
+    x[:, 2, 2] = x[:, 1, 2]  # g == b
+    x[:, 2, 3] = x[:, 0, 3]  # r == b
+    x[:, :, 4] = (x[:, :, 4] * 255).round() / 255
+    x[:, :, 5, :3] = torch.eye(3, dtype=dtype)
+    return x
 
 
-def test_hue_rotate_keeps_luma_and_rotates_chroma():
-    torch.manual_seed(15)
-    x = torch.rand(3, 3, 4, 5)
-    angle = torch.tensor([0.3, -1.2, math.pi / 2])
-    y = hue_rotate(x, angle)
-    a, b = _yiq(x), _yiq(y)
-    torch.testing.assert_close(b[:, 0], a[:, 0], rtol=0, atol=1e-5)  # Y unchanged
-    c, s = angle.double().cos().view(3, 1, 1), angle.double().sin().view(3, 1, 1)
-    torch.testing.assert_close(b[:, 1], c * a[:, 1] - s * a[:, 2], rtol=0, atol=1e-5)
-    torch.testing.assert_close(b[:, 2], s * a[:, 1] + c * a[:, 2], rtol=0, atol=1e-5)
-    assert (y - x).abs().max() > 0.05
-    # gray pixels have no chroma and stay put
-    gray = torch.rand(2, 1, 3, 3).expand(2, 3, 3, 3)
-    torch.testing.assert_close(hue_rotate(gray, torch.tensor([1.0, 2.0])), gray, rtol=0, atol=1e-5)
+def test_hue_shift_matches_colorsys_in_float64():
+    # HSV hue shift, wrapping around the circle, for shifts of any size (and of both signs)
+    x = _hue_inputs(12)
+    shift = torch.tensor([0.0, 0.1, -0.1, 0.05, 1 / 6, -1 / 3, 0.5, -0.5, 0.49, 0.75, -1.0, 2.3], dtype=torch.float64)
+    y = hue_shift(x, shift)
+    torch.testing.assert_close(y, torch.from_numpy(_colorsys_hue(x.numpy(), shift.tolist())), rtol=0, atol=1e-12)
+    assert (y[1] - x[1]).abs().max() > 0.05
+    # a third of a turn back: the red, green and blue pixels turn blue, red and green
+    torch.testing.assert_close(y[5, :, 5, :3], torch.tensor([[0.0, 1, 0], [0, 0, 1], [1, 0, 0]], dtype=torch.float64),
+                               rtol=0, atol=1e-12)
 
 
-def test_hue_rotate_composes():
-    torch.manual_seed(16)
-    x = torch.rand(2, 3, 4, 4)
-    a, b = torch.tensor([0.4, -0.9]), torch.tensor([1.1, 0.3])
-    torch.testing.assert_close(hue_rotate(hue_rotate(x, a), b), hue_rotate(x, a + b), rtol=0, atol=1e-5)
+def test_hue_shift_matches_torchvision_adjust_hue():
+    # what DINO's ColorJitter does to a float image (torchvision computes in float32: 1e-6 apart)
+    x = _hue_inputs(9, torch.float32)
+    shift = torch.linspace(-0.1, 0.1, 9)
+    y = hue_shift(x, shift)
+    for i in range(9):
+        torch.testing.assert_close(y[i], TF.adjust_hue(x[i], float(shift[i])), rtol=0, atol=1e-5)
+
+
+def test_hue_shift_keeps_value_and_saturation_and_composes():
+    x = _hue_inputs(4)
+    a = torch.tensor([0.07, -0.3, 0.45, 0.0], dtype=torch.float64)
+    b = torch.tensor([0.2, -0.25, 0.3, 1.0], dtype=torch.float64)
+    y = hue_shift(x, a)
+    torch.testing.assert_close(y.amax(1), x.amax(1), rtol=0, atol=1e-12)  # HSV value = max
+    torch.testing.assert_close(y.amin(1), x.amin(1), rtol=0, atol=1e-12)  # max and min: saturation too
+    torch.testing.assert_close(hue_shift(y, b), hue_shift(x, a + b), rtol=0, atol=1e-12)
+    torch.testing.assert_close(hue_shift(x, torch.ones(4, dtype=torch.float64)), x, rtol=0, atol=1e-12)  # a full turn
 
 
 def test_color_jitter_apply_false_is_identity():
@@ -401,23 +435,20 @@ def test_color_jitter_brightness_only_scales():
 
 
 # ---------------------------------------------------------------- jitter: float64 reference formulas
-_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-
-
 def _luma64(x):
     """Luma (n, h, w) of (n, 3, h, w), float64, with the test's LUMA weights."""
     return np.einsum("c,nchw->nhw", LUMA, x)
 
 
 def _reference_jitter(x, factors, order=None):
-    """torchvision's brightness, contrast and saturation in float64, and a YIQ hue rotation by
-    factors[:, 3] radians, each row in its ``order`` (default: that order); clamped to [0, 1]
-    after each step."""
+    """torchvision's brightness, contrast and saturation in float64, and the standard library's
+    HSV hue shift by factors[:, 3] turns, each row in its ``order`` (default: that order);
+    clamped to [0, 1] after each step."""
     x = x.double().numpy()
     f = factors.double().numpy()
     out = np.empty_like(x)
     for i in range(len(x)):
-        b, c, s, angle = f[i]
+        b, c, s, hue = f[i]
         y = x[i:i + 1]
         for op in (order[i].tolist() if order is not None else range(4)):
             if op == 0:
@@ -429,10 +460,7 @@ def _reference_jitter(x, factors, order=None):
                 g = _luma64(y)[:, None]  # saturation blends with each pixel's luma
                 y = np.clip(s * y + (1 - s) * g, 0, 1)
             else:
-                rot = np.array([[1, 0, 0], [0, math.cos(angle), -math.sin(angle)],
-                                [0, math.sin(angle), math.cos(angle)]])
-                mat = np.linalg.inv(_YIQ) @ rot @ _YIQ  # rotate the (I, Q) chroma plane, keep Y
-                y = np.clip(np.einsum("ij,jhw->ihw", mat, y[0]), 0, 1)[None]
+                y = _colorsys_hue(y, [hue])
         out[i] = y[0]
     return torch.from_numpy(out)
 
@@ -447,8 +475,8 @@ def _coloured(n, h=5, w=6, seed=30):
 
 
 _FIXED_FACTORS = torch.tensor([[1.0, 1.0, 1.0, 0.0],  # identity
-                               [1.3, 0.6, 1.2, 0.5],  # brightness clips, contrast/saturation/hue all on
-                               [0.7, 1.4, 0.8, -0.6],  # contrast stretch clips
+                               [1.3, 0.6, 1.2, 0.08],  # brightness clips, contrast/saturation/hue all on
+                               [0.7, 1.4, 0.8, -0.1],  # contrast stretch clips
                                [1.0, 0.5, 1.0, 0.0],  # contrast alone: pivot on the mean luma
                                [1.0, 1.0, 0.3, 0.0]], dtype=torch.float64)  # saturation alone
 
@@ -482,7 +510,7 @@ def test_jitter_brightness_contrast_saturation_match_torchvision():
 
 
 def test_color_jitter_random_factors_match_float64_reference():
-    # color_jitter = the reference formula with the factors jitter_factors draws (hue in radians)
+    # color_jitter = the reference formula with the factors jitter_factors draws (hue in turns)
     x = _coloured(6).float()
     apply = torch.tensor([True, True, False, True, True, True])
     torch.manual_seed(31)
@@ -513,32 +541,32 @@ def test_jitter_orders_are_uniform_permutations():
     assert len(counts) == 24 and counts.min() > 850 and counts.max() < 1150  # 1000 each, sd ~31
 
 
-def test_jitter_factor_ranges_and_hue_in_radians():
-    # draws are U(1 +- 0.4), U(1 +- 0.4), U(1 +- 0.2) and the hue angle U(+-0.1 turn) = U(+-0.2 pi) rad
+def test_jitter_factor_ranges_and_hue_in_turns():
+    # draws are U(1 +- 0.4), U(1 +- 0.4), U(1 +- 0.2) and the hue shift U(+-0.1) turn
     torch.manual_seed(32)
     apply = torch.arange(4000) % 4 != 0
     f = jitter_factors(apply)
     assert f.shape == (4000, 4)
     torch.testing.assert_close(f[~apply], torch.tensor([[1.0, 1.0, 1.0, 0.0]]).expand(1000, 4), rtol=0, atol=0)
     on = f[apply]
-    for col, (lo, hi) in enumerate([(0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.2 * math.pi, 0.2 * math.pi)]):
+    for col, (lo, hi) in enumerate([(0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)]):
         span = hi - lo
         assert on[:, col].min() >= lo - 1e-6 and on[:, col].max() <= hi + 1e-6, col
         assert on[:, col].min() < lo + 0.02 * span and on[:, col].max() > hi - 0.02 * span, col
 
 
-def test_color_jitter_hue_rotation_spans_a_tenth_of_a_turn():
-    # hue=0.1 rotates the YIQ chroma of a pixel by angles spread over [-0.2 pi, 0.2 pi]
+def test_color_jitter_hue_shifts_spread_over_a_tenth_of_a_turn():
+    # hue=0.1 moves each image's HSV hue by shifts spread over [-0.1, 0.1] turn, value and saturation kept
     torch.manual_seed(33)
     n = 2000
-    x = torch.tensor([0.5, 0.45, 0.42]).view(1, 3, 1, 1).repeat(n, 1, 1, 1)  # low chroma: stays in gamut
+    x = torch.tensor([0.5, 0.3, 0.2]).view(1, 3, 1, 1).repeat(n, 1, 1, 1)
     y = color_jitter(x.clone(), torch.ones(n, dtype=torch.bool), brightness=0, contrast=0, saturation=0, hue=0.1)
-    assert (y > 0).all() and (y < 1).all()
-    a, b = _yiq(x)[:, :, 0, 0], _yiq(y)[:, :, 0, 0]
-    torch.testing.assert_close(b[:, 0], a[:, 0], rtol=0, atol=1e-6)  # luma kept
-    angle = torch.atan2(a[:, 1] * b[:, 2] - a[:, 2] * b[:, 1], a[:, 1] * b[:, 1] + a[:, 2] * b[:, 2])
-    assert angle.abs().max() <= 0.2 * math.pi + 1e-4
-    assert angle.max() > 0.19 * math.pi and angle.min() < -0.19 * math.pi
+    h0, s0, v0 = colorsys.rgb_to_hsv(0.5, 0.3, 0.2)
+    hsv = torch.tensor([colorsys.rgb_to_hsv(*p) for p in y[:, :, 0, 0].double().tolist()], dtype=torch.float64)
+    torch.testing.assert_close(hsv[:, 1:], torch.tensor([[s0, v0]], dtype=torch.float64).expand(n, 2), rtol=0, atol=1e-6)
+    moved = (hsv[:, 0] - h0 + 0.5) % 1.0 - 0.5
+    assert moved.abs().max() <= 0.1 + 1e-6
+    assert moved.max() > 0.098 and moved.min() < -0.098
 
 
 # ---------------------------------------------------------------- photometric: per-op probabilities
