@@ -563,7 +563,8 @@ def test_color_jitter_hue_shifts_spread_over_a_tenth_of_a_turn():
     y = color_jitter(x.clone(), torch.ones(n, dtype=torch.bool), brightness=0, contrast=0, saturation=0, hue=0.1)
     h0, s0, v0 = colorsys.rgb_to_hsv(0.5, 0.3, 0.2)
     hsv = torch.tensor([colorsys.rgb_to_hsv(*p) for p in y[:, :, 0, 0].double().tolist()], dtype=torch.float64)
-    torch.testing.assert_close(hsv[:, 1:], torch.tensor([[s0, v0]], dtype=torch.float64).expand(n, 2), rtol=0, atol=1e-6)
+    kept = torch.tensor([[s0, v0]], dtype=torch.float64).expand(n, 2)
+    torch.testing.assert_close(hsv[:, 1:], kept, rtol=0, atol=1e-6)
     moved = (hsv[:, 0] - h0 + 0.5) % 1.0 - 0.5
     assert moved.abs().max() <= 0.1 + 1e-6
     assert moved.max() > 0.098 and moved.min() < -0.098
