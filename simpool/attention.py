@@ -42,7 +42,7 @@ from PIL import Image
 import utils
 from utils import number
 import vision_transformer as vits
-from simpool.augment import IMAGENET_MEAN, IMAGENET_STD
+from simpool.augment import IMAGENET_MEAN, IMAGENET_STD, eight_bit
 from simpool.backbones import ConvNetBackbone, upsample_attention
 from simpool.checkpoints import add_model_args, is_convnet, load_pretrained
 from simpool.data import FASHION_MNIST, FASHION_MNIST_MEAN, FASHION_MNIST_STD, DataError
@@ -284,7 +284,7 @@ def _open_image(path, mode):
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert(mode)
+            return eight_bit(im).convert(mode)
     except FileNotFoundError:
         raise AttentionError(f"{path}: no such file") from None
     except Exception as e:  # PIL raises many kinds for non-images and truncated files

@@ -31,7 +31,7 @@ from torchvision.transforms import v2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _LUMA = (0.299, 0.587, 0.114)
-__all__ = ["MultiCropAugmentation", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["MultiCropAugmentation", "IMAGENET_MEAN", "IMAGENET_STD", "eight_bit"]
 
 
 class MultiCropAugmentation:
@@ -121,8 +121,9 @@ class MultiCropAugmentation:
                 drafted = image.draft(image.mode, (W // factor, H // factor))
                 if drafted is not None:  # decoded at 1/scale: box coordinates scale with it
                     boxes = boxes * (drafted[1][2] / W)
+        image = eight_bit(image)
         if image.mode not in ("RGB", "L"):
-            image = image.convert("RGB")  # palette, CMYK, LA, 16-bit...: let PIL map them to colours
+            image = image.convert("RGB")  # palette, CMYK, LA...: let PIL map them to colours
         pixels = torch.from_numpy(np.array(image))  # decodes; (H, W, 3) or (H, W)
         pixels = pixels.permute(2, 0, 1) if pixels.ndim == 3 else pixels.unsqueeze(0)  # channels-last strides
         H, W = pixels.shape[-2:]
@@ -242,6 +243,26 @@ def _to_rgb(images):
     if images.shape[-3] == 4:  # RGBA: drop alpha
         return images[..., :3, :, :]
     return images
+
+
+def eight_bit(image):
+    """A PIL image with 8-bit channels: 16-bit integer images ("I;16" modes, and "I", which
+    holds 16-bit PNGs in older Pillows) are mapped from 0..65535 and float images ("F") from
+    0..1, both clipped, to "L"; other modes come back as they are. (PIL's own conversion to
+    "RGB" or "L" clips such values at 255: a 16-bit image turns nearly white, a float one black.)
+
+    Example:
+        >>> np.asarray(eight_bit(Image.fromarray(np.array([[0, 257, 65535]], dtype=np.uint16)))).tolist()
+        [[0, 1, 255]]
+    """
+    if image.mode == "F":
+        scale = 255.0
+    elif image.mode == "I" or image.mode.startswith("I;16"):
+        scale = 255.0 / 65535
+    else:
+        return image
+    values = np.asarray(image, dtype=np.float32) * scale
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
 
 
 def _gray(x):

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, default_collate
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
-from simpool.augment import IMAGENET_MEAN, IMAGENET_STD
+from simpool.augment import IMAGENET_MEAN, IMAGENET_STD, eight_bit
 
 FASHION_MNIST = "fashion-mnist"
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -124,7 +124,7 @@ class SafeImageFolder(ImageFolder):
                         # reduced DCT scale when every crop allows it); errors still land below
                         return self.transform(image), target
                     image.load()
-                    image = image.convert("RGB")
+                    image = eight_bit(image).convert("RGB")
             if self.transform is not None:
                 image = self.transform(image)
         except _BAD_IMAGE_ERRORS + (Image.DecompressionBombWarning,):

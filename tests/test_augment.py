@@ -223,6 +223,25 @@ def test_crop_image_other_pil_modes_give_their_rgb_colours(mode, colour):
         assert (c.to(torch.int16) - rgb.view(3, 1, 1)).abs().max() <= 1
 
 
+@pytest.mark.parametrize("suffix,values,grey", [
+    (".png", np.full((10, 12), 32896, np.uint16), 128),  # 16-bit PNG: 32896 / 257
+    (".tiff", np.full((10, 12), 0.25, np.float32), 64),  # float TIFF in [0, 1]
+    (".tiff", np.full((10, 12), 3.5, np.float32), 255)])  # clipped
+def test_crop_image_and_loaders_scale_16_bit_and_float_images(tmp_path, suffix, values, grey):
+    # PIL's own convert("RGB") clips these at 255: a mid-grey 16-bit image came out white, a float one black
+    from simpool.attention import _open_image
+    from simpool.data import SafeImageFolder
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    path = tmp_path / "train" / "a" / f"x{suffix}"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode in ("I;16", "I", "F")
+    for crop in _aug(local_crops_number=1).crop_image(Image.open(path)):
+        assert crop.shape[0] == 3 and (crop.to(torch.int16) - grey).abs().max() <= 1
+    image, _ = SafeImageFolder(str(tmp_path / "train"))[0]
+    for rgb in (image, _open_image(str(path), "RGB")):
+        assert rgb.mode == "RGB" and (np.asarray(rgb) == grey).all()
+
+
 def _jpeg(path, size, colour=None):
     if colour is None:  # a smooth horizontal gradient
         ramp = np.linspace(0, 255, size[0]).astype(np.uint8)
