@@ -87,7 +87,7 @@ def get_args_parser():
                    "OUTPUT_DIR/linear_head.pth.")
     g.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="Autocast precision of the "
                    "backbone's forward pass (heads train in fp32).")
-    g.add_argument("--seed", default=0, type=int, help="Random seed.")
+    g.add_argument("--seed", default=0, type=number(int, low=0, high=utils.MAX_SEED), help="Random seed.")
     g.add_argument("--cpu", action="store_true", help="Run on CPU even when CUDA is available.")
     g.add_argument("--dist_url", default="env://", type=str, help="Process-group rendezvous URL (torchrun).")
     g.add_argument("--local_rank", "--local-rank", default=0, type=int, help="Set by torch.distributed.launch; "
@@ -326,6 +326,7 @@ def eval_linear(args):
     backbone, info = load_pretrained(args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size,
                                      args.mode, args.gamma, image_size=args.image_size)
     backbone.requires_grad_(False)
+    info["weights_fingerprint"] = weights_fingerprint(backbone)
     args.image_size_used = image_size = info["image_size"]
     features = LinearFeatures(backbone, args.n_last_blocks, args.avgpool_patchtokens).to(device).eval()
     if is_convnet(info["arch"]):
@@ -348,8 +349,9 @@ def eval_linear(args):
     if not is_in_memory(val):
         kw.update(num_workers=args.num_workers, collate=tolerant_collate(image_size))
     if args.evaluate:
+        head, path = load_saved_head(args, features, info)  # checked before any feature is computed
         val_f, val_y = drop_unreadable(*extract_features(features, val, header="Evaluation features", **kw))
-        return evaluate_saved_head(args, val_f, val_y, features, info)
+        return score_saved_head(head, path, val_f, val_y)
 
     global_batch = args.batch_size_per_gpu * utils.get_world_size()
     sweep = LinearSweep(features.dim, num_labels, [lr * global_batch / 256 for lr in args.lrs], args.wds,
@@ -451,14 +453,29 @@ def feature_settings(features):
     return {"n_last_blocks": features.n_last_blocks, "avgpool_patchtokens": features.avgpool}
 
 
+def weights_fingerprint(model):
+    """Three float64 sums over a model's weights (of the values, of their squares, and of the
+    values weighted by their tensor's position): equal for the same weights wherever the file
+    lies, different for any other checkpoint, key or random initialisation."""
+    total = torch.zeros(3, dtype=torch.float64)
+    with torch.no_grad():
+        for i, t in enumerate(model.state_dict().values()):
+            t = t.detach().double().cpu()
+            total += torch.stack([t.sum(), t.square().sum(), (i + 1) * t.sum()])
+    return total.tolist()
+
+
 def best_head_file(best, args, info, features, classes):
     return {**best["best_head"], "result": best["best"], "classes": list(classes),
             "features": {"dim": features.dim, **feature_settings(features)},
             "model": {k: info.get(k) for k in ("arch", "patch_size", "mode", "gamma", "image_size")},
-            "pretrained_weights": args.pretrained_weights or None, "checkpoint_key": args.checkpoint_key}
+            "pretrained_weights": args.pretrained_weights or None, "checkpoint_key": args.checkpoint_key,
+            "weights_fingerprint": info["weights_fingerprint"]}
 
 
-def evaluate_saved_head(args, val_f, val_y, features, info):
+def load_saved_head(args, features, info):
+    """The head --evaluate scores, and its path; a one-line error when it was trained on other
+    features than this run's backbone, checkpoint key, image size and feature flags give."""
     path = args.pretrained_linear or os.path.join(args.output_dir, "linear_head.pth")
     head = utils.load_checkpoint(path)
     if not isinstance(head, dict) or not torch.is_tensor(head.get("weight")) or not torch.is_tensor(head.get("bias")):
@@ -475,6 +492,22 @@ def evaluate_saved_head(args, val_f, val_y, features, info):
     if None not in model.values() and model != {k: info.get(k) for k in model}:
         raise EvalError(f"{path} was trained on a {model['arch']}/{model['patch_size']} ({model['mode']}) backbone "
                         f"but --pretrained_weights gives a {info['arch']}/{info['patch_size']} ({info['mode']}) one")
+    # the same backbone shape with other weights, another key or another resolution: other features
+    trained_size = (head.get("model") or {}).get("image_size")
+    if trained_size is not None and trained_size != info["image_size"]:
+        raise EvalError(f"{path} was trained on {trained_size}px features but this run computes them at "
+                        f"{info['image_size']}px; pass --image_size {trained_size}")
+    fingerprint = head.get("weights_fingerprint")
+    if fingerprint is not None and not all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6)
+                                           for a, b in zip(fingerprint, info["weights_fingerprint"])):
+        trained = f"{head.get('pretrained_weights') or 'a random initialisation'} [{head.get('checkpoint_key')}]"
+        given = f"{args.pretrained_weights or 'a random initialisation'} [{args.checkpoint_key}]"
+        raise EvalError(f"{path} was trained on the weights of {trained}, not those of {given}; pass the same "
+                        "--pretrained_weights and --checkpoint_key")
+    return head, path
+
+
+def score_saved_head(head, path, val_f, val_y):
     if not utils.is_main_process():
         return None
     logits = F.linear(val_f, head["weight"].float(), head["bias"].float())

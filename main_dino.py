@@ -29,6 +29,7 @@ import utils
 import vision_transformer as vits
 from simpool import backbones
 from simpool.augment import MultiCropAugmentation
+from simpool.checkpoints import gamma_arg
 from simpool.data import FASHION_MNIST, DataError, build_dataset, skip_bad_collate
 from simpool.evaluation import build_eval_splits, drop_unreadable, tolerant_collate
 from simpool.knn import extract_features, knn_classify
@@ -54,11 +55,6 @@ DEMO_RECIPE = dict(
 )
 
 
-def gamma_type(s):
-    s = str(s).lower()
-    return None if s == "none" else s if s == "auto" else float(s)
-
-
 def get_args_parser():
     p = argparse.ArgumentParser(
         prog="main_dino.py", description="SimPool-SSL pretraining (DINO/iBOT with SimPool and AttMask)", add_help=True,
@@ -73,7 +69,7 @@ def get_args_parser():
     g.add_argument("--mode", default="simpool", choices=backbones.MODES, help="'simpool': no [CLS] token, the image "
                    "vector is SimPool over patch tokens and SimPool's map guides masking; 'official': the DINO "
                    "[CLS] baseline, masking guided by the last block's [CLS] attention.")
-    g.add_argument("--gamma", default="auto", type=gamma_type, help="SimPool's generalised-mean exponent; 'None' "
+    g.add_argument("--gamma", default="auto", type=gamma_arg, help="SimPool's generalised-mean exponent; 'None' "
                    "pools with the plain attention average (1.25 in the SimPool ViT-S recipe); 'auto': None for "
                    "ViTs, 2.0 for convnets.")
     g.add_argument("--use_beta", default=False, type=b, help="Learned scalar offset added to SimPool's output.")
@@ -173,7 +169,7 @@ def get_args_parser():
     g = p.add_argument_group("data, evaluation and run")
     g.add_argument("--data_path", default=None, type=str, help="ImageFolder root holding train/<class>/* (and "
                    "val/ for k-NN), or 'fashion-mnist'. Omitted: the CPU demo recipe.")
-    g.add_argument("--subset", default=-1, type=n(int, low=-1), help="Keep this many images per class (-1: all).")
+    g.add_argument("--subset", default=-1, type=utils.subset_size, help="Keep this many images per class (-1: all).")
     g.add_argument("--output_dir", default="output", type=str, help="Where checkpoint.pth, log.txt and "
                    "TensorBoard events go; a run there resumes from its checkpoint.")
     g.add_argument("--saveckp_freq", default=20, type=n(int, low=0), help="Also keep checkpoint{epoch:04}.pth every "
@@ -184,7 +180,7 @@ def get_args_parser():
     g.add_argument("--keep_checkpoints", default=2, type=n(int, low=1), help="Keep this many newest checkpoints "
                    "(checkpoint.pth, checkpoint.pth.1, ...); resume falls back to an older one if the newest "
                    "is unreadable.")
-    g.add_argument("--seed", default=0, type=int, help="Random seed.")
+    g.add_argument("--seed", default=0, type=n(int, low=0, high=utils.MAX_SEED), help="Random seed.")
     g.add_argument("--num_workers", default=10, type=n(int, low=0), help="Data-loading processes per rank "
                    "(ImageFolder).")
     g.add_argument("--dist_url", default="env://", type=str, help="Process-group rendezvous URL.")
@@ -396,6 +392,10 @@ def train_dino(args):
 
     # ---- per-iteration schedules
     global_batch = args.batch_size_per_gpu * args.world_size
+    if args.warmup_epochs >= args.epochs:  # DINO asserts here; a short run on one's own data should still run
+        logger.warning(f"warning: --warmup_epochs {args.warmup_epochs:g} >= --epochs {args.epochs}: the learning "
+                       f"rate only ramps up, to {args.epochs / args.warmup_epochs:.0%} of --lr at most, with no "
+                       "cosine decay")
     schedules = {
         "lr": utils.cosine_scheduler(args.lr * global_batch / 256, args.min_lr, args.epochs, niter,
                                      warmup_epochs=args.warmup_epochs),
@@ -414,9 +414,16 @@ def train_dino(args):
         utils.remove_stale_temporaries(args.output_dir)
     ckpt, ckpt_file = utils.load_latest_checkpoint(ckpt_path, args.keep_checkpoints)
     if ckpt is not None:
+        check_resumable(ckpt, ckpt_file)
         check_compatible(ckpt.get("args", {}), args, ckpt_file)
-        utils.restore_modules(ckpt, student=student, teacher=teacher, optimizer=optimizer, scaler=scaler,
-                              dino_loss=dino_loss, patch_loss=patch_loss)
+        try:
+            utils.restore_modules(ckpt, student=student, teacher=teacher, optimizer=optimizer, scaler=scaler,
+                                  dino_loss=dino_loss, patch_loss=patch_loss)
+        except RuntimeError as e:  # a flag the check above does not list, e.g. a crop size that sizes pos_embed
+            mismatch = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line),
+                            str(e).splitlines()[0])
+            raise utils.RunError(f"{ckpt_file} does not fit the model these flags build ({mismatch}); use the "
+                                 "flags it was trained with (its 'args' entry) or another --output_dir") from None
         start_epoch, start_step = ckpt["epoch"], ckpt.get("epoch_step", 0)
         restore_rng(ckpt.get("rng"), args.rank, device)
         logger.info(f"Resumed from {ckpt_file} at epoch {start_epoch}, step {start_step} "
@@ -671,6 +678,16 @@ def restore_rng(states, rank, device):
     gpu = state[n_torch + PYTHON_RNG_BYTES:]
     if device.type == "cuda" and gpu.numel():  # absent in a checkpoint written on CPU
         torch.cuda.set_rng_state(gpu.clone(), device)
+
+
+def check_resumable(ckpt, path):
+    """A resume from a file that is not a training checkpoint (say, a backbone exported over
+    it) is a one-line error, not a KeyError or a run that goes on with fresh weights."""
+    missing = [k for k in ("student", "teacher", "optimizer", "epoch") if k not in ckpt]
+    if missing:
+        what = "an exported backbone" if "format" in ckpt else f"not a checkpoint of main_dino.py (no {missing[0]!r})"
+        raise utils.RunError(f"{path} is {what}, so there is nothing to resume; move it away or use another "
+                             "--output_dir")
 
 
 def check_compatible(saved, args, path):

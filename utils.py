@@ -3,6 +3,7 @@ import argparse
 import datetime
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -296,6 +297,12 @@ def load_checkpoint(path, map_location="cpu"):
         reason = next((line for line in lines if "Unsupported global" in line), lines[0])
         if reason.startswith("Weights only load failed"):
             reason = "not a PyTorch checkpoint of tensors and plain data"
+        with open(path, "rb") as f:
+            start = f.read(4)
+        if not start.startswith((b"PK\x03\x04", b"\x80")):  # neither torch's zip format nor a pickle
+            reason = "not a PyTorch checkpoint file"
+        elif start.startswith(b"PK") and "Unsupported global" not in reason:
+            reason = f"truncated or damaged: {reason.split('. ')[0]}"
         error = CheckpointError(f"{path} is not a readable checkpoint ({reason[:200]})")
         error.reason = reason[:200]
         raise error from None
@@ -455,6 +462,18 @@ def require_low_first(args, *flags):
             raise RunError(f"--{flag} takes the low end first (MIN MAX), got {low:g} {high:g}")
 
 
+def subset_size(text):
+    """argparse type of the --subset flags: -1 (every image) or a count >= 1."""
+    value = int(text)
+    if value != -1 and value < 1:
+        raise argparse.ArgumentTypeError(f"expected -1 (all) or an integer >= 1, got {text}")
+    return value
+
+
+# --seed's range: numpy seeds each process with --seed + rank, which must stay below 2**32
+MAX_SEED = 2 ** 31 - 1
+
+
 def number(kind, low=None, high=None, above=None, below=None):
     """argparse type: an ``int`` or ``float`` with ``low <= x <= high`` and ``above < x < below``
     (each bound optional), so that a value out of range is argparse's one-line usage error
@@ -467,12 +486,15 @@ def number(kind, low=None, high=None, above=None, below=None):
         Traceback (most recent call last):
         argparse.ArgumentTypeError: expected an integer >= 1, got 0
     """
-    bounds = [f">= {low:g}" if low is not None else "", f"> {above:g}" if above is not None else "",
-              f"<= {high:g}" if high is not None else "", f"< {below:g}" if below is not None else ""]
+    show = str if kind is int else "{:g}".format
+    bounds = [f">= {show(low)}" if low is not None else "", f"> {show(above)}" if above is not None else "",
+              f"<= {show(high)}" if high is not None else "", f"< {show(below)}" if below is not None else ""]
     what = f"expected {'an integer' if kind is int else 'a number'} {' and '.join(b for b in bounds if b)}"
 
     def parse(text):
         value = kind(text)  # a ValueError here is argparse's "invalid int/float value"
+        if value in (math.inf, -math.inf):  # no flag means "unbounded" by inf; it overflows schedules
+            raise argparse.ArgumentTypeError(f"{what.replace('a number', 'a finite number')}, got {text}")
         if ((low is not None and value < low) or (high is not None and value > high)
                 or (above is not None and value <= above) or (below is not None and value >= below)
                 or value != value):  # NaN

@@ -399,8 +399,8 @@ def get_args_parser():
                    "default: the checkpoint's training size. Maps are upsampled back to each image's resolution.")
     g.add_argument("--normalize", default="auto", choices=["auto", "imagenet", FASHION_MNIST], help="Input "
                    "normalisation statistics; auto: those of the data the checkpoint was trained on.")
-    g.add_argument("--display_size", default=224, type=number(int, low=1), help="Minimum height of the written panels; "
-                   "smaller images are enlarged (nearest).")
+    g.add_argument("--display_size", default=224, type=number(int, low=1, high=4096), help="Minimum height of "
+                   "the written panels, up to 4096 (a panel is 4 tiles wide); smaller images are enlarged (nearest).")
     g = p.add_argument_group("evaluation")
     g.add_argument("--evaluate", action="store_true", help="Score the maps against object masks: Jaccard of the "
                    "top-mass token mask, and CorLoc; writes OUTPUT_DIR/attention.json.")
@@ -415,7 +415,7 @@ def get_args_parser():
                    "the kept tokens hold (DINO: 0.6).")
     g.add_argument("--save_examples", default=8, type=number(int, low=0), help="Write this many evaluation panels "
                    "(image, mask, map, kept tokens) to OUTPUT_DIR/examples.")
-    g.add_argument("--seed", default=0, type=int, help="Seed of the synthetic set (and of the weights of a "
+    g.add_argument("--seed", default=0, type=number(int, low=0, high=utils.MAX_SEED), help="Seed of the synthetic set (and of the weights of a "
                    "random-init model).")
     p.add_argument("--output_dir", default="attention", type=str, help="Where the PNGs and attention.json go.")
     p.add_argument("--cpu", action="store_true", help="Run on CPU even when CUDA is available.")

@@ -56,15 +56,19 @@ SAFE_GLOBALS = [argparse.Namespace, _numpy_core().multiarray.scalar, np.dtype] +
 
 
 def gamma_arg(s):
-    """argparse type for --gamma: 'auto' (from the checkpoint), 'None', or a number."""
+    """argparse type for --gamma: 'auto', 'None', or a finite number > 0 (the exponent of a
+    generalised mean: 0 divides by zero, NaN or inf makes every image's vector the same)."""
     if str(s).lower() == AUTO:
         return AUTO
     if str(s).lower() == "none":
         return None
     try:
-        return float(s)
+        value = float(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto', 'None' or a number, got {s!r}") from None
+        value = math.nan
+    if not (0 < value < math.inf):
+        raise argparse.ArgumentTypeError(f"expected 'auto', 'None' or a finite number > 0, got {s!r}")
+    return value
 
 
 def add_model_args(parser):

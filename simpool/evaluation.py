@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import default_collate
 
 import utils
-from utils import number
+from utils import number, subset_size
 from simpool.data import FASHION_MNIST, DataError, build_dataset, check_same_classes, eval_transform
 
 logger = logging.getLogger("simpool")
@@ -83,8 +83,8 @@ def add_data_args(parser):
     g.add_argument("--image_size", default=None, type=number(int, low=1), help="Side of the images the backbone sees; "
                    "default: the checkpoint's training size (global_crops_size), else 224. A ViT's pos_embed is "
                    "resized to fit; convnets see at least 32 px (a smaller size is raised to 32, logged).")
-    g.add_argument("--subset", default=-1, type=number(int, low=-1), help="Keep this many training images per class "
+    g.add_argument("--subset", default=-1, type=subset_size, help="Keep this many training images per class "
                    "(-1: all).")
-    g.add_argument("--val_subset", default=-1, type=number(int, low=-1), help="Keep this many evaluation images per "
+    g.add_argument("--val_subset", default=-1, type=subset_size, help="Keep this many evaluation images per "
                    "class (-1: all).")
     return g

@@ -32,6 +32,8 @@ import logging
 import os
 import sys
 
+import torch
+
 import utils
 from simpool.checkpoints import (AUTO, FORMAT, FORMAT_VERSION, CheckpointError, add_model_args, is_convnet,
                                  load_pretrained)
@@ -55,6 +57,10 @@ def export_backbone(checkpoint, output, checkpoint_key="teacher", arch=None, pat
     folder = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(folder):
         raise CheckpointError(f"--output folder {folder} does not exist")
+    if os.path.isfile(output) and _is_training_checkpoint(output):
+        # the export keeps the backbone alone: the student, optimizer and resume state would be lost
+        raise CheckpointError(f"--output {output} is a training checkpoint; writing the backbone over it would "
+                              "lose the run's resume state: choose another file name")
     if str(output).endswith(".safetensors"):
         from safetensors.torch import save
         data = save(state, metadata={"format": FORMAT, "version": str(FORMAT_VERSION), "meta": json.dumps(meta)})
@@ -66,6 +72,14 @@ def export_backbone(checkpoint, output, checkpoint_key="teacher", arch=None, pat
         utils.save_checkpoint({"format": FORMAT, "version": FORMAT_VERSION, "meta": meta, "state_dict": state},
                               output)
     return meta
+
+
+def _is_training_checkpoint(path):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a torch file (a .safetensors, anything else): not a run's checkpoint
+        return False
+    return isinstance(state, dict) and "optimizer" in state and "student" in state
 
 
 def load_backbone(path, checkpoint_key="teacher", image_size=None, **overrides):

@@ -58,3 +58,31 @@ def test_launch_mistakes_are_usage_errors(args, expected):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "launch"), "--dry_run"] + args, cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == f"launch: error: {expected}", out.stderr
+
+
+@pytest.mark.parametrize("tool,args,expected", [
+    ("main_dino", ["--lr", "inf"], "argument --lr: expected a finite number >= 0, got inf"),
+    ("main_dino", ["--warmup_epochs", "inf"], "argument --warmup_epochs: expected a finite number >= 0, got inf"),
+    ("main_dino", ["--subset", "0"], "argument --subset: expected -1 (all) or an integer >= 1, got 0"),
+    ("main_dino", ["--seed", "-1"], "argument --seed: expected an integer >= 0 and <= 2147483647, got -1"),
+    ("main_dino", ["--seed", "4294967296"], "argument --seed: expected an integer >= 0 and <= 2147483647, got 4294967296"),
+    ("main_dino", ["--gamma", "0"], "argument --gamma: expected 'auto', 'None' or a finite number > 0, got '0'"),
+    ("main_dino", ["--gamma", "nan"], "argument --gamma: expected 'auto', 'None' or a finite number > 0"),
+    ("main_dino", ["--gamma", "-1.5"], "argument --gamma: expected 'auto', 'None' or a finite number > 0"),
+    ("eval_knn", ["--gamma", "inf"], "argument --gamma: expected 'auto', 'None' or a finite number > 0"),
+    ("eval_knn", ["--temperature", "inf"], "argument --temperature: expected a finite number > 0, got inf"),
+    ("eval_knn", ["--val_subset", "0"], "argument --val_subset: expected -1 (all) or an integer >= 1, got 0"),
+    ("eval_linear", ["--lrs", "0.1", "inf"], "argument --lrs: expected a finite number > 0, got inf"),
+    ("attention", ["--display_size", "100000"], "argument --display_size: expected an integer >= 1 and <= 4096"),
+])
+def test_values_no_run_can_use_are_usage_errors(tool, args, expected, capsys):
+    # before: inf passed the range checks (an OverflowError in the lr schedule, a NaN "best" head,
+    # chance-level votes), --subset 0 meant "all", --gamma 0 divided by zero at the first forward,
+    # numpy rejected the seed mid-setup, and --display_size 100000 ran the machine out of memory
+    import main_dino
+    module = {"main_dino": main_dino, "eval_knn": eval_knn, "eval_linear": eval_linear, "attention": attention}[tool]
+    with pytest.raises(SystemExit) as e:
+        module.main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err.strip().splitlines()[-1] and "Traceback" not in err, err

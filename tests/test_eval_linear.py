@@ -162,6 +162,25 @@ def test_resume_with_other_weights_or_evaluate_with_other_features_is_refused(ch
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert "belongs to another sweep: pretrained_weights" in err and str(other) in err
+    # --evaluate of that sweep's head on other weights, another key, random init or another size
+    # (before: a top-1 printed as a result), each refused before any feature is computed
+    two_keys = tmp_path / "two_keys.pth"  # the sweep's teacher, another student
+    state = torch.load(checkpoint, weights_only=True)
+    torch.save(dict(state, student=torch.load(other, weights_only=True)["teacher"]), two_keys)
+    eval_linear.main(["--evaluate", "--output_dir", out, "--val_subset", "4", "--pretrained_weights", str(two_keys)])
+    capsys.readouterr()  # the same teacher weights in another file: scored
+    for extra, message in ((["--pretrained_weights", str(other)], f"not those of {other} [teacher]"),
+                           (["--pretrained_weights", str(two_keys), "--checkpoint_key", "student"],
+                            f"not those of {two_keys} [student]"),
+                           (["--arch", "vit_nano", "--patch_size", "7", "--image_size", "28"], "not those of a random initialisation"),
+                           (["--pretrained_weights", str(checkpoint), "--image_size", "56"],
+                            "was trained on 28px features but this run computes them at 56px")):
+        with pytest.raises(SystemExit) as e:
+            eval_linear.main(["--evaluate", "--output_dir", out, "--val_subset", "4"] + extra)
+        captured = capsys.readouterr()
+        assert e.value.code == 1 and message in captured.err, captured.err
+        assert f"was trained on the weights of {checkpoint} [teacher]" in captured.err or "28px" in captured.err
+        assert "Evaluation features" not in captured.out + captured.err
     cls_model = tmp_path / "cls.pth"
     save_training_checkpoint(cls_model, tiny_backbone("official", patch_size=7, img_size=28))
     cls_out = str(tmp_path / "cls_sweep")

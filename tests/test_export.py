@@ -80,6 +80,18 @@ def test_export_cli_and_bad_input_is_one_line_error(trained, tmp_path, capsys):
     assert not (tmp_path / "x.pth").exists()
 
 
+def test_unreadable_checkpoint_reasons_say_what_the_file_is(trained, tmp_path):
+    # before: "(101)" for a text file (torch's KeyError on the opcode 'e') and a cut-off miniz message
+    _, ckpt = trained
+    text, truncated = tmp_path / "text.pth", tmp_path / "truncated.pth"
+    text.write_text("epoch 3 done\n")
+    truncated.write_bytes(ckpt.read_bytes()[:5000])
+    for path, reason in ((text, "(not a PyTorch checkpoint file)"), (truncated, "(truncated or damaged: ")):
+        with pytest.raises(CheckpointError) as e:
+            utils.load_checkpoint(str(path))
+        assert str(e.value).startswith(f"{path} is not a readable checkpoint {reason}"), str(e.value)
+
+
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_export_to_a_full_disk_is_one_line_error_and_leaves_nothing(trained, tmp_path, monkeypatch, capsys, suffix):
     monkeypatch.setattr(utils, "open", lambda file, mode="r": FullDisk(file, mode, budget=4096), raising=False)

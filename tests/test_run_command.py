@@ -1,6 +1,12 @@
 """utils.run_command, the wrapper of every command-line tool: one line and exit 1 for a mistake
-the user can fix, a traceback for a bug, and the process group left either way."""
+the user can fix, a traceback for a bug, and the process group left either way; and ``./launch``,
+the wrapper of torchrun: one ``launch: error:`` line (exit 2) for a bad flag, one line after a
+failed script's own output instead of torchrun's traceback."""
 import argparse
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch.distributed as dist
@@ -55,3 +61,111 @@ def test_slurm_tasks_without_a_rendezvous_address_are_a_one_line_error(monkeypat
     err = capsys.readouterr().err
     assert err.startswith("error: this is task 1 of 4 SLURM tasks") and "srun ./launch" in err and err.count("\n") == 1
     assert not dist.is_initialized()
+
+
+# ------------------------------------------------------------------ ./launch
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NO_SLURM = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}  # also when pytest runs in a job
+SLURM = dict(NO_SLURM, SLURM_JOB_ID="7", SLURM_NNODES="2", SLURM_NODEID="1", SLURM_JOB_NODELIST="node1")
+NNODES_FORMAT = "a positive integer or MIN:MAX with 1 <= MIN <= MAX"
+
+
+def launch(*args, env=NO_SLURM, timeout=60):
+    """``./launch ARGS`` (with ``--nproc_per_node 1`` unless given, so that no torch is imported)."""
+    nproc = [] if "--nproc_per_node" in args else ["--nproc_per_node", "1"]
+    return subprocess.run([sys.executable, os.path.join(ROOT, "launch"), *nproc, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def dry_run(*args, env=NO_SLURM):
+    """The torchrun command that ``./launch --dry_run ARGS main_dino.py`` prints."""
+    out = launch("--dry_run", *args, "main_dino.py", env=env)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def launch_error(*args, env=NO_SLURM):
+    """The error of a refused ``./launch --dry_run ARGS main_dino.py``: argparse's exit code 2 and
+    usage, then one ``launch: error: ...`` line."""
+    out = launch("--dry_run", *args, "main_dino.py", env=env)
+    assert out.returncode == 2 and not out.stdout, out
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("launch: error: ") and out.stderr.count("error:") == 1, out.stderr
+    return last[len("launch: error: "):]
+
+
+@pytest.mark.parametrize("nnodes", ["abc", "0", "3:2", "1:2:3", "2:", "1.5"])
+def test_launch_names_a_malformed_node_count(nnodes):
+    # before: "several nodes need --master_addr and --node_rank ...", about another flag
+    assert launch_error("--nnodes", nnodes) == f"--nnodes must be {NNODES_FORMAT}, got {nnodes!r}"
+    # torchrun's two forms still pass, a single node count of 1:1 included
+    assert "--nnodes=1:4 " in dry_run("--nnodes", "1:4", "--rdzv_endpoint", "host0:29500")
+    assert "--nnodes=1:1 " in dry_run("--nnodes", "1:1") and "--standalone" in dry_run("--nnodes", "1:1")
+
+
+def test_launch_refuses_a_node_rank_outside_the_node_count():
+    # before: accepted, and the agent waited for a rendezvous that could never complete
+    static = ["--nnodes", "2", "--master_addr", "host0"]
+    assert launch_error(*static, "--node_rank", "5") == "--node_rank must be below the node count 2 (--nnodes 2), got 5"
+    assert launch_error(*static, "--node_rank", "2") == "--node_rank must be below the node count 2 (--nnodes 2), got 2"
+    assert launch_error(*static, "--node_rank", "-1") == "--node_rank must be an integer >= 0, got -1"
+    assert launch_error(env=dict(SLURM, SLURM_NODEID="3")) == \
+        "SLURM_NODEID must be below the node count 2 (SLURM_NNODES 2), got 3"
+    assert "--node_rank=1 --master_addr=host0 " in dry_run(*static, "--node_rank", "1")
+    assert "--node_rank=1 --master_addr=node1 " in dry_run(env=SLURM)
+
+
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--master_port", "99999", "--master_port must be an integer in 1..65535, got '99999'"),
+    ("--master_port", "abc", "--master_port must be an integer in 1..65535, got 'abc'"),
+    ("--master_port", "0", "--master_port must be an integer in 1..65535, got '0'"),
+    ("--rdzv_endpoint", "nohostport", "--rdzv_endpoint must be HOST:PORT with a port in 1..65535, got 'nohostport'"),
+    ("--rdzv_endpoint", "host0:99999", "--rdzv_endpoint must be HOST:PORT with a port in 1..65535, got 'host0:99999'"),
+    ("--rdzv_endpoint", ":29500", "--rdzv_endpoint must be HOST:PORT with a port in 1..65535, got ':29500'"),
+], ids=["port-too-large", "port-not-a-number", "port-0", "endpoint-without-port", "endpoint-port-too-large",
+        "endpoint-without-host"])
+def test_launch_refuses_a_bad_port_or_endpoint(flag, value, expected):
+    # before: accepted, to fail later inside torchrun (or, on one node, to be ignored)
+    assert launch_error("--nnodes", "2", flag, value) == expected
+    for endpoint in ("host0:29500", "10.0.0.1:29500", "[::1]:29500"):
+        assert f"--rdzv_endpoint={endpoint} " in dry_run("--nnodes", "2", "--rdzv_endpoint", endpoint)
+
+
+@pytest.mark.parametrize("args", [["--node_rank", "1", "--master_addr", "host0"], ["--master_addr", "host0"],
+                                  ["--node_rank", "1"], ["--nnodes", "1", "--master_addr", "host0"]],
+                         ids=["rank-and-address", "address", "rank", "one-node"])
+def test_launch_refuses_multi_node_flags_on_one_node(args):
+    # before: a standalone one-node job, the rank and the address dropped (a forgotten --nnodes)
+    assert launch_error(*args) == \
+        "--node_rank and --master_addr are for several nodes, but --nnodes is 1: pass --nnodes N"
+    assert "--standalone" in dry_run("--node_rank", "0")  # rank 0 of one node is what one node is
+    # an sbatch script may pass the address on any node count: a SLURM job of one node runs standalone
+    assert "--standalone" in dry_run("--master_addr", "host0", env=dict(SLURM, SLURM_NNODES="1", SLURM_NODEID="0"))
+
+
+@pytest.mark.parametrize("args", [["--node_rank", "1"], ["--master_addr", "host0"]], ids=["rank", "address"])
+def test_launch_refuses_static_flags_beside_a_c10d_endpoint(args):
+    # before: dropped without a word; the c10d rendezvous assigns the node ranks
+    assert launch_error("--nnodes", "2", "--rdzv_endpoint", "host0:29500", *args) == \
+        "--rdzv_endpoint assigns the node ranks itself: leave out --node_rank and --master_addr"
+
+
+def test_launch_without_arguments_asks_only_for_the_script():
+    out = launch()
+    assert out.returncode == 2
+    # before: "required: script, script_args", though the script's arguments are optional
+    assert out.stderr.strip().splitlines()[-1] == "launch: error: the following arguments are required: script"
+
+
+def test_a_failed_script_under_launch_ends_in_one_line_without_torchruns_traceback(tmp_path):
+    script = tmp_path / "fails.py"
+    script.write_text('import sys\nprint("error: no such folder /nonexistent", file=sys.stderr)\nsys.exit(3)\n')
+    out = launch("--nproc_per_node", "2", str(script), env=dict(NO_SLURM, OMP_NUM_THREADS="1"), timeout=300)
+    assert out.returncode == 1, out.stderr  # torchrun's own code for a failed worker group
+    # each rank's line is kept; torchrun's ~40 lines of ChildFailedError traceback and summary are gone
+    assert out.stderr.count("error: no such folder /nonexistent") == 2, out.stderr
+    assert "Traceback" not in out.stderr and "ChildFailedError" not in out.stderr, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"launch: {re.escape(str(script))} failed on (rank [01]|2 processes, first on rank [01]) "
+                        r"with exit code 3; see the lines above", last), out.stderr
+    assert out.stderr.count("launch:") == 1, out.stderr

@@ -90,6 +90,42 @@ def test_resume_with_other_arch_is_a_one_line_error(tmp_path, capsys):
         assert err.count("\n") == 0 and f"{flag} {saved}" in err and f"{flag} {asked}" in err, err
 
 
+def test_resume_from_an_export_or_with_another_crop_size_is_a_one_line_error(tmp_path, capsys):
+    from simpool.export import export_backbone
+    main_dino.main(TINY + ["--epochs", "1", "--output_dir", str(tmp_path)])
+    capsys.readouterr()
+    # a crop size that changes pos_embed (not among the checked flags; before: a load_state_dict traceback)
+    with pytest.raises(SystemExit) as e:
+        main_dino.main(TINY + ["--epochs", "2", "--global_crops_size", "35", "--output_dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and err.count("\n") == 0 and "size mismatch for backbone.pos_embed" in err, err
+    # export refuses to write the backbone over a training checkpoint (it would lose the resume state)
+    ckpt = str(tmp_path / "checkpoint.pth")
+    before = (tmp_path / "checkpoint.pth").read_bytes()
+    with pytest.raises(main_dino.utils.CheckpointError, match="is a training checkpoint"):
+        export_backbone(ckpt, ckpt)
+    assert (tmp_path / "checkpoint.pth").read_bytes() == before
+    # an exported backbone in the checkpoint's place (before: KeyError 'epoch', or fresh weights if it had one)
+    export_backbone(ckpt, str(tmp_path / "backbone.pth"))
+    shutil.copy(tmp_path / "backbone.pth", tmp_path / "checkpoint.pth")
+    with pytest.raises(SystemExit) as e:
+        main_dino.main(TINY + ["--epochs", "2", "--output_dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and err.count("\n") == 0 and "is an exported backbone" in err, err
+    torch.save({"epoch": 1, "args": {}}, tmp_path / "checkpoint.pth")
+    with pytest.raises(SystemExit):
+        main_dino.main(TINY + ["--epochs", "2", "--output_dir", str(tmp_path)])
+    assert "not a checkpoint of main_dino.py (no 'student')" in capsys.readouterr().err
+
+
+def test_warm_up_longer_than_the_run_is_named(tmp_path, capsys):
+    # the lr schedule is cut at the run's end: it never reaches --lr (DINO asserts; here a warning)
+    main_dino.main(TINY + ["--epochs", "1", "--warmup_epochs", "4", "--output_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "warning: --warmup_epochs 4 >= --epochs 1: the learning rate only ramps up, to 25% of --lr at most" in out
+    assert max(r["train_lr"] for r in read_log(tmp_path) if "train_lr" in r) < 0.25 * 0.0005 * 25 / 256
+
+
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, capsys):
     main_dino.main(TINY + ["--epochs", "1", "--output_dir", str(tmp_path)])
     before = (tmp_path / "checkpoint.pth").read_bytes()
