@@ -526,7 +526,7 @@ def train_one_epoch(student, student_ddp, teacher, dino_loss, patch_loss, loader
         if args.saveckp_iters and (i + 1) % args.saveckp_iters == 0 and i + 1 < niter:
             save(epoch, i + 1)
     stats = metrics.averages()
-    stats["skipped_images"] = utils.all_reduce_sum(skipped, device)
+    stats["skipped_images"] = int(utils.all_reduce_sum(skipped, device))
     if "loss" not in stats and stats["skipped_images"] and first_step < niter:  # every step skipped, on all ranks
         raise DataError(f"no training image of epoch {epoch} could be read ({int(stats['skipped_images'])} "
                         f"unreadable files in {args.data_path}; the log names them)")
@@ -719,7 +719,9 @@ def print_demo_summary(log_path, full_train_set=True):
 
 
 def main(argv=None):
-    utils.run_command(lambda: train_dino(parse_args(argv)), user_errors=(DataError, Diverged))
+    utils.run_command(lambda: train_dino(parse_args(argv)), user_errors=(DataError, Diverged),
+                      interrupted="interrupted: the checkpoints written so far are intact; the same command resumes "
+                                  "from the newest")
 
 
 if __name__ == "__main__":

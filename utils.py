@@ -73,15 +73,19 @@ def init_distributed_mode(args):
     setup_logging(args.rank)
 
 
-def run_command(fn, *args, user_errors=()):
+def run_command(fn, *args, user_errors=(), interrupted="interrupted"):
     """Run a command-line tool's ``fn(*args)``: a mistake the user can fix (a RunError or one of
-    ``user_errors``) prints one line ``error: ...`` and exits 1, never a traceback; the process
-    group, if one was joined, is left either way."""
+    ``user_errors``) prints one line ``error: ...`` and exits 1, never a traceback; Ctrl-C prints
+    the line ``interrupted`` and exits 130 (the shell's code for SIGINT); the process group, if
+    one was joined, is left either way."""
     try:
         return fn(*args)
     except (RunError, *user_errors) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

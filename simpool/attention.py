@@ -319,8 +319,16 @@ def folder_set(mask_dir, image_size, patch_size):
                              "masks/<name>.png, or <name>.jpg beside <name>_mask.png)")
     out = []
     for name, image_path, mask_path in pairs:
-        image = resize_for_model(_open_image(image_path, "RGB"), image_size, patch_size)
-        mask = _open_image(mask_path, "L").resize(image.size, Image.NEAREST)
+        original = _open_image(image_path, "RGB")
+        mask = _open_image(mask_path, "L")
+        # a mask of another size, or with no object, would be scored anyway and skew the averages
+        if mask.size != original.size:
+            raise AttentionError(f"{mask_path} is {mask.size[0]}x{mask.size[1]} but its image {image_path} is "
+                                 f"{original.size[0]}x{original.size[1]}; a mask must match its image")
+        if mask.getextrema()[1] == 0:
+            raise AttentionError(f"{mask_path} marks no object pixel (all zero); fix or remove the pair")
+        image = resize_for_model(original, image_size, patch_size)
+        mask = mask.resize(image.size, Image.NEAREST)
         out.append((name, torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1),
                     torch.from_numpy(np.asarray(mask) > 0)))
     return out

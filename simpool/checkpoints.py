@@ -155,6 +155,12 @@ def backbone_state_dict(ckpt, checkpoint_key="teacher", path="checkpoint"):
     if ckpt.get("format") in (FORMAT, "safetensors") and isinstance(ckpt.get("state_dict"), dict):
         meta = dict(ckpt.get("meta") or {})
         return _strip_prefixes(ckpt["state_dict"], path), meta, "exported backbone"
+    if {"weight", "bias", "classes"} <= ckpt.keys() or {"sweep", "config"} <= ckpt.keys():
+        # eval_linear.py's linear_head.pth / linear_checkpoint.pth: say so, and name their backbone
+        config = ckpt.get("config") or ckpt
+        backbone = config.get("pretrained_weights") or "a random initialisation"
+        raise CheckpointError(f"{path} holds linear-probe heads saved by eval_linear.py, not a backbone; "
+                              f"they were trained on the features of {backbone}")
     meta = _args_dict(ckpt.get("args"))
     if "epoch" in ckpt and isinstance(ckpt["epoch"], int):
         meta.setdefault("epoch", ckpt["epoch"])

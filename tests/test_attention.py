@@ -175,6 +175,13 @@ def test_cli_on_a_mask_folder(checkpoints, tmp_path):
     result = att.main(["--pretrained_weights", str(checkpoints / "simpool.pth"), "--evaluate", "--mask_dir",
                        str(pairs), "--output_dir", str(tmp_path / "o")])
     assert result["n_images"] == 2
+    # a mask of another size, or an empty one, is a data error (before: scored silently)
+    Image.fromarray(np.full((14, 20), 255, np.uint8)).save(pairs / "masks" / "x1.png")
+    with pytest.raises(att.AttentionError, match="x1.png is 20x14 but its image .*x1.jpg is 28x28"):
+        att.folder_set(str(pairs), 28, 7)
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(pairs / "masks" / "x1.png")
+    with pytest.raises(att.AttentionError, match="x1.png marks no object pixel"):
+        att.folder_set(str(pairs), 28, 7)
 
 
 def test_cli_errors_are_one_line(checkpoints, tmp_path, capsys):

@@ -140,6 +140,12 @@ def test_cli_cached_resume_and_evaluate(checkpoint, tmp_path, capsys):
     scored = eval_linear.main(["--pretrained_weights", str(checkpoint), "--evaluate", "--output_dir", out,
                                "--val_subset", "4"])
     assert scored["top1"] == pytest.approx(best["top1"])
+    # a probe's files given as backbone weights (before: "['model'] is not a state dict of tensors")
+    from simpool.checkpoints import CheckpointError, load_pretrained
+    for name in ("linear_head.pth", "linear_checkpoint.pth"):
+        with pytest.raises(CheckpointError, match=f"linear-probe heads saved by eval_linear.py, not a backbone; "
+                                                  f"they were trained on the features of {checkpoint}"):
+            load_pretrained(str(tmp_path / name))
     with pytest.raises(SystemExit) as e:  # another sweep in the same folder
         eval_linear.main(argv[:-len(COMMON)] + COMMON[:-4] + ["--lrs", "0.5", "--epochs", "2"])
     assert e.value.code == 1

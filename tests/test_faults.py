@@ -348,6 +348,7 @@ def test_bad_images_are_skipped_counted_and_named_once(tmp_path, capsys):
     records = read_log(out)
     assert [r["epoch"] for r in records] == [0, 1]
     assert [r["train_skipped_images"] for r in records] == [3, 3]
+    assert all(type(r["train_skipped_images"]) is int for r in records)  # a count, not 3.0
     assert all(np.isfinite(r["train_loss"]) for r in records)
     assert load(out / "checkpoint.pth")["iteration"] == 6
 

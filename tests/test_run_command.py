@@ -30,6 +30,13 @@ def test_user_errors_are_one_line_and_exit_1(capsys):
         assert capsys.readouterr().err == "error: disk full\n"
 
 
+def test_ctrl_c_is_one_line_and_exit_130(capsys):
+    # before: a ~65-line KeyboardInterrupt traceback from deep inside the training step
+    with pytest.raises(SystemExit) as stop:
+        utils.run_command(fail, KeyboardInterrupt(), interrupted="interrupted: resume with the same command")
+    assert stop.value.code == 130 and capsys.readouterr().err == "interrupted: resume with the same command\n"
+
+
 def test_bugs_keep_their_traceback_and_results_pass_through():
     with pytest.raises(ZeroDivisionError):
         utils.run_command(lambda: 1 / 0, user_errors=(UserMistake,))
