@@ -683,6 +683,9 @@ def restore_rng(states, rank, device):
 def check_resumable(ckpt, path):
     """A resume from a file that is not a training checkpoint (say, a backbone exported over
     it) is a one-line error, not a KeyError or a run that goes on with fresh weights."""
+    if not isinstance(ckpt, dict):
+        raise utils.RunError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint of main_dino.py; move it "
+                             "away or use another --output_dir")
     missing = [k for k in ("student", "teacher", "optimizer", "epoch") if k not in ckpt]
     if missing:
         what = "an exported backbone" if "format" in ckpt else f"not a checkpoint of main_dino.py (no {missing[0]!r})"

@@ -301,15 +301,22 @@ def load_checkpoint(path, map_location="cpu"):
         reason = next((line for line in lines if "Unsupported global" in line), lines[0])
         if reason.startswith("Weights only load failed"):
             reason = "not a PyTorch checkpoint of tensors and plain data"
-        with open(path, "rb") as f:
-            start = f.read(4)
-        if not start.startswith((b"PK\x03\x04", b"\x80")):  # neither torch's zip format nor a pickle
+        start = _first_bytes(path)  # None for a folder or an unreadable file: torch's reason says it
+        if start is not None and not start.startswith((b"PK\x03\x04", b"\x80")):  # not torch's zip, no pickle
             reason = "not a PyTorch checkpoint file"
-        elif start.startswith(b"PK") and "Unsupported global" not in reason:
+        elif start is not None and start.startswith(b"PK") and "Unsupported global" not in reason:
             reason = f"truncated or damaged: {reason.split('. ')[0]}"
         error = CheckpointError(f"{path} is not a readable checkpoint ({reason[:200]})")
         error.reason = reason[:200]
         raise error from None
+
+
+def _first_bytes(path, n=4):
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return None
 
 
 def restore_modules(checkpoint, **modules):

@@ -90,6 +90,8 @@ def test_unreadable_checkpoint_reasons_say_what_the_file_is(trained, tmp_path):
         with pytest.raises(CheckpointError) as e:
             utils.load_checkpoint(str(path))
         assert str(e.value).startswith(f"{path} is not a readable checkpoint {reason}"), str(e.value)
+    with pytest.raises(CheckpointError, match="Is a directory"):  # still one line, torch's reason
+        utils.load_checkpoint(str(tmp_path))
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])

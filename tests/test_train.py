@@ -116,6 +116,10 @@ def test_resume_from_an_export_or_with_another_crop_size_is_a_one_line_error(tmp
     with pytest.raises(SystemExit):
         main_dino.main(TINY + ["--epochs", "2", "--output_dir", str(tmp_path)])
     assert "not a checkpoint of main_dino.py (no 'student')" in capsys.readouterr().err
+    torch.save(torch.zeros(3), tmp_path / "checkpoint.pth")
+    with pytest.raises(SystemExit):
+        main_dino.main(TINY + ["--epochs", "2", "--output_dir", str(tmp_path)])
+    assert "holds a Tensor, not a checkpoint of main_dino.py" in capsys.readouterr().err
 
 
 def test_warm_up_longer_than_the_run_is_named(tmp_path, capsys):
