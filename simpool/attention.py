@@ -423,8 +423,8 @@ def get_args_parser():
                    "the kept tokens hold (DINO: 0.6).")
     g.add_argument("--save_examples", default=8, type=number(int, low=0), help="Write this many evaluation panels "
                    "(image, mask, map, kept tokens) to OUTPUT_DIR/examples.")
-    g.add_argument("--seed", default=0, type=number(int, low=0, high=utils.MAX_SEED), help="Seed of the synthetic set (and of the weights of a "
-                   "random-init model).")
+    g.add_argument("--seed", default=0, type=number(int, low=0, high=utils.MAX_SEED), help="Seed of the "
+                   "synthetic set (and of the weights of a random-init model).")
     p.add_argument("--output_dir", default="attention", type=str, help="Where the PNGs and attention.json go.")
     p.add_argument("--cpu", action="store_true", help="Run on CPU even when CUDA is available.")
     return p
