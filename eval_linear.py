@@ -335,6 +335,9 @@ def eval_linear(args):
                         "--n_last_blocks and --avgpool_patchtokens apply to ViTs only and are ignored.")
     elif info["mode"] != "official" and args.n_last_blocks != 1:
         logger.info("SimPool backbone: features are its pooled vector (--n_last_blocks applies to [CLS] models).")
+    elif features.n_last_blocks < args.n_last_blocks:
+        logger.info(f"--n_last_blocks {args.n_last_blocks}: the backbone has {features.n_last_blocks} blocks; "
+                    "using all of them.")
     train_tf = train_transform(image_size, args.crop_scale) if args.train_augment else None
     train, val = build_eval_splits(args.data_path, image_size, args.subset, args.val_subset, train_transform=train_tf,
                                    seed=args.seed)

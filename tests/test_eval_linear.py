@@ -193,6 +193,9 @@ def test_resume_with_other_weights_or_evaluate_with_other_features_is_refused(ch
     eval_linear.main(["--pretrained_weights", str(cls_model), "--train_augment", "False", "--output_dir", cls_out,
                       "--epochs", "1", "--n_last_blocks", "2"] + COMMON)
     capsys.readouterr()
+    eval_linear.main(["--pretrained_weights", str(cls_model), "--train_augment", "False", "--epochs", "1",
+                      "--output_dir", str(tmp_path / "all_blocks"), "--n_last_blocks", "100"] + COMMON)
+    assert "--n_last_blocks 100: the backbone has 6 blocks; using all of them." in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:  # 1 block + patch average: the same 2 x 192 width
         eval_linear.main(["--pretrained_weights", str(cls_model), "--evaluate", "--output_dir", cls_out,
                           "--val_subset", "4", "--n_last_blocks", "1", "--avgpool_patchtokens", "True"])
