@@ -29,7 +29,7 @@ import utils
 import vision_transformer as vits
 from simpool import backbones
 from simpool.augment import MultiCropAugmentation
-from simpool.checkpoints import gamma_arg
+from simpool.checkpoints import TRAINING_KEYS, gamma_arg
 from simpool.data import FASHION_MNIST, DataError, build_dataset, skip_bad_collate
 from simpool.evaluation import build_eval_splits, drop_unreadable, tolerant_collate
 from simpool.knn import extract_features, knn_classify
@@ -528,7 +528,7 @@ def train_one_epoch(student, student_ddp, teacher, dino_loss, patch_loss, loader
     stats = metrics.averages()
     stats["skipped_images"] = int(utils.all_reduce_sum(skipped, device))
     if "loss" not in stats and stats["skipped_images"] and first_step < niter:  # every step skipped, on all ranks
-        raise DataError(f"no training image of epoch {epoch} could be read ({int(stats['skipped_images'])} "
+        raise DataError(f"no training image of epoch {epoch} could be read ({stats['skipped_images']} "
                         f"unreadable files in {args.data_path}; the log names them)")
     warn_if_collapsed(stats, args.out_dim)
     return stats
@@ -686,7 +686,7 @@ def check_resumable(ckpt, path):
     if not isinstance(ckpt, dict):
         raise utils.RunError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint of main_dino.py; move it "
                              "away or use another --output_dir")
-    missing = [k for k in ("student", "teacher", "optimizer", "epoch") if k not in ckpt]
+    missing = [k for k in TRAINING_KEYS if k not in ckpt]
     if missing:
         what = "an exported backbone" if "format" in ckpt else f"not a checkpoint of main_dino.py (no {missing[0]!r})"
         raise utils.RunError(f"{path} is {what}, so there is nothing to resume; move it away or use another "

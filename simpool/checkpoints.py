@@ -40,8 +40,11 @@ FORMAT = "simpool-backbone"  # marker of exported backbone files (simpool/export
 FORMAT_VERSION = 1
 AUTO = "auto"  # --gamma default: read it from the checkpoint
 OPTIONAL_KEYS = ("masked_embed",)  # may be absent (DINO checkpoints); unused at evaluation
+# what main_dino.py's checkpoint.pth holds beyond the backbone: a run resumes from nothing less
+TRAINING_KEYS = ("student", "teacher", "optimizer", "epoch")
 __all__ = ["load_pretrained", "read_checkpoint", "backbone_state_dict", "load_backbone_weights", "infer_arch",
-           "is_convnet", "gamma_arg", "add_model_args", "AUTO", "FORMAT", "FORMAT_VERSION", "CheckpointError"]
+           "is_convnet", "gamma_arg", "add_model_args", "AUTO", "FORMAT", "FORMAT_VERSION", "TRAINING_KEYS",
+           "CheckpointError"]
 
 
 def _numpy_core():

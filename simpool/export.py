@@ -35,8 +35,8 @@ import sys
 import torch
 
 import utils
-from simpool.checkpoints import (AUTO, FORMAT, FORMAT_VERSION, CheckpointError, add_model_args, is_convnet,
-                                 load_pretrained)
+from simpool.checkpoints import (AUTO, FORMAT, FORMAT_VERSION, TRAINING_KEYS, CheckpointError, add_model_args,
+                                 is_convnet, load_pretrained)
 
 logger = logging.getLogger("simpool")
 __all__ = ["export_backbone", "load_backbone", "to_timm_state_dict", "build_timm_vit"]
@@ -79,7 +79,7 @@ def _is_training_checkpoint(path):
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # not a torch file (a .safetensors, anything else): not a run's checkpoint
         return False
-    return isinstance(state, dict) and "optimizer" in state and "student" in state
+    return isinstance(state, dict) and all(k in state for k in TRAINING_KEYS)
 
 
 def load_backbone(path, checkpoint_key="teacher", image_size=None, **overrides):
