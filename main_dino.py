@@ -300,8 +300,11 @@ def build_student_teacher(args, device):
             logger.warning("BatchNorm statistics stay per process on CPU (SyncBatchNorm needs a GPU).")
     student_ddp = student
     if args.world_size > 1:
+        # static graph: the flags fix which parameters the loss reaches (without masking or the
+        # iBOT loss, masked_embed and the patch head's last layer get no gradient), and DDP finds
+        # them in the first step instead of searching the autograd graph every step
         student_ddp = nn.parallel.DistributedDataParallel(
-            student, device_ids=[args.gpu] if device.type == "cuda" else None, find_unused_parameters=True)
+            student, device_ids=[args.gpu] if device.type == "cuda" else None, static_graph=True)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     return student, student_ddp, teacher

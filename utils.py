@@ -73,16 +73,22 @@ def init_distributed_mode(args):
     setup_logging(args.rank)
 
 
+# Exit code of a mistake the user can fix (argparse's code for a bad flag): it tells a user error
+# from a crash (1, an uncaught exception), so ./launch does not restart a group that would only
+# fail the same way again.
+USER_ERROR_EXIT = 2
+
+
 def run_command(fn, *args, user_errors=(), interrupted="interrupted"):
     """Run a command-line tool's ``fn(*args)``: a mistake the user can fix (a RunError or one of
-    ``user_errors``) prints one line ``error: ...`` and exits 1, never a traceback; Ctrl-C prints
-    the line ``interrupted`` and exits 130 (the shell's code for SIGINT); the process group, if
-    one was joined, is left either way."""
+    ``user_errors``) prints one line ``error: ...`` and exits USER_ERROR_EXIT, never a traceback;
+    Ctrl-C prints the line ``interrupted`` and exits 130 (the shell's code for SIGINT); the process
+    group, if one was joined, is left either way."""
     try:
         return fn(*args)
     except (RunError, *user_errors) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(USER_ERROR_EXIT)
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         sys.exit(130)

@@ -346,7 +346,7 @@ def load_pretrained(path, checkpoint_key="teacher", arch=None, patch_size=None, 
     load_backbone_weights(model, state, f"{path} [{what}]", desc, weights_arch=found.get("arch"))
     info = dict(arch=arch, patch_size=patch_size, mode=mode, gamma=gamma, use_beta=use_beta, img_size=img_size,
                 image_size=image_size, data_path=meta.get("data_path"), epoch=meta.get("epoch"),
-                source=f"{path} [{what}]")
+                entry=what.strip("'"), source=f"{path} [{what}]")
     logger.info(f"Loaded {desc}, gamma {gamma}, from {info['source']}"
                 + (f" (epoch {info['epoch']})" if info["epoch"] is not None else "") + ".")
     return model.eval(), _with_dims(info, model)

@@ -30,7 +30,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 
 import torch
 
@@ -52,7 +51,8 @@ def export_backbone(checkpoint, output, checkpoint_key="teacher", arch=None, pat
     model, info = load_pretrained(checkpoint, checkpoint_key, arch=arch, patch_size=patch_size, mode=mode,
                                   gamma=gamma)
     meta = {k: info.get(k) for k in META_KEYS if not (is_convnet(info["arch"]) and k in VIT_ONLY_KEYS)}
-    meta.update(format_version=FORMAT_VERSION, source=f"{os.path.basename(checkpoint)} [{checkpoint_key}]")
+    # the entry the weights came from: --checkpoint_key, a fallback, or "exported backbone"
+    meta.update(format_version=FORMAT_VERSION, source=f"{os.path.basename(checkpoint)} [{info['entry']}]")
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     folder = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(folder):
@@ -139,17 +139,17 @@ def get_args_parser():
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     utils.setup_logging()
-    try:
-        meta = export_backbone(args.checkpoint, args.output, args.checkpoint_key, args.arch, args.patch_size,
-                               args.mode, args.gamma)
-        size = os.path.getsize(args.output) / 2 ** 20
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    utils.run_command(run, args, user_errors=(CheckpointError,))
+
+
+def run(args):
+    meta = export_backbone(args.checkpoint, args.output, args.checkpoint_key, args.arch, args.patch_size,
+                           args.mode, args.gamma)
+    size = os.path.getsize(args.output) / 2 ** 20
     name = meta["arch"] if meta.get("patch_size") is None else f"{meta['arch']}/{meta['patch_size']}"
-    logger.info(f"Exported {name} ({meta['mode']}, gamma {meta['gamma']}, "
-                f"{meta['img_size']}px, embed_dim {meta['embed_dim']}) from {args.checkpoint} "
-                f"[{args.checkpoint_key}] to {args.output} ({size:.1f} MiB, format v{FORMAT_VERSION}).")
+    logger.info(f"Exported {name} ({meta['mode']}, gamma {meta['gamma']}, {meta['img_size']}px, embed_dim "
+                f"{meta['embed_dim']}) from {os.path.join(os.path.dirname(args.checkpoint), meta['source'])} "
+                f"to {args.output} ({size:.1f} MiB, format v{FORMAT_VERSION}).")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import utils
 from checkpoint_factory import one_thread, save_official_checkpoint, save_training_checkpoint, tiny_backbone
 from simpool import attention as att
 
@@ -192,7 +193,7 @@ def test_cli_errors_are_one_line(checkpoints, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             att.main(["--pretrained_weights", str(checkpoints / "simpool.pth"), "--output_dir", str(tmp_path / "o")]
                      + extra)
-        assert e.value.code == 1
+        assert e.value.code == utils.USER_ERROR_EXIT
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err, err
 
@@ -247,7 +248,7 @@ def test_convnet_maps_lie_on_the_feature_map_and_upsample_to_the_image(tmp_path,
     assert Image.open(tmp_path / "o" / "a_attention.png").size == (6 * (60 * 2 + 2), 240)
     with pytest.raises(SystemExit) as e:
         att.main(common + ["--mode", "official"])
-    assert e.value.code == 1
+    assert e.value.code == utils.USER_ERROR_EXIT
     err = capsys.readouterr().err.strip()
     assert err == ("error: fcvit_tiny in official mode pools by global average and has no attention map; "
                    "maps need a --mode simpool backbone")

@@ -1,5 +1,5 @@
-"""User mistakes in the evaluation tools and ``launch`` end in one line (``error: ...``), exit 1
-(or argparse's usage error, exit 2), before any feature is computed; never a traceback."""
+"""User mistakes in the evaluation tools and ``launch`` end in one line (``error: ...`` or argparse's
+usage error), exit code 2, before any feature is computed; never a traceback."""
 import os
 import re
 import subprocess
@@ -9,6 +9,7 @@ import pytest
 
 import eval_knn
 import eval_linear
+import utils
 from checkpoint_factory import save_training_checkpoint, tiny_backbone
 from simpool import attention
 
@@ -23,25 +24,25 @@ def checkpoint(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("tool,args,code,expected", [
-    (eval_knn, ["--output_dir", "{file}"], 1, "cannot write to output folder {file}"),
-    (eval_knn, ["--dump_features", "{file}"], 1, "cannot write to output folder {file}"),
-    (eval_linear, ["--output_dir", "{file}"], 1, "cannot write to output folder {file}"),
-    (eval_linear, ["--crop_scale", "1.0", "0.08", "--output_dir", "{dir}"], 1, "--crop_scale takes the low end first (MIN MAX), got 1 0.08"),
-    (attention, ["--evaluate", "--output_dir", "{file}"], 1, "cannot write to output folder {file}"),
-    (attention, ["--evaluate", "--object_scale", "0.9", "0.5", "--output_dir", "{dir}"], 1,
+@pytest.mark.parametrize("tool,args,expected", [
+    (eval_knn, ["--output_dir", "{file}"], "cannot write to output folder {file}"),
+    (eval_knn, ["--dump_features", "{file}"], "cannot write to output folder {file}"),
+    (eval_linear, ["--output_dir", "{file}"], "cannot write to output folder {file}"),
+    (eval_linear, ["--crop_scale", "1.0", "0.08", "--output_dir", "{dir}"], "--crop_scale takes the low end first (MIN MAX), got 1 0.08"),
+    (attention, ["--evaluate", "--output_dir", "{file}"], "cannot write to output folder {file}"),
+    (attention, ["--evaluate", "--object_scale", "0.9", "0.5", "--output_dir", "{dir}"],
      "--object_scale takes the low end first (MIN MAX), got 0.9 0.5"),
-    (eval_knn, ["--image_size", "5", "--output_dir", "{dir}"], 1, "--image_size 5 is smaller than one 7-pixel patch"),
-    (eval_knn, ["--patch_size", "0", "--output_dir", "{dir}"], 2, "argument --patch_size: expected an integer >= 1"),
+    (eval_knn, ["--image_size", "5", "--output_dir", "{dir}"], "--image_size 5 is smaller than one 7-pixel patch"),
+    (eval_knn, ["--patch_size", "0", "--output_dir", "{dir}"], "argument --patch_size: expected an integer >= 1"),
 ], ids=["knn-output-file", "knn-dump-file", "linear-output-file", "linear-crop-scale", "attention-output-file",
         "attention-object-scale", "knn-image-below-patch", "knn-patch-size-0"])
-def test_evaluation_tool_mistakes_are_one_line(tool, args, code, expected, checkpoint, tmp_path, capsys):
+def test_evaluation_tool_mistakes_are_one_line(tool, args, expected, checkpoint, tmp_path, capsys):
     file = tmp_path / "a_file"
     file.write_text("x")
     args = [a.format(file=file, dir=tmp_path / "out") for a in args]
     with pytest.raises(SystemExit) as e:
         tool.main(["--pretrained_weights", checkpoint] + DATA * (tool is not attention) + args)
-    assert e.value.code == code
+    assert e.value.code == utils.USER_ERROR_EXIT
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()[-1]
     assert expected.format(file=file) in err and "Traceback" not in captured.err, err
@@ -83,6 +84,6 @@ def test_values_no_run_can_use_are_usage_errors(tool, args, expected, capsys):
     module = {"main_dino": main_dino, "eval_knn": eval_knn, "eval_linear": eval_linear, "attention": attention}[tool]
     with pytest.raises(SystemExit) as e:
         module.main(args)
-    assert e.value.code == 2
+    assert e.value.code == utils.USER_ERROR_EXIT
     err = capsys.readouterr().err
     assert expected in err.strip().splitlines()[-1] and "Traceback" not in err, err

@@ -148,7 +148,7 @@ def test_cli_cached_resume_and_evaluate(checkpoint, tmp_path, capsys):
             load_pretrained(str(tmp_path / name))
     with pytest.raises(SystemExit) as e:  # another sweep in the same folder
         eval_linear.main(argv[:-len(COMMON)] + COMMON[:-4] + ["--lrs", "0.5", "--epochs", "2"])
-    assert e.value.code == 1
+    assert e.value.code == utils.USER_ERROR_EXIT
     assert "belongs to another sweep" in capsys.readouterr().err
 
 
@@ -165,7 +165,7 @@ def test_resume_with_other_weights_or_evaluate_with_other_features_is_refused(ch
     with pytest.raises(SystemExit) as e:
         eval_linear.main(["--pretrained_weights", str(other), "--train_augment", "False", "--output_dir", out,
                           "--epochs", "1"] + COMMON)
-    assert e.value.code == 1
+    assert e.value.code == utils.USER_ERROR_EXIT
     err = capsys.readouterr().err
     assert "belongs to another sweep: pretrained_weights" in err and str(other) in err
     # --evaluate of that sweep's head on other weights, another key, random init or another size
@@ -184,7 +184,7 @@ def test_resume_with_other_weights_or_evaluate_with_other_features_is_refused(ch
         with pytest.raises(SystemExit) as e:
             eval_linear.main(["--evaluate", "--output_dir", out, "--val_subset", "4"] + extra)
         captured = capsys.readouterr()
-        assert e.value.code == 1 and message in captured.err, captured.err
+        assert e.value.code == utils.USER_ERROR_EXIT and message in captured.err, captured.err
         assert f"was trained on the weights of {checkpoint} [teacher]" in captured.err or "28px" in captured.err
         assert "Evaluation features" not in captured.out + captured.err
     cls_model = tmp_path / "cls.pth"
@@ -199,7 +199,7 @@ def test_resume_with_other_weights_or_evaluate_with_other_features_is_refused(ch
     with pytest.raises(SystemExit) as e:  # 1 block + patch average: the same 2 x 192 width
         eval_linear.main(["--pretrained_weights", str(cls_model), "--evaluate", "--output_dir", cls_out,
                           "--val_subset", "4", "--n_last_blocks", "1", "--avgpool_patchtokens", "True"])
-    assert e.value.code == 1
+    assert e.value.code == utils.USER_ERROR_EXIT
     assert "was trained on the features of --n_last_blocks 2 --avgpool_patchtokens False" in capsys.readouterr().err
 
 

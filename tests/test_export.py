@@ -69,12 +69,20 @@ def test_pos_embed_is_resized_and_logged(trained, tmp_path, caplog):
 def test_export_cli_and_bad_input_is_one_line_error(trained, tmp_path, capsys):
     _, ckpt = trained
     export.main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "b.safetensors")])
-    assert (tmp_path / "b.safetensors").exists()
+    # re-exporting an export: the weights' source is the file itself, whatever --checkpoint_key says
+    # (before: "b.safetensors [student]", a key such a file does not have)
+    export.main(["--checkpoint", str(tmp_path / "b.safetensors"), "--checkpoint_key", "student",
+                 "--output", str(tmp_path / "c.pth")])
+    log = capsys.readouterr().out
+    assert f"from {ckpt} [teacher] to {tmp_path / 'b.safetensors'}" in log, log
+    assert f"from {tmp_path / 'b.safetensors'} [exported backbone] to" in log, log
+    assert export.load_backbone(str(tmp_path / "c.pth")).pretrained_info["source"].endswith("[exported backbone]")
+    assert utils.load_checkpoint(str(tmp_path / "c.pth"))["meta"]["source"] == "b.safetensors [exported backbone]"
     bad = tmp_path / "bad.pth"
     bad.write_bytes(os.urandom(4096))
     with pytest.raises(SystemExit) as e:
         export.main(["--checkpoint", str(bad), "--output", str(tmp_path / "x.pth")])
-    assert e.value.code == 1
+    assert e.value.code == utils.USER_ERROR_EXIT
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "not a readable checkpoint" in err
     assert not (tmp_path / "x.pth").exists()
@@ -100,7 +108,7 @@ def test_export_to_a_full_disk_is_one_line_error_and_leaves_nothing(trained, tmp
     _, ckpt = trained
     with pytest.raises(SystemExit) as e:
         export.main(["--checkpoint", str(ckpt), "--output", str(tmp_path / f"b{suffix}")])
-    assert e.value.code == 1
+    assert e.value.code == utils.USER_ERROR_EXIT
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: could not write ") and "\n" not in err and "No space left on device" in err
     assert list(tmp_path.iterdir()) == []  # neither the output nor a temp file

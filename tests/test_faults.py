@@ -260,7 +260,7 @@ def test_every_kept_checkpoint_unreadable_stops_with_one_line(tmp_path, capsys, 
     before = {p.name: sha256(p) for p in tmp_path.iterdir()}
     with pytest.raises(SystemExit) as e:
         main_dino.main(RUN + ["--output_dir", str(tmp_path)])
-    assert e.value.code == 1
+    assert e.value.code == utils.USER_ERROR_EXIT
     err = one_line_error(capsys)
     assert f"no readable checkpoint in {tmp_path}: checkpoint.pth, checkpoint.pth.1 are all unreadable" in err
     assert "move them away to start from scratch, or use a new --output_dir" in err
@@ -457,7 +457,7 @@ def test_unusable_data_path_fails_before_distributed_init(tmp_path, monkeypatch,
     no_distributed(monkeypatch)
     with pytest.raises(SystemExit) as e:
         main_dino.main(TINY + ["--data_path", str(data), "--subset", "-1", "--output_dir", str(tmp_path / "out")])
-    assert e.value.code == 1
+    assert e.value.code == utils.USER_ERROR_EXIT
     err = one_line_error(capsys)
     assert str(data) in err
     assert ("is not a folder" in err) == (layout == "a_file") and ("does not exist" in err) == (layout == "missing")
@@ -472,7 +472,7 @@ def test_a_folder_of_unreadable_files_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main_dino.main(TINY + ["--data_path", str(tmp_path / "data"), "--subset", "-1", "--batch_size_per_gpu", "10",
                                "--output_dir", str(tmp_path / "out")])
-    assert e.value.code == 1
+    assert e.value.code == utils.USER_ERROR_EXIT
     err = one_line_error(capsys)
     assert err.startswith("error: no training image of epoch 0 could be read (20 unreadable files in")
     assert not (tmp_path / "out" / "log.txt").exists()
@@ -487,7 +487,7 @@ def test_evaluation_split_with_other_class_folders_is_a_one_line_error(tmp_path,
     with pytest.raises(SystemExit) as e:
         main_dino.main(TINY + ["--data_path", str(tmp_path / "data"), "--subset", "-1", "--batch_size_per_gpu", "10",
                                "--eval_every", "1", "--output_dir", str(tmp_path / "out")])
-    assert e.value.code == 1
+    assert e.value.code == utils.USER_ERROR_EXIT
     err = one_line_error(capsys)
     assert "only in train: dog; only in the evaluation split: bird" in err
 
@@ -513,7 +513,7 @@ def test_fewer_images_than_one_global_batch_fails_before_distributed_init(tmp_pa
         return
     with pytest.raises(SystemExit) as e:
         main_dino.main(argv)
-    assert e.value.code == 1
+    assert e.value.code == utils.USER_ERROR_EXIT
     err = one_line_error(capsys)
     assert (f"100 training images in fashion-mnist are fewer than one global batch of {batch * world} "
             f"(--batch_size_per_gpu {batch} x {world} process(es))") in err
@@ -537,7 +537,7 @@ def test_disk_full_during_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_
     monkeypatch.setattr(utils, "open", open_in_utils, raising=False)
     with pytest.raises(SystemExit) as e:
         main_dino.main(TINY + ["--epochs", "2", "--saveckp_iters", "2", "--output_dir", str(tmp_path)])
-    assert e.value.code == 1 and len(saves) == 2
+    assert e.value.code == utils.USER_ERROR_EXIT and len(saves) == 2
     err = one_line_error(capsys)
     assert "No space left on device" in err and "checkpoint.pth" in err and "previous checkpoint is kept" in err
     assert (tmp_path / "checkpoint.pth").read_bytes() == before["bytes"]
@@ -552,7 +552,7 @@ def test_unusable_output_dir_fails_before_training(tmp_path, monkeypatch, capsys
     no_distributed(monkeypatch)
     with pytest.raises(SystemExit) as e:
         main_dino.main(TINY + ["--epochs", "1", "--output_dir", str(output_dir)])
-    assert e.value.code == 1
+    assert e.value.code == utils.USER_ERROR_EXIT
     err = one_line_error(capsys)
     assert str(output_dir) in err and ("Not a directory" in err or "File exists" in err)
 
@@ -570,7 +570,20 @@ def ddp_reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_reference")
     rc, text = launch("--nproc_per_node", "2", "main_dino.py", *DDP_RUN, output_dir=out)
     assert rc == 0, text[-4000:]
+    # DDP's notice, per rank, that find_unused_parameters=True found nothing unused
+    assert "find_unused_parameters" not in text, text[-4000:]
     return load(out / "checkpoint.pth")
+
+
+@pytest.mark.slow
+def test_ddp_trains_plain_dino_whose_patch_head_and_mask_token_get_no_gradient(tmp_path):
+    # --pred_ratio 0 leaves masked_embed and the patch head's last layer out of the loss: DDP must
+    # be told (static_graph), or its second backward fails waiting for their gradients
+    rc, text = launch("--nproc_per_node", "2", "main_dino.py", *TINY, "--epochs", "1", "--batch_size_per_gpu", "10",
+                      "--pred_ratio", "0", output_dir=tmp_path)
+    assert rc == 0 and "Training time" in text, text[-4000:]
+    assert "find_unused_parameters" not in text, text[-4000:]
+    assert utils.load_checkpoint(str(tmp_path / "checkpoint.pth"))["iteration"] == 5
 
 
 RECORD_START_WEIGHTS = """

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import eval_knn
+import utils
 from checkpoint_factory import one_thread, save_training_checkpoint, tiny_backbone
 from simpool.data import InMemoryImages
 from simpool.knn import extract_features, knn_classify, knn_search
@@ -124,7 +125,7 @@ def test_eval_knn_errors_are_one_line(tmp_path, capsys):
                  ["--pretrained_weights", "", "--arch", "vit_nano", "--data_path", str(tmp_path / "nowhere")]):
         with pytest.raises(SystemExit) as e:
             eval_knn.main(argv + ["--output_dir", str(tmp_path)])
-        assert e.value.code == 1
+        assert e.value.code == utils.USER_ERROR_EXIT
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err, err
 

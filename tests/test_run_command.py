@@ -1,7 +1,8 @@
-"""utils.run_command, the wrapper of every command-line tool: one line and exit 1 for a mistake
+"""utils.run_command, the wrapper of every command-line tool: one line and exit 2 for a mistake
 the user can fix, a traceback for a bug, and the process group left either way; and ``./launch``,
 the wrapper of torchrun: one ``launch: error:`` line (exit 2) for a bad flag, one line after a
-failed script's own output instead of torchrun's traceback."""
+failed script's own output instead of torchrun's traceback, its exit code kept, and no restart
+after a user error."""
 import argparse
 import os
 import re
@@ -26,7 +27,7 @@ def test_user_errors_are_one_line_and_exit_1(capsys):
     for error in (utils.RunError("disk full"), utils.CheckpointError("disk full"), UserMistake("disk full")):
         with pytest.raises(SystemExit) as stop:
             utils.run_command(fail, error, user_errors=(UserMistake,))
-        assert stop.value.code == 1
+        assert stop.value.code == utils.USER_ERROR_EXIT
         assert capsys.readouterr().err == "error: disk full\n"
 
 
@@ -64,7 +65,7 @@ def test_slurm_tasks_without_a_rendezvous_address_are_a_one_line_error(monkeypat
     args = argparse.Namespace(dist_url="env://", cpu=True)
     with pytest.raises(SystemExit) as stop:
         utils.run_command(utils.init_distributed_mode, args)
-    assert stop.value.code == 1
+    assert stop.value.code == utils.USER_ERROR_EXIT
     err = capsys.readouterr().err
     assert err.startswith("error: this is task 1 of 4 SLURM tasks") and "srun ./launch" in err and err.count("\n") == 1
     assert not dist.is_initialized()
@@ -168,7 +169,7 @@ def test_a_failed_script_under_launch_ends_in_one_line_without_torchruns_traceba
     script = tmp_path / "fails.py"
     script.write_text('import sys\nprint("error: no such folder /nonexistent", file=sys.stderr)\nsys.exit(3)\n')
     out = launch("--nproc_per_node", "2", str(script), env=dict(NO_SLURM, OMP_NUM_THREADS="1"), timeout=300)
-    assert out.returncode == 1, out.stderr  # torchrun's own code for a failed worker group
+    assert out.returncode == 3, out.stderr  # the script's code (torchrun's own would be 1)
     # each rank's line is kept; torchrun's ~40 lines of ChildFailedError traceback and summary are gone
     assert out.stderr.count("error: no such folder /nonexistent") == 2, out.stderr
     assert "Traceback" not in out.stderr and "ChildFailedError" not in out.stderr, out.stderr
@@ -176,3 +177,30 @@ def test_a_failed_script_under_launch_ends_in_one_line_without_torchruns_traceba
     assert re.fullmatch(rf"launch: {re.escape(str(script))} failed on (rank [01]|2 processes, first on rank [01]) "
                         r"with exit code 3; see the lines above", last), out.stderr
     assert out.stderr.count("launch:") == 1, out.stderr
+
+
+def script_failing_with(tmp_path, code):
+    """A script that says which restart it is (torchrun's TORCHELASTIC_RESTART_COUNT) and exits ``code``."""
+    script = tmp_path / f"exits_{code}.py"
+    script.write_text("import os, sys\n"
+                      "print(f\"error: attempt {os.environ['TORCHELASTIC_RESTART_COUNT']}\", file=sys.stderr)\n"
+                      f"sys.exit({code})\n")
+    return str(script)
+
+
+def test_launch_does_not_restart_a_user_error_but_restarts_a_crash(tmp_path):
+    env = dict(NO_SLURM, OMP_NUM_THREADS="1")
+    # exit code 2 (utils.USER_ERROR_EXIT: a flag, a path, a file to fix) would fail the same way again
+    script = script_failing_with(tmp_path, utils.USER_ERROR_EXIT)
+    out = launch("--nproc_per_node", "2", "--max_restarts", "2", script, env=env, timeout=300)
+    assert out.returncode == utils.USER_ERROR_EXIT, out.stderr
+    assert "error: attempt 0" in out.stderr and "error: attempt 1" not in out.stderr, out.stderr  # before: 0, 1, 2
+    assert re.search(r"launch: rank [01] stopped on an error to fix \(exit code 2\); a restart would repeat it, "
+                     r"so none follows", out.stderr), out.stderr
+    assert out.stderr.strip().splitlines()[-1].endswith("with exit code 2; see the lines above"), out.stderr
+    # any other failure is restarted as torchrun does, and its code kept
+    script = script_failing_with(tmp_path, 1)
+    out = launch("--nproc_per_node", "2", "--max_restarts", "1", script, env=env, timeout=300)
+    assert out.returncode == 1, out.stderr
+    assert "error: attempt 0" in out.stderr and "error: attempt 1" in out.stderr, out.stderr
+    assert "none follows" not in out.stderr, out.stderr

@@ -88,7 +88,7 @@ def test_full_disk_for_run_logs_is_one_line_error_not_a_hang(tmp_path, monkeypat
             main_dino.main(TINY + ["--epochs", "30", "--output_dir", str(tmp_path)])
     finally:
         signal.alarm(0)
-    assert e.value.code == 1
+    assert e.value.code == utils.USER_ERROR_EXIT
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: could not ") and "\n" not in err and "No space left on device" in err
     assert str(tmp_path) in err and (target == "events" or "log.txt" in err)
@@ -119,7 +119,7 @@ def test_eval_knn_on_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         eval_knn.main(["--arch", "vit_nano", "--patch_size", "7", "--image_size", "28", "--subset", "3",
                        "--val_subset", "2", "--nb_knn", "3", "--output_dir", str(tmp_path)])
-    assert e.value.code == 1
+    assert e.value.code == utils.USER_ERROR_EXIT
     err = capsys.readouterr().err.strip()
     assert err == f"error: could not write {tmp_path / 'knn.json'} (No space left on device)"
 

@@ -13,6 +13,7 @@ from PIL import Image
 from torch.utils.checkpoint import checkpoint
 
 import main_dino
+import utils
 import vision_transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,7 +86,7 @@ def test_resume_with_other_arch_is_a_one_line_error(tmp_path, capsys):
                                ("--optimizer", "adamw", "sgd")):
         with pytest.raises(SystemExit) as e:
             main_dino.main(TINY + ["--epochs", "2", flag, asked, "--output_dir", str(tmp_path)])
-        assert e.value.code == 1
+        assert e.value.code == utils.USER_ERROR_EXIT
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and f"{flag} {saved}" in err and f"{flag} {asked}" in err, err
 
@@ -98,7 +99,7 @@ def test_resume_from_an_export_or_with_another_crop_size_is_a_one_line_error(tmp
     with pytest.raises(SystemExit) as e:
         main_dino.main(TINY + ["--epochs", "2", "--global_crops_size", "35", "--output_dir", str(tmp_path)])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 1 and err.count("\n") == 0 and "size mismatch for backbone.pos_embed" in err, err
+    assert e.value.code == utils.USER_ERROR_EXIT and err.count("\n") == 0 and "size mismatch for backbone.pos_embed" in err, err
     # export refuses to write the backbone over a training checkpoint (it would lose the resume state)
     ckpt = str(tmp_path / "checkpoint.pth")
     before = (tmp_path / "checkpoint.pth").read_bytes()
@@ -111,7 +112,7 @@ def test_resume_from_an_export_or_with_another_crop_size_is_a_one_line_error(tmp
     with pytest.raises(SystemExit) as e:
         main_dino.main(TINY + ["--epochs", "2", "--output_dir", str(tmp_path)])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 1 and err.count("\n") == 0 and "is an exported backbone" in err, err
+    assert e.value.code == utils.USER_ERROR_EXIT and err.count("\n") == 0 and "is an exported backbone" in err, err
     torch.save({"epoch": 1, "args": {}}, tmp_path / "checkpoint.pth")
     with pytest.raises(SystemExit):
         main_dino.main(TINY + ["--epochs", "2", "--output_dir", str(tmp_path)])
@@ -144,7 +145,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(main_dino.DINOLoss, "forward", poisoned)
     with pytest.raises(SystemExit) as e:
         main_dino.main(TINY + ["--epochs", "3", "--output_dir", str(tmp_path)])
-    assert e.value.code == 1
+    assert e.value.code == utils.USER_ERROR_EXIT
     err = capsys.readouterr().err
     assert "loss is nan at iteration 5" in err  # 4 steps per epoch: the 2nd step of epoch 1
     assert (tmp_path / "checkpoint.pth").read_bytes() == before
@@ -183,18 +184,18 @@ def test_official_mode_trains_with_cls_guided_masking(tmp_path, capsys):
     assert np.isfinite(read_log(tmp_path)[0]["train_patch_loss"])
 
 
-@pytest.mark.parametrize("flags,code,expected", [
-    (["--batch_size_per_gpu", "0"], 2, "argument --batch_size_per_gpu: expected an integer >= 1, got 0"),
-    (["--local_crops_number", "-1"], 2, "argument --local_crops_number: expected an integer >= 0, got -1"),
-    (["--teacher_temp", "0"], 2, "argument --teacher_temp: expected a number > 0, got 0"),
-    (["--global_crops_scale", "0.9", "0.4"], 1, "--global_crops_scale takes the low end first (MIN MAX), got 0.9 0.4"),
-    (["--local_crops_size", "6"], 1, "--local_crops_size 6 is smaller than one patch (--patch_size 7)"),
+@pytest.mark.parametrize("flags,expected", [
+    (["--batch_size_per_gpu", "0"], "argument --batch_size_per_gpu: expected an integer >= 1, got 0"),
+    (["--local_crops_number", "-1"], "argument --local_crops_number: expected an integer >= 0, got -1"),
+    (["--teacher_temp", "0"], "argument --teacher_temp: expected a number > 0, got 0"),
+    (["--global_crops_scale", "0.9", "0.4"], "--global_crops_scale takes the low end first (MIN MAX), got 0.9 0.4"),
+    (["--local_crops_size", "6"], "--local_crops_size 6 is smaller than one patch (--patch_size 7)"),
 ])
-def test_out_of_range_flags_are_one_line_errors(tmp_path, capsys, flags, code, expected):
+def test_out_of_range_flags_are_one_line_errors(tmp_path, capsys, flags, expected):
     # the demo recipe (vit_nano/7, 28-px crops) with one bad flag: stopped before any data or model is built
     with pytest.raises(SystemExit) as e:
         main_dino.main(flags + ["--output_dir", str(tmp_path)])
-    assert e.value.code == code
+    assert e.value.code == utils.USER_ERROR_EXIT
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(expected)
     assert os.listdir(tmp_path) == []
 
@@ -287,7 +288,7 @@ def test_convnet_crops_below_32_pixels_are_a_one_line_error(tmp_path, capsys):
         main_dino.parse_args(["--data_path", "x", "--arch", "resnet50", "--local_crops_size", "16"])
     with pytest.raises(SystemExit) as e:  # the demo recipe (28/14-px crops) with a convnet, through main()
         main_dino.main(["--arch", "convnext_tiny", "--output_dir", str(tmp_path)])
-    assert e.value.code == 1
+    assert e.value.code == utils.USER_ERROR_EXIT
     err = capsys.readouterr().err.strip()
     assert err == ("error: --arch convnext_tiny needs crops of at least 32 pixels, got --global_crops_size 28 and "
                    "--local_crops_size 14; pass --global_crops_size 32 --local_crops_size 32 or larger "
