@@ -71,7 +71,8 @@ def amp_dtype(precision):
 
 
 def run_main(fn, args):
-    """Run ``fn(args)``; user-facing errors print ``error: ...`` and exit 1, never a traceback."""
+    """Run ``fn(args)``; user-facing errors print ``error: ...`` and exit with code 2
+    (utils.USER_ERROR_EXIT), never a traceback."""
     return utils.run_command(fn, args, user_errors=(DataError, EvalError))
 
 
