@@ -10,7 +10,8 @@ Convnets (resnet50, convnext_*, fcvit_*) give their pooled vector (SimPool, or t
 global average pooling in official mode); --n_last_blocks and --avgpool_patchtokens do not
 apply to them and are ignored (logged once). Convnets see images of at least 32 px.
 One linear head per (lr, wd) pair is trained on the same features: one backbone forward
-per batch, all heads updated by one batched einsum (SGD, momentum 0.9, cosine schedule).
+per batch, all heads updated by one batched einsum (SGD, momentum 0.9, a cosine schedule stepped
+once per epoch, as DINO's CosineAnnealingLR).
 The head with the best top-1 on the evaluation split wins; linear.json holds every
 head's result, linear_head.pth the best head's weights. A run resumes from
 linear_checkpoint.pth in --output_dir; --evaluate only scores a saved head.
@@ -23,6 +24,7 @@ import logging
 import math
 import os
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -390,7 +392,8 @@ def eval_linear(args):
         niter = math.ceil(len(cached[0]) / global_batch)
     else:
         niter = math.ceil(len(train) / global_batch)
-    lr_factors = utils.cosine_scheduler(1.0, 0.0, args.epochs, niter)
+    # DINO's CosineAnnealingLR: the cosine steps once per epoch
+    lr_factors = np.repeat(utils.cosine_scheduler(1.0, 0.0, args.epochs, 1), niter)
     logger.info(f"Training {sweep.num_heads} heads (lrs {args.lrs} x wds {args.wds}, scaled by {global_batch}/256) "
                 f"for {args.epochs - start_epoch} epochs of {niter} steps"
                 + (" on cached features." if cached else " with augmentation."))

@@ -34,7 +34,7 @@ from simpool.data import FASHION_MNIST, DataError, build_dataset, skip_bad_colla
 from simpool.evaluation import build_eval_splits, drop_unreadable, tolerant_collate
 from simpool.knn import extract_features, knn_classify
 from simpool.losses import DINOLoss, PatchLoss
-from simpool.masking import PRED_SHAPES, make_masks
+from simpool.masking import PRED_SHAPES, make_masks, pred_ratio_pairs
 from simpool.optim import (build_optimizer, cancel_last_layer_gradients, clip_gradients, ema_update,
                            param_groups)
 
@@ -98,8 +98,9 @@ def get_args_parser():
                    "start of its linear warm-up. Lower it if training is unstable.")
     g.add_argument("--teacher_temp", default=0.04, type=n(float, above=0), help="Teacher temperature after warm-up; "
                    "above 0.07 tends to be unstable.")
-    g.add_argument("--warmup_teacher_temp_epochs", default=0, type=n(float, low=0), help="Epochs of the linear "
-                   "teacher-temperature warm-up.")
+    g.add_argument("--warmup_teacher_temp_epochs", default=0, type=n(int, low=0), help="Epochs of the linear "
+                   "teacher-temperature warm-up (of both temperatures); as in DINO the value changes once per epoch, "
+                   "reaching --teacher_temp in the last warm-up epoch.")
     g.add_argument("--warmup_teacher_patch_temp", default=0.04, type=n(float, above=0), help="Patch-head teacher "
                    "temperature at the start of warm-up.")
     g.add_argument("--teacher_patch_temp", default=0.07, type=n(float, above=0), help="Patch-head teacher temperature "
@@ -111,17 +112,21 @@ def get_args_parser():
     g = p.add_argument_group("masking (iBOT / AttMask)")
     g.add_argument("--pred_shape", default="attmask_high", choices=PRED_SHAPES, help="How to choose masked "
                    "patches: by the teacher's SimPool attention (attmask_high/low/hint), at random, or in blocks.")
-    g.add_argument("--pred_ratio", default=0.3, type=n(float, low=0, below=1), help="Fraction of patches masked; 0 "
-                   "turns masking and the iBOT loss off (plain DINO).")
-    g.add_argument("--pred_ratio_var", default=0.0, type=n(float, low=0, below=1), help="Each sample's ratio is "
-                   "uniform in pred_ratio +- pred_ratio_var.")
-    g.add_argument("--masking_prob", default=0.5, type=zero_to_one, help="Probability that a global crop "
-                   "is masked at all.")
+    g.add_argument("--pred_ratio", default=[0.3], nargs="+", type=n(float, low=0, below=1), help="Fraction of "
+                   "patches masked; 0 turns masking and the iBOT loss off (plain DINO). Several values (iBOT's "
+                   "'0 0.3'): each draw picks one of them at random. The attmask_* modes draw one ratio per batch "
+                   "(AttMask), rand and block one per crop (iBOT).")
+    g.add_argument("--pred_ratio_var", default=[0.0], nargs="+", type=n(float, low=0, below=1), help="A drawn "
+                   "ratio is uniform in pred_ratio +- pred_ratio_var (one value, or one per --pred_ratio value; "
+                   "at most the ratio itself).")
+    g.add_argument("--masking_prob", default=0.5, type=zero_to_one, help="attmask_* modes: probability that a "
+                   "global crop is masked at all (rand and block mask every crop, as in AttMask).")
     g.add_argument("--pred_start_epoch", default=0, type=n(int, low=0), help="Epoch from which masking starts.")
     g.add_argument("--show_max", default=0.1, type=zero_to_one, help="attmask_hint: fraction of "
                    "most-attended patches among which hints are revealed.")
-    g.add_argument("--show_ratio", default=0.1, type=zero_to_one, help="attmask_hint: fraction of all "
-                   "patches revealed as hints (taken among the top --show_max).")
+    g.add_argument("--show_ratio", default=None, type=zero_to_one, help="attmask_hint: fraction of all patches "
+                   "revealed as hints (taken at random among the top --show_max); default, as AttMask: --show_max "
+                   "times a second draw of the masking ratio (0.1 x 0.3: 5 of the top 19 of 196 patches).")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--use_fp16", default=False, type=b, help="On CUDA: fp16 autocast with a gradient scaler "
@@ -227,6 +232,10 @@ def check_args(args):
         raise utils.RunError(f"--compile on CPU needs a C++ compiler to build its kernels and {compiler} is not on "
                              "PATH; install g++ (or set CXX) or drop --compile")
     utils.require_low_first(args, "global_crops_scale", "local_crops_scale", "blur_sigma")
+    try:
+        pred_ratio_pairs(args.pred_ratio, args.pred_ratio_var)
+    except ValueError as e:
+        raise utils.RunError(f"--{e}") from None
     if args.arch in backbones.VIT_ARCHS:
         for flag in ("global_crops_size",) + (("local_crops_size",) if args.local_crops_number > 0 else ()):
             if getattr(args, flag) < args.patch_size:
@@ -554,10 +563,10 @@ def warn_if_collapsed(stats, out_dim):
 
 
 def uses_masking(args, backbone):
-    """Whether the student's global crops are masked: --pred_ratio and --masking_prob above 0
-    and a backbone with a mask token (a warning otherwise). --lambda2 0 keeps the masking and
+    """Whether the student's global crops are masked: a --pred_ratio above 0, a --masking_prob above
+    0 for the attmask_* modes, and a backbone with a mask token (a warning otherwise). --lambda2 0 keeps the masking and
     drops only the iBOT loss, as in iBOT."""
-    if args.pred_ratio == 0 or args.masking_prob == 0:
+    if max(args.pred_ratio) == 0 or (args.masking_prob == 0 and args.pred_shape.startswith("attmask")):
         return False
     if not backbones.supports_masking(backbone):
         logger.warning(backbones.masking_off_message(args.arch))

@@ -125,23 +125,26 @@ def fix_random_seeds(seed, rank=0):
 
 # ---------------------------------------------------------------- schedules
 def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0.0):
-    """Per-iteration values: linear warm-up from ``start_warmup_value`` to ``base_value``
-    over ``warmup_epochs``, then a cosine from ``base_value`` to ``final_value``."""
+    """Per-iteration values, as DINO's schedule: a linear warm-up from ``start_warmup_value`` to
+    ``base_value`` over ``warmup_epochs`` (both ends included), then a cosine from ``base_value``
+    towards ``final_value`` over the remaining n iterations, cos(pi * i / n), so that the last value
+    stops one step short of ``final_value``. A warm-up longer than training is cut off."""
     warmup_iters = int(warmup_epochs * niter_per_ep)
     total = int(epochs * niter_per_ep)
-    warmup = np.linspace(start_warmup_value, base_value, warmup_iters, endpoint=False) if warmup_iters > 0 else np.array([])
-    iters = np.arange(total - warmup_iters)
-    denom = max(len(iters) - 1, 1)
-    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / denom))
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_iters > 0 else np.array([])
+    iters = np.arange(max(total - warmup_iters, 0))
+    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / max(len(iters), 1)))
     return np.concatenate((warmup, cosine))[:total]
 
 
 def linear_warmup_constant(start_value, final_value, epochs, niter_per_ep, warmup_epochs):
-    """Per-iteration values: linear from ``start_value`` to ``final_value`` over
-    ``warmup_epochs``, then constant (the teacher-temperature schedule)."""
-    warmup_iters = min(int(warmup_epochs * niter_per_ep), int(epochs * niter_per_ep))
-    ramp = np.linspace(start_value, final_value, warmup_iters) if warmup_iters > 0 else np.array([])
-    return np.concatenate((ramp, np.full(int(epochs * niter_per_ep) - warmup_iters, final_value)))
+    """Per-iteration values of DINO's teacher-temperature schedule: one value per epoch, linear from
+    ``start_value`` at epoch 0 to ``final_value`` at epoch ``warmup_epochs - 1``, then
+    ``final_value``; each epoch's value is held for its ``niter_per_ep`` iterations."""
+    epochs, warmup_epochs = int(epochs), int(warmup_epochs)
+    ramp = np.linspace(start_value, final_value, warmup_epochs)[:epochs]
+    per_epoch = np.concatenate((ramp, np.full(epochs - len(ramp), float(final_value))))
+    return np.repeat(per_epoch, int(niter_per_ep))
 
 
 # ---------------------------------------------------------------- checkpoints

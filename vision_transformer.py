@@ -12,13 +12,14 @@ Example:
     >>> out["pooled"].shape, out["patch_tokens"].shape, out["attention"].shape
     (torch.Size([2, 384]), torch.Size([2, 196, 384]), torch.Size([2, 196]))
 """
+import math
 from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from timm.layers import Attention, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.layers import Attention, PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Block
 
 from simpool.pooling import SimPool
@@ -81,8 +82,7 @@ class VisionTransformer(nn.Module):
             x = torch.where(mask.reshape(x.shape[0], -1, 1), self.masked_embed.to(x.dtype), x)
         pos = self.pos_embed
         if tuple(grid) != tuple(self.patch_embed.grid_size):
-            pos = resample_abs_pos_embed(pos, list(grid), list(self.patch_embed.grid_size),
-                                         num_prefix_tokens=self.num_prefix_tokens)
+            pos = interpolate_pos_embed(pos, grid, self.num_prefix_tokens)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return x + pos
@@ -112,6 +112,27 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x):
         return self.forward_features(x)["pooled"]
+
+
+def interpolate_pos_embed(pos_embed, grid, num_prefix_tokens=0):
+    """Position embeddings (1, prefix + n*n, D) of a square n x n patch grid resized to ``grid`` =
+    (rows, cols), as DINO (and SimPool, iBOT, AttMask after it) does for local crops and other
+    image sizes: bicubic, no antialiasing, scale factors (rows + 0.1) / n and (cols + 0.1) / n (the
+    0.1 keeps floor(n * scale) from rounding below the target). The prefix ([CLS]) rows are kept.
+
+    Example:
+        >>> interpolate_pos_embed(torch.zeros(1, 1 + 14 * 14, 8), (6, 6), num_prefix_tokens=1).shape
+        torch.Size([1, 37, 8])
+    """
+    prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    side = math.isqrt(patches.shape[1])
+    if side * side != patches.shape[1]:
+        raise ValueError(f"pos_embed holds {patches.shape[1]} patch positions, not a square grid")
+    dim = patches.shape[-1]
+    resized = F.interpolate(patches.reshape(1, side, side, dim).permute(0, 3, 1, 2).float(),
+                            scale_factor=((grid[0] + 0.1) / side, (grid[1] + 0.1) / side), mode="bicubic")
+    resized = resized.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, -1, dim)
+    return torch.cat([prefix, resized], dim=1)
 
 
 def embed_patches(proj, x):
@@ -261,7 +282,9 @@ class WeightNormLinear(nn.Module):
     def __init__(self, in_dim, out_dim):
         super().__init__()
         v = torch.empty(out_dim, in_dim)
-        trunc_normal_(v, std=0.02)
+        # nn.Linear's own initialisation, as DINO's weight-normed layer keeps it (made after the
+        # head's trunc_normal_ pass): the norm of v sets how fast Adam turns the rows
+        nn.init.kaiming_uniform_(v, a=math.sqrt(5))
         self.weight_v = nn.Parameter(v)
         self.weight_g = nn.Parameter(torch.ones(out_dim, 1))
 

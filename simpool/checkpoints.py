@@ -27,7 +27,6 @@ import re
 
 import numpy as np
 import torch
-from timm.layers import resample_abs_pos_embed
 
 import utils
 import vision_transformer as vits
@@ -478,7 +477,7 @@ def _resize_pos_embed(pos, target, model, source):
     old, new = math.isqrt(max(n_old, 0)), model.patch_embed.grid_size
     if pos.ndim != 3 or pos.shape[2] != target.shape[2] or old * old != n_old or n_old <= 0:
         return pos  # not a resizable grid: reported as a shape mismatch
-    resized = resample_abs_pos_embed(pos.float(), list(new), [old, old], num_prefix_tokens=prefix).to(pos.dtype)
+    resized = vits.interpolate_pos_embed(pos.float(), new, num_prefix_tokens=prefix).to(pos.dtype)
     logger.info(f"{source}: resized pos_embed from a {old}x{old} to a {new[0]}x{new[1]} patch grid "
                 f"(image size {old * model.patch_size} -> {new[0] * model.patch_size}).")
     assert resized.shape == target.shape, (resized.shape, target.shape)

@@ -19,49 +19,58 @@ from utils import (CheckpointError, bool_flag, cosine_scheduler, linear_warmup_c
 
 # ---------------------------------------------------------------- schedules
 def test_cosine_scheduler_with_warmup():
+    # DINO's schedule: linspace(start, base, warm-up iterations) with both ends, then
+    # final + (base - final) / 2 * (1 + cos(pi * i / n)) over the remaining n iterations
     s = cosine_scheduler(1.0, 0.1, epochs=10, niter_per_ep=5, warmup_epochs=2, start_warmup_value=0.2)
     assert len(s) == 50
     w = s[:10]
-    assert w[0] == pytest.approx(0.2)
-    np.testing.assert_allclose(np.diff(w), np.full(9, 0.08), rtol=0, atol=1e-12)  # linear, steps of (1-0.2)/10
-    assert s[10] == pytest.approx(1.0)  # the cosine starts at the base value after the warm-up
-    assert s[-1] == pytest.approx(0.1)
+    assert w[0] == pytest.approx(0.2) and w[-1] == pytest.approx(1.0)  # the warm-up reaches the base value
+    np.testing.assert_allclose(np.diff(w), np.full(9, 0.8 / 9), rtol=0, atol=1e-12)
+    assert s[10] == pytest.approx(1.0)  # the cosine starts at the base value too
     cos = s[10:]
     assert (np.diff(cos) < 0).all()
-    # cosine shape: halfway through the cosine part the value is the midpoint
-    n = len(cos)
-    i = np.arange(n)
-    np.testing.assert_allclose(cos, 0.1 + 0.45 * (1 + np.cos(np.pi * i / (n - 1))), rtol=0, atol=1e-12)
+    assert cos[20] == pytest.approx(0.55)  # i = n/2 of n = 40: the midpoint
+    assert s[-1] == pytest.approx(0.1 + 0.45 * (1 + np.cos(np.pi * 39 / 40)))  # one step short of 0.1
+    assert s[-1] > 0.1
 
 
 def test_cosine_scheduler_without_warmup_and_increasing():
     s = cosine_scheduler(0.996, 1.0, epochs=3, niter_per_ep=7)
     assert len(s) == 21
-    assert s[0] == pytest.approx(0.996) and s[-1] == pytest.approx(1.0)
+    assert s[0] == pytest.approx(0.996) and 0.99997 < s[-1] < 1.0
     assert (np.diff(s) > 0).all()
-    assert s[10] == pytest.approx(0.998)  # symmetric cosine: middle iteration at the midpoint
+    assert s[10] == pytest.approx(0.998 - 0.002 * np.cos(np.pi * 10 / 21))
 
 
 def test_cosine_scheduler_constant_and_tiny():
     np.testing.assert_allclose(cosine_scheduler(0.5, 0.5, 2, 3), np.full(6, 0.5))
     one = cosine_scheduler(0.3, 0.0, 1, 1)
     assert len(one) == 1 and one[0] == pytest.approx(0.3)
-    # warm-up longer than training: truncated to the training length
+    # warm-up longer than training: cut off at the training length
     s = cosine_scheduler(1.0, 0.0, epochs=1, niter_per_ep=4, warmup_epochs=2)
     assert len(s) == 4
-    np.testing.assert_allclose(s, [0.0, 0.125, 0.25, 0.375])
+    np.testing.assert_allclose(s, [0.0, 1 / 7, 2 / 7, 3 / 7])
+    # a per-epoch cosine (niter 1) is torch's CosineAnnealingLR with eta_min 0 (DINO's linear probe)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    annealing = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 6, eta_min=0)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        annealing.step()
+    np.testing.assert_allclose(cosine_scheduler(1.0, 0.0, 6, 1), lrs, rtol=0, atol=1e-12)
 
 
 def test_linear_warmup_constant():
-    s = linear_warmup_constant(0.04, 0.07, epochs=5, niter_per_ep=4, warmup_epochs=2)
+    # DINO's teacher temperature: one value per epoch, np.linspace(start, final, warm-up epochs)
+    # then final; each held for the epoch's iterations
+    s = linear_warmup_constant(0.04, 0.07, epochs=5, niter_per_ep=4, warmup_epochs=3)
     assert len(s) == 20
-    assert s[0] == pytest.approx(0.04) and s[7] == pytest.approx(0.07)
-    np.testing.assert_allclose(np.diff(s[:8]), np.full(7, 0.03 / 7), rtol=0, atol=1e-12)
-    np.testing.assert_allclose(s[7:], np.full(13, 0.07))
+    np.testing.assert_allclose(s, np.repeat([0.04, 0.055, 0.07, 0.07, 0.07], 4), rtol=0, atol=1e-12)
     # no warm-up, and warm-up longer than training
     np.testing.assert_allclose(linear_warmup_constant(0.04, 0.07, 2, 3, 0), np.full(6, 0.07))
-    long = linear_warmup_constant(0.0, 1.0, epochs=1, niter_per_ep=3, warmup_epochs=5)
-    assert len(long) == 3 and long[0] == 0.0 and long[-1] == pytest.approx(1.0)
+    long = linear_warmup_constant(0.0, 1.0, epochs=2, niter_per_ep=3, warmup_epochs=5)
+    np.testing.assert_allclose(long, np.repeat([0.0, 0.25], 3), rtol=0, atol=1e-12)
 
 
 # ---------------------------------------------------------------- EMA / gradient rules

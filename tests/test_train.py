@@ -185,6 +185,9 @@ def test_official_mode_trains_with_cls_guided_masking(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags,expected", [
+    (["--pred_ratio", "0.3", "--pred_ratio_var", "0.4"], "error: --pred_ratio_var 0.4 exceeds pred_ratio 0.3: the ratio would go below 0"),
+    (["--pred_ratio", "0", "0.3", "--pred_ratio_var", "0", "0.1", "0.2"], "error: --pred_ratio has 2 values but "
+     "pred_ratio_var has 3: give one var, or one per ratio"),
     (["--batch_size_per_gpu", "0"], "argument --batch_size_per_gpu: expected an integer >= 1, got 0"),
     (["--local_crops_number", "-1"], "argument --local_crops_number: expected an integer >= 0, got -1"),
     (["--teacher_temp", "0"], "argument --teacher_temp: expected a number > 0, got 0"),
@@ -219,13 +222,17 @@ def make_image_folder(root, n_per_class=4, size=64):
 
 
 # The published recipes' training flags, verbatim (SimPool: billpsomas/simpool self_supervised/README.md;
-# AttMask: gkakogeorgiou/attmask README.md), less the launcher, paths, --subset -1 and --num_workers.
-# SimPool's code is plain DINO; here masking is on by default, so its ViT recipe adds --pred_ratio 0.
+# AttMask: gkakogeorgiou/attmask README.md), less the launcher, paths, --subset -1 and --num_workers,
+# plus, for SimPool, what its README leaves to its own main_dino.py defaults where ours (DINO's) differ:
+# --teacher_temp 0.07, --clip_grad 0, and for ConvNeXt-S its crop scales (0.14-1 / 0.05-0.14), 6 local
+# crops, a 50-epoch temperature warm-up and the drop-path rate 0.4 its ConvNeXt is built with; its
+# ResNet-50 has no stochastic depth (--drop_path_rate 0). SimPool's code is plain DINO; here masking is on
+# by default, so its ViT recipe adds --pred_ratio 0.
 SIMPOOL_VIT_S = ("--arch vit_small --mode simpool --gamma 1.25 --optimizer adamw --use_bn_in_head False "
                  "--out_dim 65536 --batch_size_per_gpu 100 --local_crops_number 6 --epochs 100 --lr 0.0005 "
                  "--min_lr 0.00001 --global_crops_scale 0.25 1.0 --local_crops_scale 0.05 0.25 "
                  "--norm_last_layer False --warmup_teacher_temp_epochs 30 --weight_decay 0.04 --weight_decay_end 0.4 "
-                 "--pred_ratio 0")
+                 "--teacher_temp 0.07 --clip_grad 0 --pred_ratio 0")
 ATTMASK_VIT_S = ("--batch_size_per_gpu 60 --norm_last_layer False --momentum_teacher 0.996 --eval_every 20 "
                  "--arch vit_small --teacher_temp 0.07 --warmup_teacher_temp_epochs 30 --epochs 100 "
                  "--shared_head True --out_dim 8192 --local_crops_number 10 --global_crops_scale 0.25 1 "
@@ -234,10 +241,13 @@ ATTMASK_VIT_S = ("--batch_size_per_gpu 60 --norm_last_layer False --momentum_tea
 SIMPOOL_RESNET50 = ("--arch resnet50 --mode simpool --batch_size_per_gpu 90 --out_dim 60000 --use_bn_in_head True "
                     "--teacher_temp 0.07 --warmup_teacher_temp_epochs 50 --use_fp16 False --weight_decay 0.000001 "
                     "--weight_decay_end 0.000001 --clip_grad 0.0 --epochs 100 --lr 0.3 --min_lr 0.0048 "
-                    "--optimizer lars --global_crops_scale 0.14 1.0 --local_crops_number 6 --local_crops_scale 0.05 0.14")
+                    "--optimizer lars --global_crops_scale 0.14 1.0 --local_crops_number 6 --local_crops_scale 0.05 0.14 "
+                    "--drop_path_rate 0")
 SIMPOOL_CONVNEXT_S = ("--arch convnext_small --mode simpool --batch_size_per_gpu 60 --out_dim 65536 "
                       "--use_bn_in_head False --weight_decay 0.04 --weight_decay_end 0.4 --clip_grad 0.3 --epochs 100 "
-                      "--min_lr 2e-6 --optimizer adamw --lr 0.001 --freeze_last_layer 3")
+                      "--min_lr 2e-6 --optimizer adamw --lr 0.001 --freeze_last_layer 3 "
+                      "--teacher_temp 0.07 --warmup_teacher_temp_epochs 50 --global_crops_scale 0.14 1.0 "
+                      "--local_crops_scale 0.05 0.14 --local_crops_number 6 --drop_path_rate 0.4")
 # run at a test's size: batch 2, one epoch, 32-px crops for the convnets, two local crops
 TEST_SIZES = "--batch_size_per_gpu 2 --epochs 1 --eval_every 0"
 CONVNET_TEST_SIZES = "--global_crops_size 32 --local_crops_size 32 --local_crops_number 2 --drop_path_rate 0.0"
@@ -248,9 +258,11 @@ def test_official_flags_parse_to_their_values():
     assert (args.arch, args.gamma, args.out_dim, args.norm_last_layer, args.global_crops_scale) == \
         ("vit_small", 1.25, 65536, False, [0.25, 1.0])
     assert args.local_crops_number == 6 and args.weight_decay_end == 0.4 and args.warmup_teacher_temp_epochs == 30
+    assert (args.teacher_temp, args.clip_grad) == (0.07, 0.0)  # SimPool's script defaults, not DINO's
     args = main_dino.parse_args(ATTMASK_VIT_S.split() + ["--data_path", "x"])
     assert (args.pred_shape, args.show_max, args.pred_ratio, args.pred_ratio_var, args.masking_prob) == \
-        ("attmask_hint", 0.1, 0.3, 0.2, 0.5)
+        ("attmask_hint", 0.1, [0.3], [0.2], 0.5)
+    assert args.show_ratio is None  # AttMask's rule: --show_max x a second ratio draw
     assert args.shared_head is True and args.out_dim == 8192 and args.local_crops_number == 10
 
 

