@@ -121,7 +121,8 @@ def get_args_parser():
                    "at most the ratio itself).")
     g.add_argument("--masking_prob", default=0.5, type=zero_to_one, help="attmask_* modes: probability that a "
                    "global crop is masked at all (rand and block mask every crop, as in AttMask).")
-    g.add_argument("--pred_start_epoch", default=0, type=n(int, low=0), help="Epoch from which masking starts.")
+    g.add_argument("--pred_start_epoch", default=0, type=n(int, low=0), help="Epoch from which masking and the "
+                   "iBOT loss start; the patch temperature's warm-up starts there too, as in iBOT.")
     g.add_argument("--show_max", default=0.1, type=zero_to_one, help="attmask_hint: fraction of "
                    "most-attended patches among which hints are revealed.")
     g.add_argument("--show_ratio", default=None, type=zero_to_one, help="attmask_hint: fraction of all patches "
@@ -416,7 +417,8 @@ def train_dino(args):
         "teacher_temp": utils.linear_warmup_constant(args.warmup_teacher_temp, args.teacher_temp, args.epochs,
                                                      niter, args.warmup_teacher_temp_epochs),
         "patch_temp": utils.linear_warmup_constant(args.warmup_teacher_patch_temp, args.teacher_patch_temp,
-                                                   args.epochs, niter, args.warmup_teacher_temp_epochs),
+                                                   args.epochs, niter, args.warmup_teacher_temp_epochs,
+                                                   start_epoch=args.pred_start_epoch),
     }
 
     # ---- resume from the newest readable checkpoint in output_dir

@@ -137,13 +137,15 @@ def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epoch
     return np.concatenate((warmup, cosine))[:total]
 
 
-def linear_warmup_constant(start_value, final_value, epochs, niter_per_ep, warmup_epochs):
+def linear_warmup_constant(start_value, final_value, epochs, niter_per_ep, warmup_epochs, start_epoch=0):
     """Per-iteration values of DINO's teacher-temperature schedule: one value per epoch, linear from
-    ``start_value`` at epoch 0 to ``final_value`` at epoch ``warmup_epochs - 1``, then
-    ``final_value``; each epoch's value is held for its ``niter_per_ep`` iterations."""
-    epochs, warmup_epochs = int(epochs), int(warmup_epochs)
-    ramp = np.linspace(start_value, final_value, warmup_epochs)[:epochs]
-    per_epoch = np.concatenate((ramp, np.full(epochs - len(ramp), float(final_value))))
+    ``start_value`` at epoch ``start_epoch`` to ``final_value`` at epoch ``start_epoch + warmup_epochs
+    - 1``, ``start_value`` before and ``final_value`` after (iBOT delays its patch temperature's
+    warm-up to the epoch masking starts); each epoch's value is held for its ``niter_per_ep`` iterations."""
+    epochs, warmup_epochs, start_epoch = int(epochs), int(warmup_epochs), int(start_epoch)
+    per_epoch = np.concatenate((np.full(start_epoch, float(start_value)),
+                                np.linspace(start_value, final_value, warmup_epochs)))[:epochs]
+    per_epoch = np.concatenate((per_epoch, np.full(epochs - len(per_epoch), float(final_value))))
     return np.repeat(per_epoch, int(niter_per_ep))
 
 

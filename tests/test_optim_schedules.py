@@ -71,6 +71,9 @@ def test_linear_warmup_constant():
     np.testing.assert_allclose(linear_warmup_constant(0.04, 0.07, 2, 3, 0), np.full(6, 0.07))
     long = linear_warmup_constant(0.0, 1.0, epochs=2, niter_per_ep=3, warmup_epochs=5)
     np.testing.assert_allclose(long, np.repeat([0.0, 0.25], 3), rtol=0, atol=1e-12)
+    # iBOT's patch temperature with masking from epoch 2: held at the start value until then
+    late = linear_warmup_constant(0.04, 0.07, epochs=6, niter_per_ep=1, warmup_epochs=3, start_epoch=2)
+    np.testing.assert_allclose(late, [0.04, 0.04, 0.04, 0.055, 0.07, 0.07], rtol=0, atol=1e-12)
 
 
 # ---------------------------------------------------------------- EMA / gradient rules
