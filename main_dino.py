@@ -565,9 +565,9 @@ def warn_if_collapsed(stats, out_dim):
 
 
 def uses_masking(args, backbone):
-    """Whether the student's global crops are masked: a --pred_ratio above 0, a --masking_prob above
-    0 for the attmask_* modes, and a backbone with a mask token (a warning otherwise). --lambda2 0 keeps the masking and
-    drops only the iBOT loss, as in iBOT."""
+    """Whether the student's global crops are masked: a --pred_ratio above 0, a --masking_prob
+    above 0 for the attmask_* modes, and a backbone with a mask token (a warning otherwise).
+    --lambda2 0 keeps the masking and drops only the iBOT loss, as in iBOT."""
     if max(args.pred_ratio) == 0 or (args.masking_prob == 0 and args.pred_shape.startswith("attmask")):
         return False
     if not backbones.supports_masking(backbone):
