@@ -79,7 +79,7 @@ def get_args_parser():
     g.add_argument("--num_labels", default=None, type=number(int, low=1), help="Classifier outputs; default: the "
                    "number of classes in the training split.")
     g.add_argument("--val_freq", default=1, type=number(int, low=1), help="Score every head on the evaluation split "
-                   "every this many epochs (and after the last).")
+                   "every this many epochs, from the first (as DINO: epochs 1, 1 + f, ...), and after the last.")
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", default=".", type=str, help="Where linear.json, linear_head.pth and the "
                    "resumable linear_checkpoint.pth go.")
@@ -406,7 +406,7 @@ def eval_linear(args):
                                f"Epoch [{epoch + 1}/{args.epochs}]")
         else:
             train_augmented_epoch(sweep, features, train, args, epoch, factors, metrics)
-        if (epoch + 1) % args.val_freq == 0 or epoch + 1 == args.epochs:
+        if epoch % args.val_freq == 0 or epoch + 1 == args.epochs:  # DINO's epochs: 1, 1 + f, ..., last
             score_heads(sweep, val_f, val_y, epoch, best, [(lr, wd) for lr in args.lrs for wd in args.wds])
             if utils.is_main_process():
                 r = best["best"]

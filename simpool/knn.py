@@ -179,7 +179,8 @@ def knn_classify(train_features, train_labels, test_features, test_labels, ks=(1
     results, n = {}, len(test_labels)
     for k in ks:
         votes = torch.zeros(len(idx), num_classes).scatter_add_(1, neighbours[:, :k], weights[:, :k])
-        correct = votes.topk(min(5, num_classes), dim=1).indices == test_labels[:, None]
+        # DINO's top-5 looks at the first min(5, k) classes: with k < 5, at most k got any vote
+        correct = votes.topk(min(5, k, num_classes), dim=1).indices == test_labels[:, None]
         results[k] = {"top1": 100.0 * int(correct[:, 0].sum()) / n, "top5": 100.0 * int(correct.any(1).sum()) / n}
     return results
 

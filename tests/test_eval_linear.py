@@ -264,3 +264,13 @@ def test_a_step_without_samples_still_steps_every_parameter():
     assert sweep.weight.grad is not None and not sweep.weight.grad.any() and not sweep.bias.grad.any()
     torch.testing.assert_close(sweep.weight, before[0] - 0.1 * 0.9 * moment[0])
     torch.testing.assert_close(sweep.bias, before[1] - 0.1 * 0.9 * moment[1])
+
+
+def test_heads_are_scored_on_dinos_epochs(checkpoint, tmp_path, capsys):
+    # DINO: `epoch % val_freq == 0 or epoch == epochs - 1` (0-based): epochs 1, 4, 5 of 5 with
+    # --val_freq 3 (before: 3 and 5)
+    eval_linear.main(["--pretrained_weights", str(checkpoint), "--train_augment", "False", "--output_dir",
+                      str(tmp_path), "--epochs", "5", "--val_freq", "3"] + COMMON)
+    scored = [int(line.split()[1].rstrip(":")) for line in capsys.readouterr().out.splitlines()
+              if line.startswith("Epoch ") and "best head so far" in line]
+    assert scored == [1, 4, 5]

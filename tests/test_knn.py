@@ -20,13 +20,14 @@ def _one_thread():
 
 
 def brute_force_knn(train, train_y, test, test_y, k, T, num_classes):
+    """DINO's knn_classifier: votes exp(sim / T) per class; top-5 over the first min(5, k) classes
+    by votes (DINO sorts; topk here, which orders ties among zero-vote classes the same way as ours)."""
     sims = test @ train.T
     top, idx = sims.topk(k, dim=1)
     votes = torch.zeros(len(test), num_classes)
     votes.scatter_add_(1, train_y[idx], (top / T).exp())
-    pred = votes.topk(5, dim=1).indices
-    hit = pred == test_y[:, None]
-    return 100.0 * int(hit[:, 0].sum()) / len(test), 100.0 * int(hit.any(1).sum()) / len(test)
+    hit = votes.topk(min(5, k), dim=1).indices == test_y[:, None]
+    return 100.0 * int(hit[:, 0].sum()) / len(test), 100.0 * int(hit.narrow(1, 0, min(5, k)).any(1).sum()) / len(test)
 
 
 @pytest.mark.parametrize("T", [0.07, 0.5])
@@ -37,11 +38,12 @@ def test_vote_matches_brute_force(T):
     test_y = torch.randint(0, 10, (150,), generator=g)
     train = F.normalize(centers[train_y] + 1.5 * torch.randn(600, 32, generator=g), dim=1)
     test = F.normalize(centers[test_y] + 1.5 * torch.randn(150, 32, generator=g), dim=1)
-    ks = (1, 5, 20, 100)
+    ks = (1, 3, 5, 20, 100)  # k < 5: top-5 over the k classes that can have votes (before: 5 classes)
     got = knn_classify(train, train_y, test, test_y, ks=ks, temperature=T, num_classes=10, chunk_size=64)
     for k in ks:
         top1, top5 = brute_force_knn(train, train_y, test, test_y, k, T, 10)
         assert got[k]["top1"] == top1 and got[k]["top5"] == top5, k
+    assert got[1]["top5"] == got[1]["top1"]  # one neighbour, one class voted for (before: 4 more, unvoted)
     assert 20 < got[20]["top1"] < 100  # a non-trivial problem
 
 
