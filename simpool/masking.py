@@ -117,7 +117,6 @@ def make_masks(attention, grid, pred_shape, pred_ratio=0.3, pred_ratio_var=0.0, 
         raise ValueError(f"masking_prob must be in [0, 1], got {masking_prob}")
     if not 0 <= show_max <= 1 or (show_ratio is not None and not 0 <= show_ratio <= 1):
         raise ValueError(f"show_max and show_ratio must be in [0, 1], got {show_max} and {show_ratio}")
-    pred_ratio_pairs(pred_ratio, pred_ratio_var)  # validate before any draw
     device = attention.device
 
     if pred_shape in ("rand", "block"):  # iBOT's loader: a ratio per crop, every crop masked
