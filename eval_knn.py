@@ -69,7 +69,7 @@ FEATURE_FILES = ("trainfeat.pth", "testfeat.pth", "trainlabels.pth", "testlabels
 def compute_features(args):
     """(train_feats, train_labels, test_feats, test_labels, classes, info) from the backbone."""
     model, info = load_pretrained(args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size,
-                                  args.mode, args.gamma, image_size=args.image_size)
+                                  args.mode, args.gamma, image_size=args.image_size, resize_pos_embed=False)
     image_size = info["image_size"]
     model = model.to(args.device)
     train, val = build_eval_splits(args.data_path, image_size, args.subset, args.val_subset)

@@ -274,11 +274,14 @@ def _resolve(explicit, *candidates, default=None):
 
 
 def load_pretrained(path, checkpoint_key="teacher", arch=None, patch_size=None, mode=None, gamma=AUTO,
-                    image_size=None, use_beta=None):
+                    image_size=None, use_beta=None, resize_pos_embed=True):
     """Build the backbone stored in ``path`` and load it strictly; ``(model, info)``.
 
-    ``image_size`` is the size the model will see (pos_embed is resized when it differs
-    from the checkpoint's); None keeps the checkpoint's. ``info`` holds arch,
+    ``image_size`` is the size the model will see; None keeps the checkpoint's. A ViT's
+    pos_embed is resized to it when it differs from the checkpoint's; with
+    ``resize_pos_embed=False`` the model keeps the checkpoint's grid and its forward
+    interpolates from it for each input size, as DINO's evaluation does (one interpolation
+    for any shape: a non-square input from a resized square grid would take two). ``info`` holds arch,
     patch_size, mode, gamma, use_beta, img_size (training size), image_size, embed_dim,
     depth, num_heads, data_path (when recorded), epoch, source. An empty ``path`` gives
     a randomly initialised model and a loud warning."""
@@ -339,7 +342,9 @@ def load_pretrained(path, checkpoint_key="teacher", arch=None, patch_size=None, 
         gamma, use_beta = None, False
     img_size = _resolve(meta.get("img_size"), meta.get("global_crops_size"), found.get("img_size"), default=224)
     image_size = _evaluation_size(arch, patch_size, image_size or img_size, f" of {path}")
-    model = _build_uninitialised(arch, patch_size=patch_size, img_size=image_size, mode=mode, gamma=gamma,
+    # without the resize: the grid the weights hold (what their pos_embed says, else the recorded size)
+    build_size = image_size if resize_pos_embed else found.get("img_size") or img_size
+    model = _build_uninitialised(arch, patch_size=patch_size, img_size=build_size, mode=mode, gamma=gamma,
                                  use_beta=use_beta)
     desc = _describe(arch, patch_size, mode)
     load_backbone_weights(model, state, f"{path} [{what}]", desc, weights_arch=found.get("arch"))

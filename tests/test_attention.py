@@ -163,6 +163,21 @@ def test_images_of_the_same_name_get_their_own_panels_and_evaluation_shows_progr
     assert "3 Fashion-MNIST test items on black, 28x28" in capsys.readouterr().out  # says what it scored
 
 
+def test_cli_at_another_size_interpolates_positions_once(checkpoints, tmp_path, monkeypatch):
+    # a 28-px model drawing a 42x28 image at --image_size 56 sees a 56x84 input: its positions come
+    # from the trained 4x4 grid in one step (before: resized to 8x8 at load time, then again to 8x12)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 42, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    seen = []
+    draw = att.attention_maps
+    monkeypatch.setattr(att, "attention_maps", lambda model, x: seen.append((model, x)) or draw(model, x))
+    att.main(["--pretrained_weights", str(checkpoints / "simpool.pth"), "--images", str(tmp_path / "a.png"),
+              "--image_size", "56", "--output_dir", str(tmp_path / "o")])
+    (model, x), = seen
+    assert x.shape == (1, 3, 56, 84) and model.pos_embed.shape == (1, 16, 192)
+    trained, _ = att.load_pretrained(str(checkpoints / "simpool.pth"))
+    assert torch.equal(draw(model, x), draw(trained, x))
+
+
 def test_cli_on_a_mask_folder(checkpoints, tmp_path):
     pairs = tmp_path / "pairs"
     (pairs / "images").mkdir(parents=True)

@@ -66,6 +66,21 @@ def test_pos_embed_is_resized_and_logged(trained, tmp_path, caplog):
     torch.testing.assert_close(features(big, x)[0], features(backbone, x)[0])
 
 
+def test_evaluation_models_interpolate_positions_once(trained):
+    # the evaluation tools keep the trained 4x4 grid (resize_pos_embed=False) and interpolate per
+    # input, as DINO does; a model resized to a square 8x8 grid at load time would interpolate a
+    # non-square input a second time, from the resized grid
+    backbone, ckpt = trained
+    kept, info = load_pretrained(str(ckpt), image_size=56, resize_pos_embed=False)
+    resized, _ = load_pretrained(str(ckpt), image_size=56)
+    assert info["image_size"] == 56 and info["img_size"] == 28
+    assert kept.pos_embed.shape == (1, 16, 192) and resized.pos_embed.shape == (1, 64, 192)
+    square, wide = torch.randn(2, 3, 56, 56), torch.randn(2, 3, 56, 84)
+    assert torch.equal(features(kept, wide)[0], features(backbone, wide)[0])
+    torch.testing.assert_close(features(kept, square)[0], features(resized, square)[0])  # one interpolation each
+    assert not torch.allclose(features(resized, wide)[0], features(backbone, wide)[0], atol=1e-3)
+
+
 def test_export_cli_and_bad_input_is_one_line_error(trained, tmp_path, capsys):
     _, ckpt = trained
     export.main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "b.safetensors")])
