@@ -222,9 +222,10 @@ def child_peak(argv):
 
 
 def main():
-    extra = argparse.ArgumentParser(add_help=False)
-    extra.add_argument("--steps", type=number(int, low=1), default=5, help="Timed steps (of each, with --compare).")
-    extra.add_argument("--warmup", type=number(int, low=0), default=2, help="Untimed steps first.")
+    extra = argparse.ArgumentParser(prog="bench/train_step.py", add_help=False, description=__doc__.split("\n\n")[0]
+                                    + " Takes these flags and every main_dino.py flag (listed after them).")
+    extra.add_argument("--steps", type=number(int, low=1), default=5, help="Timed steps (of each, with --compare); default 5.")
+    extra.add_argument("--warmup", type=number(int, low=0), default=2, help="Untimed steps first; default 2.")
     extra.add_argument("--reference", action="store_true", help="Time the reference DINO step only.")
     extra.add_argument("--compare", action="store_true", help="Time ours and the reference, alternating.")
     extra.add_argument("--reference_precision", default=None, choices=["fp32", "bf16"],
@@ -235,6 +236,11 @@ def main():
     extra.add_argument("--profile", type=number(int, low=0), default=0, metavar="N", help="After timing, profile N "
                        "more steps of each (torch.profiler) and print the time in matmul/attention kernels, which ours "
                        "and the reference share, against the rest.")
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        extra.print_help()
+        print()
+        main_dino.get_args_parser().print_help()
+        return
     bench_args, rest = extra.parse_known_args()
     if bench_args.threads:
         torch.set_num_threads(bench_args.threads)

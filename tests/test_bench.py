@@ -44,3 +44,10 @@ def test_convnets_run_as_plain_dino():
     """As in main_dino.py, a backbone without patch tokens trains without masking."""
     out = bench("--arch", "fcvit_tiny", "--global_crops_size", "32", "--local_crops_size", "32")
     assert "fcvit_tiny" in out and "masking + iBOT loss off (plain DINO)" in out and "peak memory:" in out
+
+
+def test_help_lists_the_benchmark_flags_and_main_dinos():
+    # before: --help printed main_dino.py's usage alone, under its name, without --compare or --steps
+    out = bench("--help")
+    assert out.startswith("usage: bench/train_step.py") and "--compare" in out and "--profile N" in out
+    assert "usage: main_dino.py" in out and "--local_crops_number" in out
