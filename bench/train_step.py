@@ -224,7 +224,8 @@ def child_peak(argv):
 def main():
     extra = argparse.ArgumentParser(prog="bench/train_step.py", add_help=False, description=__doc__.split("\n\n")[0]
                                     + " Takes these flags and every main_dino.py flag (listed after them).")
-    extra.add_argument("--steps", type=number(int, low=1), default=5, help="Timed steps (of each, with --compare); default 5.")
+    extra.add_argument("--steps", type=number(int, low=1), default=5,
+                       help="Timed steps (of each, with --compare); default 5.")
     extra.add_argument("--warmup", type=number(int, low=0), default=2, help="Untimed steps first; default 2.")
     extra.add_argument("--reference", action="store_true", help="Time the reference DINO step only.")
     extra.add_argument("--compare", action="store_true", help="Time ours and the reference, alternating.")

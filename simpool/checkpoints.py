@@ -281,10 +281,10 @@ def load_pretrained(path, checkpoint_key="teacher", arch=None, patch_size=None, 
     pos_embed is resized to it when it differs from the checkpoint's; with
     ``resize_pos_embed=False`` the model keeps the checkpoint's grid and its forward
     interpolates from it for each input size, as DINO's evaluation does (one interpolation
-    for any shape: a non-square input from a resized square grid would take two). ``info`` holds arch,
-    patch_size, mode, gamma, use_beta, img_size (training size), image_size, embed_dim,
-    depth, num_heads, data_path (when recorded), epoch, source. An empty ``path`` gives
-    a randomly initialised model and a loud warning."""
+    for any shape: a non-square input from a resized square grid would take two).
+    ``info`` holds arch, patch_size, mode, gamma, use_beta, img_size (training size),
+    image_size, embed_dim, depth, num_heads, data_path (when recorded), epoch, source. An
+    empty ``path`` gives a randomly initialised model and a loud warning."""
     if not path:
         arch, mode = arch or "vit_small", mode or "simpool"
         patch_size = None if is_convnet(arch) else patch_size or 16
