@@ -33,6 +33,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.machine import describe  # noqa: E402
 from bench.reference import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO, pil_loader  # noqa: E402
 from simpool.augment import MultiCropAugmentation  # noqa: E402
 from simpool.data import SafeImageFolder  # noqa: E402
@@ -145,8 +146,7 @@ def main():
             _, wall, cpu = timed(fn, *a)
             times[name].append((len(paths) / wall, len(paths) / cpu))
     n = len(paths)
-    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, 1 thread; load average "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (other jobs share the cores)")
+    print(describe(threads=1))
     print(f"data: {source}; crops 2x{G} + {N_LOCAL}x{L}; {args.rounds} alternating rounds of {n} images")
     print("outputs (same shapes/dtype/normalisation):\n" + report)
     res = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for k, v in times.items()}

@@ -26,6 +26,7 @@ import torch  # noqa: E402
 
 import fcvit  # noqa: E402
 import vision_transformer as vits  # noqa: E402
+from bench.machine import describe  # noqa: E402
 from simpool.backbones import ARCHS, FCVIT_ARCHS, build_backbone  # noqa: E402
 from simpool.losses import DINOLoss  # noqa: E402
 from simpool.optim import build_optimizer, ema_update, param_groups  # noqa: E402
@@ -33,18 +34,6 @@ from utils import number  # noqa: E402
 
 DEFAULT_ARCHS = ["vit_small", "resnet50", "convnext_tiny", "convnext_small", "convnext_base",
                  "fcvit_tiny", "fcvit_b12", "fcvit_b24", "fcvit_b48"]
-
-
-def machine_info(threads):
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = " ".join(f"{v:.1f}" for v in os.getloadavg())
-    return (f"CPU: {cpu}, {os.cpu_count()} logical cores, torch threads {threads}; load average {load}\n"
-            f"python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}")
 
 
 def count(module):
@@ -118,7 +107,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(machine_info(torch.get_num_threads()))
+    print(describe())
+    print(f"python {platform.python_version()}, timm {timm.__version__}")
     print(f"step: batch {args.batch} = {2 * args.batch}x{args.global_size}^2 global + "
           f"{args.local_crops * args.batch}x{args.local_size}^2 local crops, {args.precision} autocast, "
           f"DINOHead out_dim {args.out_dim}, mode {args.mode}{', channels-last' if args.channels_last else ''}; "

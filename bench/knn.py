@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.machine import describe  # noqa: E402
 from bench.reference import knn_classifier  # noqa: E402
 from simpool.knn import knn_classify  # noqa: E402
 from utils import number  # noqa: E402
@@ -63,8 +64,7 @@ def main():
             w, c = time.perf_counter(), time.process_time()
             top1[name] = fn()
             times[name].append((time.perf_counter() - w, time.process_time() - c))
-    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} (other jobs share the cores)")
+    print(describe())
     print(f"data: {args.n_train} train x {args.n_query} queries x {args.dim}-d, {args.classes} classes, "
           f"k={args.k}, T={args.temperature}; median of {args.rounds} alternating runs")
     med = {k: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)) for k, v in times.items()}

@@ -27,7 +27,6 @@ peaks are measured by running each alone in a child process (``--steps 1 --warmu
 """
 import argparse
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -39,22 +38,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import main_dino  # noqa: E402
+from bench.machine import describe  # noqa: E402
 from bench.reference import ReferenceStep  # noqa: E402
 from simpool.augment import MultiCropAugmentation  # noqa: E402
 from simpool.losses import DINOLoss, PatchLoss  # noqa: E402
 from simpool.optim import build_optimizer, param_groups  # noqa: E402
 from utils import number  # noqa: E402
-
-
-def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def state_mib(*objects):
@@ -267,8 +256,7 @@ def main():
     times = run(runners, bench_args.steps, bench_args.warmup, args.device)
     profiles = {r.name: profile_step(r, bench_args.profile) for r in runners} if bench_args.profile > 0 else {}
     B = args.batch_size_per_gpu
-    print(f"machine: {machine()}")
-    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} after the run (other jobs share the cores)")
+    print(f"{describe()}, after the run")
     print(f"config: batch {B}, 2x{args.global_crops_size} + {args.local_crops_number}x{args.local_crops_size} crops, "
           f"out_dim {args.out_dim}; median of {bench_args.steps} steps after {bench_args.warmup} warm-up"
           + (", alternating" if len(runners) > 1 else ""))

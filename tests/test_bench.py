@@ -51,3 +51,12 @@ def test_help_lists_the_benchmark_flags_and_main_dinos():
     out = bench("--help")
     assert out.startswith("usage: bench/train_step.py") and "--compare" in out and "--profile N" in out
     assert "usage: main_dino.py" in out and "--local_crops_number" in out
+
+
+def test_machine_line_names_the_bf16_instructions():
+    from bench.machine import bf16_instructions, describe
+    assert bf16_instructions({"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}) == "AMX"
+    assert bf16_instructions({"avx512f", "avx512_bf16"}) == "AVX512-BF16, no AMX"
+    assert bf16_instructions({"avx2"}) == "no bf16 instructions"
+    line = describe(threads=1)
+    assert line.startswith("machine: ") and f"{os.cpu_count()} cores" in line and ", 1 thread;" in line
