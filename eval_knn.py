@@ -48,6 +48,9 @@ def get_args_parser():
                    "search: 'faiss' (fp32 inner-product index, on GPU with faiss-gpu and CUDA) or 'torch' (bf16 "
                    "candidate search proved exact per query, then fp32 rescoring; ~3x faster on AMX CPUs, see "
                    "bench/knn.py). Both give the same neighbours.")
+    g.add_argument("--use_cuda", default=True, type=utils.bool_flag, help="Run the k-NN search with the features "
+                   "on the GPU when there is one (DINO's flag); False keeps them in host memory, for sets that do not "
+                   "fit on the GPU (features are still extracted on it). No effect on CPU.")
     g.add_argument("--dump_features", default=None, type=str, help="Save the extracted features and labels "
                    "(trainfeat.pth, testfeat.pth, trainlabels.pth, testlabels.pth) in this folder.")
     g.add_argument("--load_features", default=None, type=str, help="Load features saved by --dump_features "
@@ -138,7 +141,7 @@ def eval_knn(args):
         logger.warning(f"k > {len(train_f)} training images: those k are clipped to {len(train_f)}.")
     features_done = time.time()
     results = knn_classify(train_f, train_y, test_f, test_y, ks=ks, temperature=args.temperature,
-                           num_classes=num_classes, use_gpu=args.device.type == "cuda", backend=args.knn_backend)
+                           num_classes=num_classes, use_gpu=args.device.type == "cuda" and args.use_cuda, backend=args.knn_backend)
     knn_seconds = time.time() - features_done
     print(f"Weighted k-NN (T={args.temperature}) on {len(test_f)} images, {len(train_f)} neighbours to choose from:")
     print(format_table(results))

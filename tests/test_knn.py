@@ -120,6 +120,21 @@ def test_eval_knn_cli_end_to_end_and_feature_reuse(checkpoint, tmp_path, capsys)
     assert torch_search == first  # both searches are exact: same neighbours, same votes
 
 
+def test_use_cuda_false_keeps_the_search_off_the_gpu(checkpoint, tmp_path, monkeypatch):
+    # DINO's --use_cuda: on a CUDA run (faked here: features are loaded, so no model runs) the
+    # search goes to the GPU unless --use_cuda False keeps it in host memory
+    eval_knn.main(["--pretrained_weights", str(checkpoint), "--data_path", "fashion-mnist", "--subset", "2",
+                   "--val_subset", "1", "--output_dir", str(tmp_path / "a"), "--dump_features", str(tmp_path / "f")])
+    seen = []
+    monkeypatch.setattr(eval_knn, "knn_classify", lambda *a, use_gpu, **kw: seen.append(use_gpu) or {20: {
+        "top1": 0.0, "top5": 0.0}})
+    monkeypatch.setattr(eval_knn.utils, "init_distributed_mode", lambda args: setattr(args, "device",
+                                                                                      torch.device("cuda")))
+    for flag in ("True", "False"):
+        eval_knn.main(["--load_features", str(tmp_path / "f"), "--use_cuda", flag, "--output_dir", str(tmp_path / "b")])
+    assert seen == [True, False]
+
+
 def test_eval_knn_errors_are_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"\x00garbage" * 50)
