@@ -5,7 +5,8 @@
 
 Features are the backbone's pooled vectors (SimPool, or the [CLS] token in official
 mode; for convnets -- resnet50, convnext_*, fcvit_* -- SimPool or their own global average
-pooling over the last feature map, on images of 32 px or more), L2-normalised; each test
+pooling over the last feature map, on images of 32 px or more; ``--avgpool_patchtokens`` and
+``--n_last_blocks`` as in DINO's and iBOT's scripts), L2-normalised; each test
 image takes the k nearest training images by cosine similarity (exact faiss inner-product
 search, on GPU when faiss-gpu and CUDA exist; ``--knn_backend torch`` for the faster exact
 search of simpool/knn.py) and each neighbour votes for its class with
@@ -22,8 +23,9 @@ import torch
 import utils
 from utils import number
 from simpool.checkpoints import add_model_args, load_pretrained
-from simpool.evaluation import (EvalError, add_data_args, amp_dtype, build_eval_splits, drop_unreadable,
-                                is_in_memory, run_main, tolerant_collate)
+from simpool.evaluation import (EvalError, FrozenFeatures, add_data_args, add_feature_args, amp_dtype,
+                                build_eval_splits, drop_unreadable, is_in_memory, log_feature_choice, run_main,
+                                tolerant_collate)
 from simpool.knn import extract_features, knn_classify
 
 logger = logging.getLogger("simpool")
@@ -34,6 +36,7 @@ def get_args_parser():
         prog="eval_knn.py", description="Weighted k-NN evaluation on frozen features (DINO protocol)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p)
+    add_feature_args(p, n_last_blocks=1)
     g = add_data_args(p)
     g.add_argument("--batch_size_per_gpu", default=256, type=number(int, low=1), help="Images per process per forward "
                    "pass.")
@@ -60,6 +63,7 @@ def get_args_parser():
     g.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="Autocast precision of the "
                    "backbone's forward pass.")
     g.add_argument("--cpu", action="store_true", help="Run on CPU even when CUDA is available.")
+    utils.add_backend_arg(g)
     g.add_argument("--dist_url", default="env://", type=str, help="Process-group rendezvous URL (torchrun).")
     g.add_argument("--local_rank", "--local-rank", default=0, type=int, help="Set by torch.distributed.launch; "
                    "ignored (LOCAL_RANK is read from the environment).")
@@ -74,7 +78,9 @@ def compute_features(args):
     model, info = load_pretrained(args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size,
                                   args.mode, args.gamma, image_size=args.image_size, resize_pos_embed=False)
     image_size = info["image_size"]
-    model = model.to(args.device)
+    model = FrozenFeatures(model, args.n_last_blocks, args.avgpool_patchtokens).to(args.device).eval()
+    log_feature_choice(model, info, args)
+    info["features"] = {"dim": model.dim, **model.settings()}
     train, val = build_eval_splits(args.data_path, image_size, args.subset, args.val_subset)
     logger.info(f"Data: {len(train)} training and {len(val)} evaluation images from {args.data_path}, "
                 f"{len(train.classes)} classes, at {image_size}px.")
@@ -152,7 +158,7 @@ def eval_knn(args):
               "data_path": args.data_path, "pretrained_weights": args.pretrained_weights or None,
               "checkpoint_key": args.checkpoint_key,
               "model": {k: info.get(k) for k in ("arch", "patch_size", "mode", "gamma", "image_size", "epoch")},
-              "seconds": round(time.time() - start, 1), "feature_seconds": round(features_done - start, 1),
+              "features": info.get("features"), "seconds": round(time.time() - start, 1), "feature_seconds": round(features_done - start, 1),
               "knn_seconds": round(knn_seconds, 2)}
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "knn.json")

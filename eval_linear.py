@@ -5,7 +5,8 @@
 
 Features are frozen: SimPool's pooled vector (simpool mode), or in official [CLS] mode
 the concatenated [CLS] tokens of the --n_last_blocks last blocks (each through the final
-norm), optionally with the average of the last block's patch tokens (DINO's protocol).
+norm), optionally with the average of the last block's patch tokens (DINO's protocol;
+--avgpool_patchtokens also takes iBOT's 0/1/2, 1 being that average alone).
 Convnets (resnet50, convnext_*, fcvit_*) give their pooled vector (SimPool, or their own
 global average pooling in official mode); --n_last_blocks and --avgpool_patchtokens do not
 apply to them and are ignored (logged once). Convnets see images of at least 32 px.
@@ -36,10 +37,11 @@ from torchvision.transforms import v2
 import utils
 from utils import number
 from simpool.augment import random_resized_crop_boxes
-from simpool.checkpoints import add_model_args, is_convnet, load_pretrained
+from simpool.checkpoints import add_model_args, load_pretrained
 from simpool.data import normalize_batch
-from simpool.evaluation import (EvalError, add_data_args, amp_dtype, build_eval_splits, drop_unreadable,
-                                is_in_memory, run_main, tolerant_collate)
+from simpool.evaluation import (EvalError, FrozenFeatures, add_data_args, add_feature_args, amp_dtype,
+                                build_eval_splits, drop_unreadable, is_in_memory, log_feature_choice, run_main,
+                                tolerant_collate)
 from simpool.knn import extract_features
 
 logger = logging.getLogger("simpool")
@@ -53,13 +55,7 @@ def get_args_parser():
         prog="eval_linear.py", description="Linear probe on frozen features, many learning rates at once",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p)
-    g = p.add_argument_group("features")
-    g.add_argument("--n_last_blocks", default=4, type=number(int, low=1), help="[CLS] models: concatenate the [CLS] "
-                   "token of this many last blocks (DINO: 4 for ViT-S, 1 for ViT-B). SimPool models and convnets use "
-                   "their pooled vector.")
-    g.add_argument("--avgpool_patchtokens", default=False, type=b, help="Also concatenate the average of the "
-                   "last block's patch tokens (DINO: False for ViT-S, True for ViT-B); ViTs only (convnets have "
-                   "no patch tokens: ignored).")
+    add_feature_args(p, n_last_blocks=4)
     g = add_data_args(p)
     g.add_argument("--train_augment", default=True, type=b, help="RandomResizedCrop + flip on training images, "
                    "a backbone pass per epoch (DINO protocol). False: extract training features once and train "
@@ -91,57 +87,11 @@ def get_args_parser():
                    "backbone's forward pass (heads train in fp32).")
     g.add_argument("--seed", default=0, type=number(int, low=0, high=utils.MAX_SEED), help="Random seed.")
     g.add_argument("--cpu", action="store_true", help="Run on CPU even when CUDA is available.")
+    utils.add_backend_arg(g)
     g.add_argument("--dist_url", default="env://", type=str, help="Process-group rendezvous URL (torchrun).")
     g.add_argument("--local_rank", "--local-rank", default=0, type=int, help="Set by torch.distributed.launch; "
                    "ignored (LOCAL_RANK is read from the environment).")
     return p
-
-
-# ---------------------------------------------------------------- features
-class LinearFeatures(nn.Module):
-    """The frozen feature vector of the linear probe.
-
-    simpool mode: the pooled vector (+ mean patch token with ``avgpool``); official mode:
-    the [CLS] tokens of the last ``n_last_blocks`` blocks after the final norm
-    (+ the mean of the last block's normalised patch tokens with ``avgpool``).
-    Convnets (no blocks, no patch tokens): the pooled vector in either mode;
-    ``n_last_blocks`` and ``avgpool`` are ignored.
-
-    Example:
-        >>> import vision_transformer
-        >>> vit = vision_transformer.build_vit("vit_nano", patch_size=7, img_size=28, mode="official")
-        >>> f = LinearFeatures(vit, n_last_blocks=4, avgpool=True)
-        >>> f(torch.randn(2, 3, 28, 28)).shape, f.dim
-        (torch.Size([2, 960]), 960)
-    """
-
-    def __init__(self, backbone, n_last_blocks=4, avgpool=False):
-        super().__init__()
-        vit = hasattr(backbone, "blocks") and hasattr(backbone, "prepare_tokens")  # convnets have neither
-        self.backbone, self.avgpool = backbone, bool(avgpool) and vit
-        self.cls_blocks = vit and backbone.mode == "official"
-        self.n_last_blocks = min(n_last_blocks, len(backbone.blocks)) if self.cls_blocks else 1
-        self.dim = backbone.embed_dim * (self.n_last_blocks + int(self.avgpool))
-
-    def forward(self, x):
-        bb = self.backbone
-        if not self.cls_blocks:
-            out = bb.forward_features(x)
-            feats = [out["pooled"]]
-            if self.avgpool:
-                feats.append(out["patch_tokens"].mean(dim=1))
-            return torch.cat(feats, dim=-1)
-        x = bb.prepare_tokens(x)
-        outputs = []
-        first = len(bb.blocks) - self.n_last_blocks
-        for i, blk in enumerate(bb.blocks):
-            x = blk(x)
-            if i >= first:
-                outputs.append(bb.norm(x))
-        feats = [o[:, 0] for o in outputs]
-        if self.avgpool:
-            feats.append(outputs[-1][:, bb.num_prefix_tokens:].mean(dim=1))
-        return torch.cat(feats, dim=-1)
 
 
 # ---------------------------------------------------------------- the heads
@@ -330,16 +280,8 @@ def eval_linear(args):
     backbone.requires_grad_(False)
     info["weights_fingerprint"] = weights_fingerprint(backbone)
     args.image_size_used = image_size = info["image_size"]
-    features = LinearFeatures(backbone, args.n_last_blocks, args.avgpool_patchtokens).to(device).eval()
-    if is_convnet(info["arch"]):
-        if args.n_last_blocks != 1 or args.avgpool_patchtokens:
-            logger.info(f"{info['arch']} is a convnet: features are its pooled vector ({info['mode']} pooling); "
-                        "--n_last_blocks and --avgpool_patchtokens apply to ViTs only and are ignored.")
-    elif info["mode"] != "official" and args.n_last_blocks != 1:
-        logger.info("SimPool backbone: features are its pooled vector (--n_last_blocks applies to [CLS] models).")
-    elif features.n_last_blocks < args.n_last_blocks:
-        logger.info(f"--n_last_blocks {args.n_last_blocks}: the backbone has {features.n_last_blocks} blocks; "
-                    "using all of them.")
+    features = FrozenFeatures(backbone, args.n_last_blocks, args.avgpool_patchtokens).to(device).eval()
+    log_feature_choice(features, info, args)
     train_tf = train_transform(image_size, args.crop_scale) if args.train_augment else None
     train, val = build_eval_splits(args.data_path, image_size, args.subset, args.val_subset, train_transform=train_tf,
                                    seed=args.seed)
@@ -367,7 +309,7 @@ def eval_linear(args):
               "pretrained_weights": os.path.abspath(args.pretrained_weights) if args.pretrained_weights else None,
               "checkpoint_key": args.checkpoint_key, "data_path": args.data_path, "subset": args.subset,
               "image_size": image_size, "precision": args.precision, "train_augment": args.train_augment,
-              "crop_scale": list(args.crop_scale), **feature_settings(features)}
+              "crop_scale": list(args.crop_scale), **features.settings()}
     os.makedirs(args.output_dir, exist_ok=True)
     ckpt_path = os.path.join(args.output_dir, "linear_checkpoint.pth")
     start_epoch, best = 0, {"per_head": [None] * sweep.num_heads, "best": None, "best_head": None}
@@ -425,8 +367,7 @@ def eval_linear(args):
     print(format_table(rows, best_row))
     record = {"best": best["best"], "per_head": rows, "epochs": args.epochs, "n_train": len(train),
               "n_val": len(val_f), "global_batch": global_batch, "train_augment": args.train_augment,
-              "features": {"dim": features.dim, "n_last_blocks": features.n_last_blocks,
-                           "avgpool_patchtokens": features.avgpool},
+              "features": {"dim": features.dim, **features.settings()},
               "data_path": args.data_path, "pretrained_weights": args.pretrained_weights or None,
               "model": {k: info.get(k) for k in ("arch", "patch_size", "mode", "gamma", "image_size", "epoch")}}
     utils.write_json(os.path.join(args.output_dir, "linear.json"), record)
@@ -455,10 +396,6 @@ def score_heads(sweep, val_f, val_y, epoch, best, base_pairs):
     return best["per_head"]
 
 
-def feature_settings(features):
-    return {"n_last_blocks": features.n_last_blocks, "avgpool_patchtokens": features.avgpool}
-
-
 def weights_fingerprint(model):
     """Three float64 sums over a model's weights (of the values, of their squares, and of the
     values weighted by their tensor's position): equal for the same weights wherever the file
@@ -473,7 +410,7 @@ def weights_fingerprint(model):
 
 def best_head_file(best, args, info, features, classes):
     return {**best["best_head"], "result": best["best"], "classes": list(classes),
-            "features": {"dim": features.dim, **feature_settings(features)},
+            "features": {"dim": features.dim, **features.settings()},
             "model": {k: info.get(k) for k in ("arch", "patch_size", "mode", "gamma", "image_size")},
             "pretrained_weights": args.pretrained_weights or None, "checkpoint_key": args.checkpoint_key,
             "weights_fingerprint": info["weights_fingerprint"]}
@@ -491,7 +428,9 @@ def load_saved_head(args, features, info):
                         f"{features.dim} (check --n_last_blocks / --avgpool_patchtokens / --pretrained_weights)")
     # the same width can come from other features (2 blocks' [CLS], or 1 block's with the patch average)
     trained_on = {k: (head.get("features") or {}).get(k) for k in ("n_last_blocks", "avgpool_patchtokens")}
-    if None not in trained_on.values() and trained_on != feature_settings(features):
+    if isinstance(trained_on["avgpool_patchtokens"], bool):  # heads saved before 0/1/2: DINO's False/True
+        trained_on["avgpool_patchtokens"] = 2 if trained_on["avgpool_patchtokens"] else 0
+    if None not in trained_on.values() and trained_on != features.settings():
         raise EvalError(f"{path} was trained on the features of --n_last_blocks {trained_on['n_last_blocks']} "
                         f"--avgpool_patchtokens {trained_on['avgpool_patchtokens']}; pass the same flags")
     model = {k: (head.get("model") or {}).get(k) for k in ("arch", "patch_size", "mode")}

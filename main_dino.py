@@ -189,6 +189,7 @@ def get_args_parser():
     g.add_argument("--seed", default=0, type=n(int, low=0, high=utils.MAX_SEED), help="Random seed.")
     g.add_argument("--num_workers", default=10, type=n(int, low=0), help="Data-loading processes per rank "
                    "(ImageFolder).")
+    utils.add_backend_arg(g)
     g.add_argument("--dist_url", default="env://", type=str, help="Process-group rendezvous URL.")
     g.add_argument("--local_rank", "--local-rank", default=0, type=int, help="Set by torch.distributed.launch; "
                    "ignored (LOCAL_RANK is read from the environment).")

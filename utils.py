@@ -34,12 +34,19 @@ def launch_environment():
     return 0, 1, 0, 1
 
 
+def add_backend_arg(group):
+    """``--backend``, as iBOT's and AttMask's scripts spell it."""
+    group.add_argument("--backend", default=None, choices=["nccl", "gloo"], help="Process-group backend; default nccl "
+                       "on GPUs, gloo on the CPU. gloo on GPUs is the usual way around NCCL errors.")
+
+
 def init_distributed_mode(args):
     """Join the process group when launched by torchrun/SLURM, else run alone.
 
     Sets ``args.rank``, ``args.world_size``, ``args.gpu`` and ``args.device``; the
-    backend is nccl on CUDA, gloo on CPU. CPU threads are split between the local
-    processes so two ranks on one machine do not oversubscribe its cores.
+    backend is ``args.backend`` where given, else nccl on CUDA and gloo on CPU. CPU
+    threads are split between the local processes so two ranks on one machine do not
+    oversubscribe its cores.
     """
     env = os.environ
     args.rank, args.world_size, args.gpu, local_world = launch_environment()
@@ -49,6 +56,10 @@ def init_distributed_mode(args):
                        "rendezvous, or export MASTER_ADDR and MASTER_PORT; for one process in a multi-task job, "
                        "use `srun --ntasks 1 python ...`")
     use_cuda = torch.cuda.is_available() and not getattr(args, "cpu", False)
+    backend = getattr(args, "backend", None) or ("nccl" if use_cuda else "gloo")
+    if backend == "nccl" and not use_cuda:
+        raise RunError("--backend nccl needs CUDA GPUs and this run is on the CPU; leave --backend out (gloo on "
+                       "the CPU) or pass --backend gloo")
     if use_cuda:  # with one GPU bound per task (--gpus-per-task), a task sees only device 0
         args.gpu %= torch.cuda.device_count()
     args.device = torch.device("cuda", args.gpu) if use_cuda else torch.device("cpu")
@@ -67,7 +78,7 @@ def init_distributed_mode(args):
             # as the restart count can differ between nodes there.)
             store, _, _ = next(dist.rendezvous(args.dist_url, args.rank, args.world_size, timeout=timeout))
             where = {"store": dist.PrefixStore(f"attempt_{attempt}", store)}
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", world_size=args.world_size,
+        dist.init_process_group(backend=backend, world_size=args.world_size,
                                 rank=args.rank, timeout=timeout, **where)
         dist.barrier()
     setup_logging(args.rank)

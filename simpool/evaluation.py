@@ -1,23 +1,27 @@
 """Shared plumbing of the evaluation CLIs (eval_knn, eval_linear): the train/val splits,
-a collate that survives unreadable files, precision, and the one-line error exit.
+a collate that survives unreadable files, the frozen feature vector and its flags,
+precision, and the one-line error exit.
 
 Example:
     >>> train, val = build_eval_splits("fashion-mnist", image_size=28, subset=10, val_subset=5)
     >>> len(train), len(val), train.classes[0]
     (100, 50, 'T-shirt/top')
 """
+import argparse
 import logging
 
 import torch
+import torch.nn as nn
 from torch.utils.data import default_collate
 
 import utils
 from utils import number, subset_size
+from simpool.checkpoints import is_convnet
 from simpool.data import FASHION_MNIST, DataError, build_dataset, check_same_classes, eval_transform
 
 logger = logging.getLogger("simpool")
 __all__ = ["EvalError", "build_eval_splits", "tolerant_collate", "drop_unreadable", "amp_dtype", "run_main",
-           "is_in_memory"]
+           "is_in_memory", "FrozenFeatures", "add_feature_args", "avgpool_mode", "log_feature_choice"]
 
 
 class EvalError(ValueError):
@@ -76,14 +80,111 @@ def run_main(fn, args):
     return utils.run_command(fn, args, user_errors=(DataError, EvalError))
 
 
+def avgpool_mode(text):
+    """argparse type of ``--avgpool_patchtokens``: DINO's False/True or iBOT's (AttMask's) 0/1/2.
+    0 (False): the image vector alone; 1: the mean of the last block's patch tokens alone;
+    2 (True): both, concatenated."""
+    value = str(text).lower()
+    if value in {"false", "0", "no", "off"}:
+        return 0
+    if value in {"true", "2", "yes", "on"}:
+        return 2
+    if value == "1":
+        return 1
+    raise argparse.ArgumentTypeError(f"expected False (0), 1 or True (2), got {text!r}")
+
+
+def add_feature_args(parser, n_last_blocks):
+    """``--n_last_blocks`` (default ``n_last_blocks``: DINO's 4 for the linear probe, 1 for
+    k-NN) and ``--avgpool_patchtokens``, as DINO's and iBOT's evaluation scripts spell them."""
+    g = parser.add_argument_group("features")
+    g.add_argument("--n_last_blocks", default=n_last_blocks, type=number(int, low=1), help="[CLS] models: "
+                   "concatenate the [CLS] token of this many last blocks (DINO's linear probe: 4 for ViT-S, 1 for "
+                   "ViT-B; k-NN: 1). SimPool models and convnets use their one pooled vector.")
+    g.add_argument("--avgpool_patchtokens", default=0, type=avgpool_mode, help="The mean of the last block's patch "
+                   "tokens (after the final norm): False or 0 leaves it out, True or 2 appends it to the image vector "
+                   "(DINO's True: its ViT-B linear probe), 1 uses it alone (iBOT's 1). ViTs only.")
+    return g
+
+
+class FrozenFeatures(nn.Module):
+    """The feature vector the evaluations read from a frozen backbone.
+
+    The image vector: SimPool's pooled vector (simpool mode), or the [CLS] tokens of the last
+    ``n_last_blocks`` blocks after the final norm, concatenated (official mode). ``avgpool``
+    (``avgpool_mode``'s 0/1/2; False/True mean 0/2) replaces it by (1) or appends (2) the mean
+    of the last block's normalised patch tokens. Convnets (no blocks, no patch tokens): the
+    pooled vector in either mode; ``n_last_blocks`` and ``avgpool`` are ignored.
+
+    Example:
+        >>> import vision_transformer
+        >>> vit = vision_transformer.build_vit("vit_nano", patch_size=7, img_size=28, mode="official")
+        >>> f = FrozenFeatures(vit, n_last_blocks=4, avgpool=2)
+        >>> f(torch.randn(2, 3, 28, 28)).shape, f.dim
+        (torch.Size([2, 960]), 960)
+    """
+
+    def __init__(self, backbone, n_last_blocks=1, avgpool=0):
+        super().__init__()
+        vit = hasattr(backbone, "blocks") and hasattr(backbone, "prepare_tokens")  # convnets have neither
+        self.backbone = backbone
+        self.avgpool = (2 if avgpool is True else int(avgpool)) if vit else 0
+        if self.avgpool not in (0, 1, 2):
+            raise ValueError(f"avgpool must be 0, 1 or 2, got {avgpool!r}")
+        self.cls_blocks = vit and backbone.mode == "official"
+        self.n_last_blocks = min(n_last_blocks, len(backbone.blocks)) if self.cls_blocks else 1
+        image_vector = 0 if self.avgpool == 1 else self.n_last_blocks
+        self.dim = backbone.embed_dim * (image_vector + int(self.avgpool > 0))
+
+    def settings(self):
+        """What the features were made of, as the evaluations record it."""
+        return {"n_last_blocks": self.n_last_blocks, "avgpool_patchtokens": self.avgpool}
+
+    def forward(self, x):
+        bb = self.backbone
+        if not self.cls_blocks:
+            if not self.avgpool:
+                return bb(x)
+            out = bb.forward_features(x)
+            mean = out["patch_tokens"].mean(dim=1)
+            return mean if self.avgpool == 1 else torch.cat([out["pooled"], mean], dim=-1)
+        x = bb.prepare_tokens(x)
+        outputs = []
+        first = len(bb.blocks) - self.n_last_blocks
+        for i, blk in enumerate(bb.blocks):
+            x = blk(x)
+            if i >= first:
+                outputs.append(bb.norm(x))
+        mean = [outputs[-1][:, bb.num_prefix_tokens:].mean(dim=1)] if self.avgpool else []
+        cls = [o[:, 0] for o in outputs] if self.avgpool != 1 else []
+        return torch.cat(cls + mean, dim=-1)
+
+
+def log_feature_choice(features, info, args):
+    """One log line where the feature flags do not apply as given, and what the features are."""
+    if is_convnet(info["arch"]):
+        if args.n_last_blocks != 1 or args.avgpool_patchtokens:
+            logger.info(f"{info['arch']} is a convnet: features are its pooled vector ({info['mode']} pooling); "
+                        "--n_last_blocks and --avgpool_patchtokens apply to ViTs only and are ignored.")
+        return
+    if args.avgpool_patchtokens == 1:
+        logger.info("--avgpool_patchtokens 1: the mean patch token alone (iBOT's 1; DINO's True, the image vector "
+                    "and the mean, is True or 2).")
+    if info["mode"] != "official" and args.n_last_blocks != 1:
+        logger.info("SimPool backbone: features are its pooled vector (--n_last_blocks applies to [CLS] models).")
+    elif features.cls_blocks and features.n_last_blocks < args.n_last_blocks:
+        logger.info(f"--n_last_blocks {args.n_last_blocks}: the backbone has {features.n_last_blocks} blocks; "
+                    "using all of them.")
+
+
 def add_data_args(parser):
     """The data flags shared by eval_knn and eval_linear; returns their argument group."""
     g = parser.add_argument_group("data")
     g.add_argument("--data_path", default="fashion-mnist", type=str, help="ImageFolder root holding train/ and "
                    "val/ (<class>/<image> each), or 'fashion-mnist' (its train and test splits).")
     g.add_argument("--image_size", default=None, type=number(int, low=1), help="Side of the images the backbone sees; "
-                   "default: the checkpoint's training size (global_crops_size), else 224. A ViT's pos_embed is "
-                   "resized to fit; convnets see at least 32 px (a smaller size is raised to 32, logged).")
+                   "default: the checkpoint's training size (global_crops_size), else 224. A ViT's positions are "
+                   "interpolated from its trained grid; convnets see at least 32 px (a smaller size is raised to 32, logged).")
     g.add_argument("--subset", default=-1, type=subset_size, help="Keep this many training images per class "
                    "(-1: all).")
     g.add_argument("--val_subset", default=-1, type=subset_size, help="Keep this many evaluation images per "

@@ -12,6 +12,7 @@ import vision_transformer as vits
 from simpool.backbones import (ARCHS, CONVNET_GAMMA, FCVIT_ARCHS, TIMM_ARCHS, VIT_ARCHS, ConvNetBackbone,
                                build_backbone, feature_grid, masking_off_message, supports_masking,
                                sync_batchnorm_supported, upsample_attention, uses_batchnorm)
+from simpool.evaluation import FrozenFeatures
 from simpool.losses import DINOLoss
 
 CONVNETS = ["resnet50", "convnext_tiny", "fcvit_tiny"]
@@ -382,7 +383,7 @@ def test_eval_linear_on_a_convnet_uses_its_pooled_vector(tiny_folder_and_fcvit, 
 
     import eval_linear
     backbone = build_backbone("fcvit_tiny", mode="official").eval()
-    feats = eval_linear.LinearFeatures(backbone, n_last_blocks=4, avgpool=True)  # no blocks, no patch tokens
+    feats = FrozenFeatures(backbone, n_last_blocks=4, avgpool=2)  # no blocks, no patch tokens
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert feats.dim == 320 and torch.equal(feats(x), backbone(x))

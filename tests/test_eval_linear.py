@@ -1,5 +1,6 @@
 """Linear probe (eval_linear.py): the sweep trains independent heads and picks the right lr,
-the [CLS] multi-block features, and the CLI end to end (cached and augmented, resume, --evaluate)."""
+and the CLI end to end (cached and augmented, resume, --evaluate); the features themselves
+are tested in test_evaluation.py."""
 import json
 
 import pytest
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 import eval_linear
 import utils
 from checkpoint_factory import one_thread, save_training_checkpoint, tiny_backbone
-from eval_linear import LinearFeatures, LinearSweep, crop_flip_batch, train_cached_epoch
+from eval_linear import LinearSweep, crop_flip_batch, train_cached_epoch
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -85,27 +86,6 @@ def test_every_head_takes_the_sgd_momentum_step_with_its_own_weight_decay():
             b = b - (lr_factor * lrs)[:, None] * vb
     torch.testing.assert_close(sweep.weight.double(), W, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(sweep.bias.double(), b, rtol=1e-5, atol=1e-6)
-
-
-def test_cls_features_concatenate_last_blocks():
-    model = tiny_backbone("official", patch_size=4, img_size=28)
-    feats = LinearFeatures(model, n_last_blocks=4, avgpool=True)
-    x = torch.randn(2, 3, 28, 28)
-    block_outputs = []  # a second code path: each block's output, caught by hooks
-    hooks = [blk.register_forward_hook(lambda m, i, o: block_outputs.append(o)) for blk in model.blocks]
-    with torch.no_grad():
-        f = feats(x)
-        out = model.forward_features(x)
-        last4 = [model.norm(o)[:, 0] for o in block_outputs[len(model.blocks) - 4:len(model.blocks)]]
-    for h in hooks:
-        h.remove()
-    assert f.shape == (2, 5 * 192) and feats.dim == 5 * 192
-    for i, cls in enumerate(last4):  # the normed [CLS] of each of the last 4 blocks, in order
-        torch.testing.assert_close(f[:, i * 192:(i + 1) * 192], cls)
-    torch.testing.assert_close(f[:, 3 * 192:4 * 192], out["pooled"])  # the last one is the pooled vector
-    torch.testing.assert_close(f[:, 4 * 192:], out["patch_tokens"].mean(1))
-    simpool = LinearFeatures(tiny_backbone("simpool", patch_size=7, img_size=28), n_last_blocks=4)
-    assert simpool.dim == 192  # SimPool models: the pooled vector
 
 
 def test_crop_flip_batch_shapes():
@@ -200,7 +180,19 @@ def test_resume_with_other_weights_or_evaluate_with_other_features_is_refused(ch
         eval_linear.main(["--pretrained_weights", str(cls_model), "--evaluate", "--output_dir", cls_out,
                           "--val_subset", "4", "--n_last_blocks", "1", "--avgpool_patchtokens", "True"])
     assert e.value.code == utils.USER_ERROR_EXIT
-    assert "was trained on the features of --n_last_blocks 2 --avgpool_patchtokens False" in capsys.readouterr().err
+    assert "was trained on the features of --n_last_blocks 2 --avgpool_patchtokens 0" in capsys.readouterr().err
+    # a head saved before --avgpool_patchtokens took 0/1/2 records DINO's boolean: True is 2
+    eval_linear.main(["--pretrained_weights", str(cls_model), "--train_augment", "False", "--epochs", "1",
+                      "--output_dir", str(tmp_path / "mean"), "--n_last_blocks", "1", "--avgpool_patchtokens", "True"]
+                     + COMMON)
+    head = utils.load_checkpoint(str(tmp_path / "mean" / "linear_head.pth"))
+    assert head["features"]["avgpool_patchtokens"] == 2
+    head["features"]["avgpool_patchtokens"] = True
+    utils.save_checkpoint(head, str(tmp_path / "mean" / "linear_head.pth"))
+    scored = eval_linear.main(["--pretrained_weights", str(cls_model), "--evaluate", "--output_dir",
+                               str(tmp_path / "mean"), "--val_subset", "4", "--n_last_blocks", "1",
+                               "--avgpool_patchtokens", "2"])
+    assert scored is not None
 
 
 def test_cli_with_augmentation(checkpoint, tmp_path):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import torch.distributed as dist
 
 import utils
@@ -69,6 +70,32 @@ def test_slurm_tasks_without_a_rendezvous_address_are_a_one_line_error(monkeypat
     err = capsys.readouterr().err
     assert err.startswith("error: this is task 1 of 4 SLURM tasks") and "srun ./launch" in err and err.count("\n") == 1
     assert not dist.is_initialized()
+
+
+def test_backend_flag_picks_the_process_group_backend(monkeypatch, capsys):
+    # iBOT's and AttMask's --backend: gloo where given; nccl on the CPU is a one-line error
+    for var in ("TORCHELASTIC_RESTART_COUNT", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "2"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29999")):
+        monkeypatch.setenv(var, value)
+    seen = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.append(backend))
+    monkeypatch.setattr(dist, "barrier", lambda: None)
+    threads = torch.get_num_threads()
+    try:
+        for backend in (None, "gloo"):
+            utils.init_distributed_mode(argparse.Namespace(dist_url="env://", cpu=True, backend=backend))
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == ["gloo", "gloo"]
+    with pytest.raises(SystemExit) as stop:
+        utils.run_command(utils.init_distributed_mode, argparse.Namespace(dist_url="env://", cpu=True,
+                                                                          backend="nccl"))
+    assert stop.value.code == utils.USER_ERROR_EXIT
+    err = capsys.readouterr().err
+    assert err.startswith("error: --backend nccl needs CUDA GPUs") and err.count("\n") == 1
+    assert seen == ["gloo", "gloo"]
 
 
 # ------------------------------------------------------------------ ./launch

@@ -1,0 +1,87 @@
+"""The frozen feature vector of the evaluations (simpool/evaluation.py): DINO's multi-block
+[CLS] features, the patch-token mean as DINO (True) and iBOT/AttMask (0/1/2) spell it,
+checked against each block's output caught by hooks; and the k-NN CLI with those flags."""
+import argparse
+import json
+
+import pytest
+import torch
+
+import eval_knn
+from checkpoint_factory import one_thread, save_training_checkpoint, tiny_backbone
+from simpool.evaluation import FrozenFeatures, avgpool_mode
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a busy 2-core machine run many times faster on one thread."""
+    with one_thread():
+        yield
+
+
+def test_avgpool_flag_takes_dinos_booleans_and_ibots_numbers():
+    assert [avgpool_mode(v) for v in ("False", "0", "true", "2", "1", "off", "on")] == [0, 0, 2, 2, 1, 0, 2]
+    with pytest.raises(argparse.ArgumentTypeError, match="expected False \\(0\\), 1 or True \\(2\\), got '3'"):
+        avgpool_mode("3")
+
+
+def block_outputs(model, x):
+    """A second code path: the pooled output and each block's output, caught by hooks."""
+    outputs = []
+    hooks = [blk.register_forward_hook(lambda m, i, o: outputs.append(o)) for blk in model.blocks]
+    with torch.no_grad():
+        out = model.forward_features(x)
+    for h in hooks:
+        h.remove()
+    return out, outputs
+
+
+def test_cls_features_concatenate_last_blocks_and_the_patch_mean():
+    model = tiny_backbone("official", patch_size=4, img_size=28)
+    x = torch.randn(2, 3, 28, 28)
+    out, outputs = block_outputs(model, x)
+    last4 = [model.norm(o)[:, 0] for o in outputs[len(model.blocks) - 4:]]
+    mean = out["patch_tokens"].mean(1)
+    with torch.no_grad():
+        both, alone, cls = (FrozenFeatures(model, n_last_blocks=4, avgpool=a) for a in (2, 1, 0))
+        f_both, f_alone, f_cls = both(x), alone(x), cls(x)
+    assert f_both.shape == (2, 5 * 192) and both.dim == 5 * 192
+    for i, token in enumerate(last4):  # the normed [CLS] of each of the last 4 blocks, in order
+        torch.testing.assert_close(f_both[:, i * 192:(i + 1) * 192], token)
+    torch.testing.assert_close(f_both[:, 3 * 192:4 * 192], out["pooled"])  # the last one is the pooled vector
+    torch.testing.assert_close(f_both[:, 4 * 192:], mean)
+    assert alone.dim == 192 and alone.settings() == {"n_last_blocks": 4, "avgpool_patchtokens": 1}
+    torch.testing.assert_close(f_alone, mean)  # iBOT's 1: the mean alone
+    torch.testing.assert_close(f_cls, torch.cat(last4, 1))
+    assert FrozenFeatures(model, n_last_blocks=4, avgpool=True).avgpool == 2  # DINO's True
+
+
+def test_simpool_features_are_the_pooled_vector_and_the_patch_mean():
+    model = tiny_backbone("simpool", patch_size=7, img_size=28)
+    x = torch.randn(2, 3, 28, 28)
+    out, _ = block_outputs(model, x)
+    with torch.no_grad():
+        for avgpool, expected in ((0, out["pooled"]), (1, out["patch_tokens"].mean(1)),
+                                  (2, torch.cat([out["pooled"], out["patch_tokens"].mean(1)], 1))):
+            features = FrozenFeatures(model, n_last_blocks=4, avgpool=avgpool)  # n_last_blocks: [CLS] models only
+            assert features.n_last_blocks == 1 and features.dim == expected.shape[1]
+            torch.testing.assert_close(features(x), expected)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("features") / "checkpoint.pth"
+    save_training_checkpoint(path, tiny_backbone("official", patch_size=7, img_size=28))
+    return path
+
+
+def test_eval_knn_takes_attmasks_feature_flags(checkpoint, tmp_path):
+    # AttMask's k-NN command passes --avgpool_patchtokens 0 (before: "unrecognized arguments")
+    common = ["--pretrained_weights", str(checkpoint), "--data_path", "fashion-mnist", "--subset", "4",
+              "--val_subset", "2", "--nb_knn", "5"]
+    default = eval_knn.main(common + ["--output_dir", str(tmp_path / "a")])
+    assert eval_knn.main(common + ["--avgpool_patchtokens", "0", "--output_dir", str(tmp_path / "b")]) == default
+    eval_knn.main(common + ["--avgpool_patchtokens", "2", "--n_last_blocks", "2", "--output_dir", str(tmp_path / "c")])
+    record = json.loads((tmp_path / "c" / "knn.json").read_text())
+    assert record["features"] == {"dim": 3 * 192, "n_last_blocks": 2, "avgpool_patchtokens": 2}
+    assert json.loads((tmp_path / "a" / "knn.json").read_text())["features"]["dim"] == 192
