@@ -147,7 +147,8 @@ def eval_knn(args):
         logger.warning(f"k > {len(train_f)} training images: those k are clipped to {len(train_f)}.")
     features_done = time.time()
     results = knn_classify(train_f, train_y, test_f, test_y, ks=ks, temperature=args.temperature,
-                           num_classes=num_classes, use_gpu=args.device.type == "cuda" and args.use_cuda, backend=args.knn_backend)
+                           num_classes=num_classes, use_gpu=args.device.type == "cuda" and args.use_cuda,
+                           backend=args.knn_backend)
     knn_seconds = time.time() - features_done
     print(f"Weighted k-NN (T={args.temperature}) on {len(test_f)} images, {len(train_f)} neighbours to choose from:")
     print(format_table(results))
@@ -158,8 +159,8 @@ def eval_knn(args):
               "data_path": args.data_path, "pretrained_weights": args.pretrained_weights or None,
               "checkpoint_key": args.checkpoint_key,
               "model": {k: info.get(k) for k in ("arch", "patch_size", "mode", "gamma", "image_size", "epoch")},
-              "features": info.get("features"), "seconds": round(time.time() - start, 1), "feature_seconds": round(features_done - start, 1),
-              "knn_seconds": round(knn_seconds, 2)}
+              "features": info.get("features"), "seconds": round(time.time() - start, 1),
+              "feature_seconds": round(features_done - start, 1), "knn_seconds": round(knn_seconds, 2)}
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "knn.json")
     utils.write_json(path, record)

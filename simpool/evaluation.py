@@ -184,7 +184,8 @@ def add_data_args(parser):
                    "val/ (<class>/<image> each), or 'fashion-mnist' (its train and test splits).")
     g.add_argument("--image_size", default=None, type=number(int, low=1), help="Side of the images the backbone sees; "
                    "default: the checkpoint's training size (global_crops_size), else 224. A ViT's positions are "
-                   "interpolated from its trained grid; convnets see at least 32 px (a smaller size is raised to 32, logged).")
+                   "interpolated from its trained grid; convnets see at least 32 px (a smaller size is raised to "
+                   "32, logged).")
     g.add_argument("--subset", default=-1, type=subset_size, help="Keep this many training images per class "
                    "(-1: all).")
     g.add_argument("--val_subset", default=-1, type=subset_size, help="Keep this many evaluation images per "
