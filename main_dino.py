@@ -84,8 +84,8 @@ def get_args_parser():
     g.add_argument("--use_bn_in_head", default=False, type=b, help="BatchNorm in the projection head MLP.")
     g.add_argument("--momentum_teacher", default=0.996, type=zero_to_one, help="Base EMA momentum of the "
                    "teacher, raised to 1 by a cosine over training. Use 0.99-0.996; higher for small batches.")
-    g.add_argument("--drop_path_rate", default=0.1, type=n(float, low=0, below=1), help="Stochastic depth rate of the "
-                   "student.")
+    g.add_argument("--drop_path_rate", "--drop_path", default=0.1, type=n(float, low=0, below=1), help="Stochastic "
+                   "depth rate of the student (--drop_path is iBOT's and AttMask's name).")
     g.add_argument("--grad_checkpointing", default=False, type=b, help="Recompute the student backbone's "
                    "activations block by block in the backward instead of keeping them: much less memory "
                    "for large ViTs and batches, at about one more student forward per step.")

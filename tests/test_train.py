@@ -264,6 +264,9 @@ def test_official_flags_parse_to_their_values():
         ("attmask_hint", 0.1, [0.3], [0.2], 0.5)
     assert args.show_ratio is None  # AttMask's rule: --show_max x a second ratio draw
     assert args.shared_head is True and args.out_dim == 8192 and args.local_crops_number == 10
+    # iBOT's and AttMask's names: --drop_path for DINO's --drop_path_rate, --backend
+    args = main_dino.parse_args(["--data_path", "x", "--drop_path", "0.2", "--backend", "gloo"])
+    assert args.drop_path_rate == 0.2 and args.backend == "gloo"
 
 
 def test_demo_recipe_applies_only_without_data_path():
