@@ -29,7 +29,8 @@ def cpu_info():
 
 
 def bf16_instructions(flags):
-    """'AMX' (tile matrix units), 'AVX512-BF16' (bf16 dot products) or 'no bf16 instructions'."""
+    """'AMX' (tile matrix units), 'AVX512-BF16, no AMX' (bf16 dot products only) or 'no bf16
+    instructions', from a set of /proc/cpuinfo flags."""
     if "amx_bf16" in flags:
         return "AMX"
     if "avx512_bf16" in flags:

@@ -161,7 +161,8 @@ class FrozenFeatures(nn.Module):
 
 
 def log_feature_choice(features, info, args):
-    """One log line where the feature flags do not apply as given, and what the features are."""
+    """A log line for each feature flag that does not apply as given (a convnet, a SimPool
+    model, more blocks than the backbone has), and one saying what iBOT's ``1`` means."""
     if is_convnet(info["arch"]):
         if args.n_last_blocks != 1 or args.avgpool_patchtokens:
             logger.info(f"{info['arch']} is a convnet: features are its pooled vector ({info['mode']} pooling); "
