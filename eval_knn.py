@@ -76,7 +76,7 @@ FEATURE_FILES = ("trainfeat.pth", "testfeat.pth", "trainlabels.pth", "testlabels
 def compute_features(args):
     """(train_feats, train_labels, test_feats, test_labels, classes, info) from the backbone."""
     model, info = load_pretrained(args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size,
-                                  args.mode, args.gamma, image_size=args.image_size, resize_pos_embed=False)
+                                  args.mode, args.gamma, image_size=args.image_size)
     image_size = info["image_size"]
     model = FrozenFeatures(model, args.n_last_blocks, args.avgpool_patchtokens).to(args.device).eval()
     log_feature_choice(model, info, args)

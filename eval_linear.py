@@ -276,7 +276,7 @@ def eval_linear(args):
         raise EvalError(f"--n_last_blocks and --val_freq must be at least 1, got {args.n_last_blocks} and "
                         f"{args.val_freq}")
     backbone, info = load_pretrained(args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size,
-                                     args.mode, args.gamma, image_size=args.image_size, resize_pos_embed=False)
+                                     args.mode, args.gamma, image_size=args.image_size)
     backbone.requires_grad_(False)
     info["weights_fingerprint"] = weights_fingerprint(backbone)
     args.image_size_used = image_size = info["image_size"]

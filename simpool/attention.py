@@ -466,7 +466,7 @@ def run(args):
     utils.ensure_writable_dir(args.output_dir)  # before the model and the data are loaded
     torch.manual_seed(args.seed)  # a random-init baseline (no --pretrained_weights) is the same on every run
     model, info = load_pretrained(args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size,
-                                  args.mode, args.gamma, image_size=args.image_size, resize_pos_embed=False)
+                                  args.mode, args.gamma, image_size=args.image_size)
     convnet = is_convnet(info["arch"])
     if convnet and info["mode"] == "official":
         raise AttentionError(f"{info['arch']} in official mode pools by global average and has no attention map; "

@@ -274,14 +274,14 @@ def _resolve(explicit, *candidates, default=None):
 
 
 def load_pretrained(path, checkpoint_key="teacher", arch=None, patch_size=None, mode=None, gamma=AUTO,
-                    image_size=None, use_beta=None, resize_pos_embed=True):
+                    image_size=None, use_beta=None, resize_pos_embed=False):
     """Build the backbone stored in ``path`` and load it strictly; ``(model, info)``.
 
-    ``image_size`` is the size the model will see; None keeps the checkpoint's. A ViT's
-    pos_embed is resized to it when it differs from the checkpoint's; with
-    ``resize_pos_embed=False`` the model keeps the checkpoint's grid and its forward
-    interpolates from it for each input size, as DINO's evaluation does (one interpolation
-    for any shape: a non-square input from a resized square grid would take two).
+    ``image_size`` is the size the model will see; None keeps the checkpoint's. A ViT keeps
+    the checkpoint's position grid and its forward interpolates from it for each input size,
+    as DINO's evaluation does (one interpolation for any shape; a non-square input from a
+    resized square grid would take two). ``resize_pos_embed=True`` resizes pos_embed to
+    ``image_size`` instead, for a model stored or exported at that size.
     ``info`` holds arch, patch_size, mode, gamma, use_beta, img_size (training size),
     image_size, embed_dim, depth, num_heads, data_path (when recorded), epoch, source. An
     empty ``path`` gives a randomly initialised model and a loud warning."""

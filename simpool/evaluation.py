@@ -84,14 +84,12 @@ def avgpool_mode(text):
     """argparse type of ``--avgpool_patchtokens``: DINO's False/True or iBOT's (AttMask's) 0/1/2.
     0 (False): the image vector alone; 1: the mean of the last block's patch tokens alone;
     2 (True): both, concatenated."""
-    value = str(text).lower()
-    if value in {"false", "0", "no", "off"}:
-        return 0
-    if value in {"true", "2", "yes", "on"}:
-        return 2
-    if value == "1":
-        return 1
-    raise argparse.ArgumentTypeError(f"expected False (0), 1 or True (2), got {text!r}")
+    if str(text) in ("0", "1", "2"):
+        return int(text)
+    try:
+        return 2 if utils.bool_flag(text) else 0
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected False (0), 1 or True (2), got {text!r}") from None
 
 
 def add_feature_args(parser, n_last_blocks):

@@ -84,8 +84,9 @@ def _is_training_checkpoint(path):
 
 def load_backbone(path, checkpoint_key="teacher", image_size=None, **overrides):
     """The backbone in ``path`` (exported or any checkpoint ``load_pretrained`` reads),
-    loaded strictly, in eval mode; its metadata is ``model.pretrained_info``."""
-    model, info = load_pretrained(path, checkpoint_key, image_size=image_size, **overrides)
+    loaded strictly, in eval mode, its pos_embed resized to ``image_size`` when given; its
+    metadata is ``model.pretrained_info``."""
+    model, info = load_pretrained(path, checkpoint_key, image_size=image_size, resize_pos_embed=True, **overrides)
     model.pretrained_info = info
     return model
 

@@ -67,12 +67,12 @@ def test_pos_embed_is_resized_and_logged(trained, tmp_path, caplog):
 
 
 def test_evaluation_models_interpolate_positions_once(trained):
-    # the evaluation tools keep the trained 4x4 grid (resize_pos_embed=False) and interpolate per
+    # the evaluation tools keep the trained 4x4 grid (load_pretrained's default) and interpolate per
     # input, as DINO does; a model resized to a square 8x8 grid at load time would interpolate a
     # non-square input a second time, from the resized grid
     backbone, ckpt = trained
-    kept, info = load_pretrained(str(ckpt), image_size=56, resize_pos_embed=False)
-    resized, _ = load_pretrained(str(ckpt), image_size=56)
+    kept, info = load_pretrained(str(ckpt), image_size=56)
+    resized, _ = load_pretrained(str(ckpt), image_size=56, resize_pos_embed=True)
     assert info["image_size"] == 56 and info["img_size"] == 28
     assert kept.pos_embed.shape == (1, 16, 192) and resized.pos_embed.shape == (1, 64, 192)
     square, wide = torch.randn(2, 3, 56, 56), torch.randn(2, 3, 56, 84)
