@@ -31,7 +31,8 @@ from simpool import backbones
 from simpool.augment import MultiCropAugmentation
 from simpool.checkpoints import TRAINING_KEYS, gamma_arg
 from simpool.data import FASHION_MNIST, DataError, build_dataset, skip_bad_collate
-from simpool.evaluation import build_eval_splits, drop_unreadable, tolerant_collate
+from simpool.evaluation import (FrozenFeatures, add_feature_args, build_eval_splits, drop_unreadable,
+                                tolerant_collate)
 from simpool.knn import extract_features, knn_classify
 from simpool.losses import DINOLoss, PatchLoss
 from simpool.masking import PRED_SHAPES, make_masks, pred_ratio_pairs
@@ -81,7 +82,17 @@ def get_args_parser():
                    "layer as the pooled vector (AttMask/iBOT option) instead of a separate one.")
     g.add_argument("--norm_last_layer", default=True, type=b, help="Keep the head's last layer "
                    "weight-normalised with fixed unit norm: more stable; False trains better small models.")
-    g.add_argument("--use_bn_in_head", default=False, type=b, help="BatchNorm in the projection head MLP.")
+    g.add_argument("--use_bn_in_head", default=False, type=b, help="BatchNorm in the projection head MLP (DINO's "
+                   "flag; the same as --norm_in_head bn).")
+    g.add_argument("--norm_in_head", default=None, type=head_norm_arg, help="Normalisation after each hidden layer "
+                   "of the projection head (iBOT's flag): None; bn, BatchNorm; syncbn, the same (every BatchNorm "
+                   "becomes SyncBatchNorm under DDP on GPUs); ln, LayerNorm.")
+    g.add_argument("--act_in_head", default="gelu", choices=list(vits.HEAD_ACTS), help="Activation of the "
+                   "projection head's hidden layers (iBOT's flag).")
+    g.add_argument("--shared_head_teacher", default=False, type=b, help="With --shared_head False: True makes the "
+                   "teacher project patch tokens with its pooled-vector layer, as iBOT and AttMask do by default "
+                   "(needs --patch_out_dim equal to --out_dim); False with its own patch layer, the EMA of the "
+                   "student's. No effect with --shared_head True.")
     g.add_argument("--momentum_teacher", default=0.996, type=zero_to_one, help="Base EMA momentum of the "
                    "teacher, raised to 1 by a cosine over training. Use 0.99-0.996; higher for small batches.")
     g.add_argument("--drop_path_rate", "--drop_path", default=0.1, type=n(float, low=0, below=1), help="Stochastic "
@@ -121,6 +132,9 @@ def get_args_parser():
                    "at most the ratio itself).")
     g.add_argument("--masking_prob", default=0.5, type=zero_to_one, help="attmask_* modes: probability that a "
                    "global crop is masked at all (rand and block mask every crop, as in AttMask).")
+    g.add_argument("--use_masked_im_modeling", default=True, type=b, help="iBOT's switch: False shows the student "
+                   "the global crops unmasked, while the masks still choose the tokens on which the iBOT loss "
+                   "compares student and teacher (a patch-level DINO loss).")
     g.add_argument("--pred_start_epoch", default=0, type=n(int, low=0), help="Epoch from which masking and the "
                    "iBOT loss start; the patch temperature's warm-up starts there too, as in iBOT.")
     g.add_argument("--show_max", default=0.1, type=zero_to_one, help="attmask_hint: fraction of "
@@ -152,8 +166,11 @@ def get_args_parser():
                    "lars for convnets.")
 
     g = p.add_argument_group("multi-crop augmentation")
+    g.add_argument("--global_crops_number", default=2, type=n(int, low=1), help="Global crops per image (iBOT's "
+                   "flag; DINO: 2). The teacher sees these; the first takes --blur_prob's first value, every later "
+                   "one DINO's second global crop's blur and solarization.")
     g.add_argument("--global_crops_scale", default=(0.4, 1.0), type=n(float, above=0, high=1), nargs=2, help="Area "
-                   "range of the 2 global crops, as fractions of the image.")
+                   "range of the global crops, as fractions of the image.")
     g.add_argument("--local_crops_number", default=8, type=n(int, low=0), help="Number of local crops; 0 disables "
                    "them.")
     g.add_argument("--local_crops_scale", default=(0.05, 0.4), type=n(float, above=0, high=1), nargs=2, help="Area "
@@ -183,6 +200,9 @@ def get_args_parser():
     g.add_argument("--saveckp_iters", default=0, type=n(int, low=0), help="Also write checkpoint.pth every this many "
                    "iterations inside an epoch (with the sampler position), so a crash loses at most that many "
                    "steps (0: end of epoch only).")
+    g.add_argument("--load_from", default=None, type=str, help="Start from this checkpoint of main_dino.py (a "
+                   "path relative to --output_dir, as in iBOT, or absolute) when --output_dir has none of its own; "
+                   "once it has, the newest there is resumed, so relaunching after a crash goes on from there.")
     g.add_argument("--keep_checkpoints", default=2, type=n(int, low=1), help="Keep this many newest checkpoints "
                    "(checkpoint.pth, checkpoint.pth.1, ...); resume falls back to an older one if the newest "
                    "is unreadable.")
@@ -198,8 +218,20 @@ def get_args_parser():
     g.add_argument("--nb_knn", default=[20], type=n(int, low=1), nargs="+", help="k values for the online k-NN; the "
                    "first is logged as knn_top1/knn_top5.")
     g.add_argument("--temperature", default=0.07, type=n(float, above=0), help="k-NN vote temperature.")
+    g.add_argument("--use_cuda", default=True, type=b, help="Online k-NN: search with the features on the GPU "
+                   "when there is one (AttMask's flag); False keeps them in host memory. No effect on CPU.")
     g.add_argument("--cpu", action="store_true", help="Run on CPU even when CUDA is available.")
+    add_feature_args(p, n_last_blocks=1).description = "Features of the online k-NN (AttMask's flags)."
     return p
+
+
+def head_norm_arg(text):
+    """argparse type of --norm_in_head: None or one of vision_transformer.HEAD_NORMS."""
+    if str(text).lower() == "none":
+        return None
+    if text not in vits.HEAD_NORMS:
+        raise argparse.ArgumentTypeError(f"expected None, {', '.join(vits.HEAD_NORMS)}, got {text!r}")
+    return text
 
 
 def parse_args(argv=None):
@@ -228,12 +260,25 @@ def check_args(args):
     smallest input, and --compile on CPU without a C++ compiler (inductor builds its CPU
     kernels with one), as one-line RunErrors. (Each flag's own range is checked by its type.)"""
     args.gamma = backbones.resolve_gamma(args.arch, args.gamma)
+    if args.use_bn_in_head and args.norm_in_head not in (None, "bn", "syncbn"):
+        raise utils.RunError(f"--use_bn_in_head True asks for BatchNorm in the head and --norm_in_head "
+                             f"{args.norm_in_head} for LayerNorm; pass one of them")
+    if args.use_bn_in_head or args.norm_in_head == "syncbn":  # one spelling recorded for each head
+        args.norm_in_head = "bn"
+    args.use_bn_in_head = args.norm_in_head == "bn"
+    if args.shared_head_teacher and not args.shared_head and args.patch_out_dim != args.out_dim:
+        raise utils.RunError(f"--shared_head_teacher True projects the teacher's patch tokens to --out_dim "
+                             f"{args.out_dim} values and the student's (--shared_head False) to --patch_out_dim "
+                             f"{args.patch_out_dim}; make the two equal, or pass --shared_head True")
     on_cpu = args.cpu or not torch.cuda.is_available()
     compiler = os.environ.get("CXX", "g++")  # the one inductor looks for
     if args.compile and on_cpu and not shutil.which(compiler):
         raise utils.RunError(f"--compile on CPU needs a C++ compiler to build its kernels and {compiler} is not on "
                              "PATH; install g++ (or set CXX) or drop --compile")
     utils.require_low_first(args, "global_crops_scale", "local_crops_scale", "blur_sigma")
+    if args.global_crops_number + args.local_crops_number == 1:
+        raise utils.RunError("one crop per image leaves the DINO loss no pair of views; use --global_crops_number 2 "
+                             "or add local crops")
     try:
         pred_ratio_pairs(args.pred_ratio, args.pred_ratio_var)
     except ValueError as e:
@@ -258,14 +303,15 @@ def check_args(args):
 class MultiCropNetwork(nn.Module):
     """Backbone + head over view-major crop batches: the global crops (optionally
     masked) and the local crops run as two backbone calls, the head sees all pooled
-    vectors at once, and masked patch tokens go through the patch head."""
+    vectors at once, and the patch tokens at the masks' positions go through the patch
+    head (``hide=False``: the masks choose those tokens without hiding them)."""
 
     def __init__(self, backbone, head):
         super().__init__()
         self.backbone, self.head = backbone, head
 
-    def forward(self, globals_, locals_=None, masks=None, predict_patches=True):
-        out = self.backbone.forward_features(globals_, mask=masks)
+    def forward(self, globals_, locals_=None, masks=None, predict_patches=True, hide=True):
+        out = self.backbone.forward_features(globals_, mask=masks if hide else None)
         pooled = out["pooled"]
         if locals_ is not None:
             pooled = torch.cat([pooled, self.backbone(locals_)])
@@ -275,17 +321,23 @@ class MultiCropNetwork(nn.Module):
         return self.head(pooled), patch_logits
 
 
-def build_network(args, drop_path_rate, grad_checkpointing=False):
+def patch_logit_dim(args):
+    """Width of the patch logits the iBOT loss compares: the teacher's patch projection's."""
+    return args.out_dim if args.shared_head or args.shared_head_teacher else args.patch_out_dim
+
+
+def build_network(args, drop_path_rate, grad_checkpointing=False, teacher=False):
     """Backbone + DINO head as ``args`` describe them; ``grad_checkpointing`` for the student
-    (the teacher keeps no activations anyway)."""
+    (the teacher keeps no activations anyway). ``teacher``: with --shared_head_teacher the
+    head has no patch layer of its own (patch tokens go through its pooled-vector layer)."""
     backbone = backbones.build_backbone(args.arch, patch_size=args.patch_size, img_size=args.global_crops_size,
                                         mode=args.mode, gamma=args.gamma, use_beta=args.use_beta,
                                         drop_path_rate=drop_path_rate)
     backbone.set_grad_checkpointing(grad_checkpointing)
-    head = vits.DINOHead(backbone.embed_dim, args.out_dim, use_bn=args.use_bn_in_head,
+    head = vits.DINOHead(backbone.embed_dim, args.out_dim, norm=args.norm_in_head, act=args.act_in_head,
                          norm_last_layer=args.norm_last_layer,
                          patch_out_dim=args.out_dim if args.shared_head else args.patch_out_dim,
-                         shared_head=args.shared_head)
+                         shared_head=args.shared_head or (teacher and args.shared_head_teacher))
     if args.compile:
         # methods, not modules, are wrapped: the state-dict keys stay those of the plain network.
         # The backbone sees a few fixed shapes (global, local, evaluation crops): one static
@@ -302,7 +354,7 @@ def build_student_teacher(args, device):
     initialisation from seed + rank); the teacher is copied after that, so all ranks start from
     the same teacher."""
     student = build_network(args, args.drop_path_rate, args.grad_checkpointing).to(device)
-    teacher = build_network(args, 0.0).to(device)
+    teacher = build_network(args, 0.0, teacher=True).to(device)
     if args.world_size > 1 and backbones.uses_batchnorm(student):
         if backbones.sync_batchnorm_supported(device):
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
@@ -316,9 +368,16 @@ def build_student_teacher(args, device):
         # them in the first step instead of searching the autograd graph every step
         student_ddp = nn.parallel.DistributedDataParallel(
             student, device_ids=[args.gpu] if device.type == "cuda" else None, static_graph=True)
-    teacher.load_state_dict(student.state_dict())
-    teacher.requires_grad_(False)
+    init_teacher(teacher, student)
     return student, student_ddp, teacher
+
+
+def init_teacher(teacher, student):
+    """Copy the student's weights into the teacher (all of them but the student's patch layer
+    that a --shared_head_teacher teacher lacks) and switch off the teacher's gradients."""
+    student_state = student.state_dict()
+    teacher.load_state_dict({k: student_state[k] for k in teacher.state_dict()})
+    teacher.requires_grad_(False)
 
 
 class Diverged(RuntimeError):
@@ -355,7 +414,8 @@ def train_dino(args):
     augment = MultiCropAugmentation(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
                                     args.global_crops_size, args.local_crops_size, blur_sigma=args.blur_sigma,
                                     color_jitter_prob=args.color_jitter_prob, grayscale_prob=args.grayscale_prob,
-                                    blur_prob=args.blur_prob, solarization_prob=args.solarization_prob)
+                                    blur_prob=args.blur_prob, solarization_prob=args.solarization_prob,
+                                    global_crops_number=args.global_crops_number)
     dataset = build_dataset(args.data_path, "train", args.subset, transform=augment.crop_image, seed=args.seed)
     augment.set_normalization(dataset.mean, dataset.std)
     world_size = utils.launch_environment()[1]  # the sampler drops each epoch's last incomplete global batch
@@ -395,9 +455,9 @@ def train_dino(args):
     logger.info(f"Student and teacher: {name} ({args.mode}), "
                 f"{sum(p.numel() for p in student.backbone.parameters()) / 1e6:.2f}M backbone parameters.")
 
-    ncrops = 2 + args.local_crops_number
-    dino_loss = DINOLoss(args.out_dim, ncrops).to(device)
-    patch_loss = PatchLoss(args.out_dim if args.shared_head else args.patch_out_dim).to(device)
+    ncrops = args.global_crops_number + args.local_crops_number
+    dino_loss = DINOLoss(args.out_dim, ncrops, global_crops=args.global_crops_number).to(device)
+    patch_loss = PatchLoss(patch_logit_dim(args)).to(device)
     masking = uses_masking(args, student.backbone)
     optimizer = build_optimizer(args.optimizer, param_groups(student))
     fp16 = args.use_fp16 and device.type == "cuda"
@@ -428,8 +488,14 @@ def train_dino(args):
     if utils.is_main_process():  # no writer of this run is alive yet: a temp file here is a killed write's
         utils.remove_stale_temporaries(args.output_dir)
     ckpt, ckpt_file = utils.load_latest_checkpoint(ckpt_path, args.keep_checkpoints)
+    if ckpt is None and args.load_from:  # iBOT's start point: only while this run has no checkpoint of its own
+        ckpt_file = os.path.join(args.output_dir, args.load_from)
+        ckpt = utils.load_checkpoint(ckpt_file)
+    elif args.load_from:
+        logger.info(f"--load_from {args.load_from} not used: {args.output_dir} has a checkpoint of its own.")
     if ckpt is not None:
-        check_resumable(ckpt, ckpt_file)
+        check_resumable(ckpt, ckpt_file, "pass --load_from a checkpoint.pth of main_dino.py" if args.load_from and
+                        ckpt_file == os.path.join(args.output_dir, args.load_from) else None)
         check_compatible(ckpt.get("args", {}), args, ckpt_file)
         try:
             utils.restore_modules(ckpt, student=student, teacher=teacher, optimizer=optimizer, scaler=scaler,
@@ -566,10 +632,13 @@ def warn_if_collapsed(stats, out_dim):
 
 
 def uses_masking(args, backbone):
-    """Whether the student's global crops are masked: a --pred_ratio above 0, a --masking_prob
+    """Whether masks are drawn for the global crops: a --pred_ratio above 0, a --masking_prob
     above 0 for the attmask_* modes, and a backbone with a mask token (a warning otherwise).
-    --lambda2 0 keeps the masking and drops only the iBOT loss, as in iBOT."""
+    --lambda2 0 keeps the masking and drops only the iBOT loss, as in iBOT; masks that neither
+    hide tokens (--use_masked_im_modeling False) nor feed that loss are not drawn."""
     if max(args.pred_ratio) == 0 or (args.masking_prob == 0 and args.pred_shape.startswith("attmask")):
+        return False
+    if not args.use_masked_im_modeling and args.lambda2 == 0:
         return False
     if not backbones.supports_masking(backbone):
         logger.warning(backbones.masking_off_message(args.arch))
@@ -594,8 +663,9 @@ def distillation_loss(student, teacher, dino_loss, patch_loss, globals_, locals_
                                    args.pred_ratio_var, args.masking_prob, args.show_max, args.show_ratio)
                 if predict_patches:
                     t_patch = teacher.head.forward_patches(t_out["patch_tokens"][masks])
-        # student: masked globals and unmasked locals
-        s_logits, s_patch = student(globals_, locals_, masks, predict_patches=predict_patches)
+        # student: masked globals (unmasked with --use_masked_im_modeling False) and unmasked locals
+        s_logits, s_patch = student(globals_, locals_, masks, predict_patches=predict_patches,
+                                    hide=args.use_masked_im_modeling)
     parts = {"dino_loss": dino_loss(s_logits, t_logits, teacher_temp)}
     loss = args.lambda1 * parts["dino_loss"]
     if predict_patches:  # iBOT: the student predicts the teacher's tokens where it saw the mask token
@@ -634,14 +704,15 @@ def build_knn_data(args):
 
 def online_knn(backbone, knn_data, args, amp_dtype):
     train, test = knn_data
+    features = FrozenFeatures(backbone, args.n_last_blocks, args.avgpool_patchtokens)
     kw = dict(batch_size=max(args.batch_size_per_gpu, 256), device=args.device, image_size=args.global_crops_size,
               amp_dtype=amp_dtype)
     if hasattr(train, "samples"):  # an image folder: unreadable files become rows that are dropped
         kw.update(num_workers=args.num_workers, collate=tolerant_collate(args.global_crops_size))
-    train_f, train_y = drop_unreadable(*extract_features(backbone, train, header="k-NN train features", **kw))
-    test_f, test_y = drop_unreadable(*extract_features(backbone, test, header="k-NN test features", **kw))
+    train_f, train_y = drop_unreadable(*extract_features(features, train, header="k-NN train features", **kw))
+    test_f, test_y = drop_unreadable(*extract_features(features, test, header="k-NN test features", **kw))
     results = knn_classify(train_f, train_y, test_f, test_y, ks=args.nb_knn, temperature=args.temperature,
-                           num_classes=len(train.classes), use_gpu=args.device.type == "cuda")
+                           num_classes=len(train.classes), use_gpu=args.device.type == "cuda" and args.use_cuda)
     for k, r in results.items():
         logger.info(f"k-NN (k={k}): top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%")
     first = results[min(results, key=lambda k: abs(k - args.nb_knn[0]))]
@@ -695,17 +766,16 @@ def restore_rng(states, rank, device):
         torch.cuda.set_rng_state(gpu.clone(), device)
 
 
-def check_resumable(ckpt, path):
+def check_resumable(ckpt, path, advice=None):
     """A resume from a file that is not a training checkpoint (say, a backbone exported over
     it) is a one-line error, not a KeyError or a run that goes on with fresh weights."""
+    advice = advice or "move it away or use another --output_dir"
     if not isinstance(ckpt, dict):
-        raise utils.RunError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint of main_dino.py; move it "
-                             "away or use another --output_dir")
+        raise utils.RunError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint of main_dino.py; {advice}")
     missing = [k for k in TRAINING_KEYS if k not in ckpt]
     if missing:
         what = "an exported backbone" if "format" in ckpt else f"not a checkpoint of main_dino.py (no {missing[0]!r})"
-        raise utils.RunError(f"{path} is {what}, so there is nothing to resume; move it away or use another "
-                             "--output_dir")
+        raise utils.RunError(f"{path} is {what}, so there is nothing to resume; {advice}")
 
 
 def check_compatible(saved, args, path):
@@ -715,8 +785,8 @@ def check_compatible(saved, args, path):
         saved.pop("gamma", None), saved.pop("use_beta", None)
     if saved.get("gamma") == "auto":  # checkpoints written before --gamma auto was resolved at parse time
         saved["gamma"] = backbones.resolve_gamma(saved.get("arch", args.arch), "auto")
-    for key in ("arch", "patch_size", "out_dim", "mode", "patch_out_dim", "shared_head", "gamma", "use_beta",
-                "use_bn_in_head", "norm_last_layer", "optimizer"):  # what the saved weights and optimizer state fit
+    for key in ("arch", "patch_size", "out_dim", "mode", "patch_out_dim", "shared_head", "shared_head_teacher",
+                "gamma", "use_beta", "use_bn_in_head", "norm_in_head", "norm_last_layer", "optimizer"):  # what the saved weights and optimizer state fit
         if key in saved and saved[key] != getattr(args, key):
             raise utils.RunError(f"{path} was trained with --{key} {saved[key]} but this run asks for "
                                         f"--{key} {getattr(args, key)}; use another --output_dir or the same flags")

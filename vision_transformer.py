@@ -295,9 +295,28 @@ class WeightNormLinear(nn.Module):
         return F.linear(x, torch._weight_norm(self.weight_v, self.weight_g, 0))
 
 
+HEAD_NORMS = ("bn", "syncbn", "ln")  # iBOT's --norm_in_head values that need no extra machinery
+HEAD_ACTS = {"gelu": nn.GELU, "relu": nn.ReLU}
+
+
+def _head_norm(norm, width):
+    """The hidden layers' normalisation: BatchNorm ('syncbn' too: the training script turns every
+    BatchNorm into SyncBatchNorm under DDP, as DINO and iBOT do), LayerNorm, or none."""
+    if norm is None:
+        return None
+    if norm in ("bn", "syncbn"):
+        return nn.BatchNorm1d(width)
+    if norm == "ln":
+        return nn.LayerNorm(width)
+    raise ValueError(f"unknown head norm {norm!r}; choose one of {', '.join(HEAD_NORMS)} or None")
+
+
 class DINOHead(nn.Module):
     """Projection head: MLP -> L2-normalise -> weight-normed linear to ``out_dim``.
 
+    The MLP's hidden layers are Linear [-> norm] -> activation: ``norm`` None, 'bn', 'syncbn'
+    or 'ln' (iBOT's ``--norm_in_head``; ``use_bn=True`` is DINO's spelling of 'bn'), ``act``
+    'gelu' or 'relu' (iBOT's ``--act_in_head``).
     With ``patch_out_dim`` the head also projects patch tokens for the iBOT loss:
     through the same MLP, then the same last layer (``shared_head=True``) or a
     second one (``last_layer2``) of width ``patch_out_dim``.
@@ -309,17 +328,23 @@ class DINOHead(nn.Module):
     """
 
     def __init__(self, in_dim, out_dim, use_bn=False, norm_last_layer=True, nlayers=3, hidden_dim=2048,
-                 bottleneck_dim=256, patch_out_dim=None, shared_head=False):
+                 bottleneck_dim=256, patch_out_dim=None, shared_head=False, norm=None, act="gelu"):
         super().__init__()
+        if use_bn and norm not in (None, "bn"):
+            raise ValueError(f"use_bn=True asks for BatchNorm, norm={norm!r} for another")
+        norm = "bn" if use_bn else norm
+        if act not in HEAD_ACTS:
+            raise ValueError(f"unknown head activation {act!r}; choose one of {', '.join(HEAD_ACTS)}")
         nlayers = max(nlayers, 1)
         if nlayers == 1:
             self.mlp = nn.Linear(in_dim, bottleneck_dim)
         else:
             layers = [nn.Linear(in_dim, hidden_dim)]
             for i in range(nlayers - 1):
-                if use_bn:
-                    layers.append(nn.BatchNorm1d(hidden_dim))
-                layers.append(nn.GELU())
+                hidden_norm = _head_norm(norm, hidden_dim)
+                if hidden_norm is not None:
+                    layers.append(hidden_norm)
+                layers.append(HEAD_ACTS[act]())
                 layers.append(nn.Linear(hidden_dim, bottleneck_dim if i == nlayers - 2 else hidden_dim))
             self.mlp = nn.Sequential(*layers)
         self.apply(_init_weights)

@@ -74,16 +74,17 @@ class Ours:
         device = args.device
         self.args = args
         self.student = main_dino.build_network(args, args.drop_path_rate, args.grad_checkpointing).to(device)
-        self.teacher = main_dino.build_network(args, 0.0).to(device)
-        self.teacher.load_state_dict(self.student.state_dict())
-        self.teacher.requires_grad_(False)
+        self.teacher = main_dino.build_network(args, 0.0, teacher=True).to(device)
+        main_dino.init_teacher(self.teacher, self.student)
         self.optimizer = build_optimizer(args.optimizer, param_groups(self.student))
         for group in self.optimizer.param_groups:
             group["lr"] = 1e-4
-        self.dino_loss = DINOLoss(args.out_dim, 2 + args.local_crops_number).to(device)
-        self.patch_loss = PatchLoss(args.out_dim if args.shared_head else args.patch_out_dim).to(device)
+        self.dino_loss = DINOLoss(args.out_dim, args.global_crops_number + args.local_crops_number,
+                                  global_crops=args.global_crops_number).to(device)
+        self.patch_loss = PatchLoss(main_dino.patch_logit_dim(args)).to(device)
         self.augment = MultiCropAugmentation(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
-                                             args.global_crops_size, args.local_crops_size)
+                                             args.global_crops_size, args.local_crops_size,
+                                             global_crops_number=args.global_crops_number)
         fp16 = args.use_fp16 and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
         self.amp_dtype = torch.float16 if fp16 else (torch.bfloat16 if args.precision == "bf16" else None)
@@ -250,6 +251,8 @@ def main():
         runners.append(Ours(other, name))
         child_argv[name] = rest + shlex.split(bench_args.against)
     elif bench_args.reference or bench_args.compare:
+        if args.global_crops_number != 2:
+            sys.exit("error: the reference (DINO's step) takes 2 global crops; drop --global_crops_number")
         runners.append(Reference(args, bench_args.reference_precision or args.precision))
         child_argv["reference"] = rest + ["--reference"] + (
             ["--reference_precision", bench_args.reference_precision] if bench_args.reference_precision else [])
@@ -257,7 +260,7 @@ def main():
     profiles = {r.name: profile_step(r, bench_args.profile) for r in runners} if bench_args.profile > 0 else {}
     B = args.batch_size_per_gpu
     print(f"{describe()}, after the run")
-    print(f"config: batch {B}, 2x{args.global_crops_size} + {args.local_crops_number}x{args.local_crops_size} crops, "
+    print(f"config: batch {B}, {args.global_crops_number}x{args.global_crops_size} + {args.local_crops_number}x{args.local_crops_size} crops, "
           f"out_dim {args.out_dim}; median of {bench_args.steps} steps after {bench_args.warmup} warm-up"
           + (", alternating" if len(runners) > 1 else ""))
     med = {}

@@ -1,4 +1,4 @@
-"""DINO multi-crop augmentation: 2 global + N local crops per image.
+"""DINO multi-crop augmentation: 2 global (iBOT: any number) + N local crops per image.
 
 Split in two stages so that no crop makes a PIL round trip per photometric op:
   1. geometry (random resized crop + horizontal flip), either per image in the data
@@ -7,11 +7,13 @@ Split in two stages so that no crop makes a PIL round trip per photometric op:
   2. photometry on the crop batches, on the training device (``photometric``):
      colour jitter (p=0.8), grayscale (p=0.2), Gaussian blur (p=1.0 / 0.1 / 0.5 for
      global 1 / global 2 / locals), solarize (p=0.2 on global 2), normalisation
-     (DINO's probabilities by default; each is a constructor argument).
+     (DINO's probabilities by default; each is a constructor argument). With more than
+     two global crops, every one after the first is treated as global 2, as in iBOT.
 Grayscale sources are expanded to 3 channels, so every model sees RGB.
 
 Crops come back view-major: ``globals`` is (2B, 3, g, g) holding view 0 of every
-image then view 1; ``locals`` is (nB, 3, l, l) in the same order.
+image then view 1 (and so on, with more global crops); ``locals`` is (nB, 3, l, l) in
+the same order.
 
 Example:
     >>> aug = MultiCropAugmentation(local_crops_number=2, global_crops_size=28, local_crops_size=12)
@@ -40,18 +42,22 @@ class MultiCropAugmentation:
     Args:
         global_crops_scale / local_crops_scale: (min, max) area fraction of a crop.
         local_crops_number: local crops per image (0 disables them).
+        global_crops_number: global crops per image (DINO: 2; iBOT's --global_crops_number).
         global_crops_size / local_crops_size: output side in pixels.
         mean / std: per-channel normalisation (3 values).
         blur_sigma: (min, max) Gaussian blur sigma in output pixels.
         color_jitter_prob / grayscale_prob: per-crop probabilities (DINO: 0.8 / 0.2).
-        blur_prob: blur probability for (global 1, global 2, locals) (DINO: 1.0, 0.1, 0.5).
-        solarization_prob: solarize probability of global 2 (DINO: 0.2).
+        blur_prob: blur probability for (global 1, global 2 and later ones, locals) (DINO: 1.0, 0.1, 0.5).
+        solarization_prob: solarize probability of global 2 and later ones (DINO: 0.2).
     """
 
     def __init__(self, global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4), local_crops_number=8,
                  global_crops_size=224, local_crops_size=96, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  blur_sigma=(0.1, 2.0), color_jitter_prob=0.8, grayscale_prob=0.2, blur_prob=(1.0, 0.1, 0.5),
-                 solarization_prob=0.2):
+                 solarization_prob=0.2, global_crops_number=2):
+        if global_crops_number < 1:
+            raise ValueError(f"global_crops_number must be at least 1, got {global_crops_number}")
+        self.global_crops_number = global_crops_number
         self.global_crops_scale = tuple(global_crops_scale)
         self.local_crops_scale = tuple(local_crops_scale)
         self.local_crops_number = local_crops_number
@@ -76,7 +82,7 @@ class MultiCropAugmentation:
 
     @property
     def num_crops(self):
-        return 2 + self.local_crops_number
+        return self.global_crops_number + self.local_crops_number
 
     def __call__(self, batch):
         """Full pipeline: a uint8 batch (B, C, H, W) of equal-size images, or the
@@ -99,7 +105,7 @@ class MultiCropAugmentation:
         if isinstance(image, Image.Image):
             return self._crop_pil(image)
         image = _to_rgb(v2.functional.to_image(image))
-        crops = [self._global_crop(image) for _ in range(2)]
+        crops = [self._global_crop(image) for _ in range(self.global_crops_number)]
         crops += [self._local_crop(image) for _ in range(self.local_crops_number)]
         return [c.as_subclass(torch.Tensor) for c in crops]
 
@@ -108,8 +114,9 @@ class MultiCropAugmentation:
     def _crop_pil(self, image):
         W, H = image.size
         n_local = self.local_crops_number
-        boxes = random_resized_crop_boxes(2, H, W, self.global_crops_scale)
-        sizes = [_pair(self.global_crops_size)] * 2 + [_pair(self.local_crops_size)] * n_local
+        n_global = self.global_crops_number
+        boxes = random_resized_crop_boxes(n_global, H, W, self.global_crops_scale)
+        sizes = [_pair(self.global_crops_size)] * n_global + [_pair(self.local_crops_size)] * n_local
         if n_local:
             boxes = torch.cat([boxes, random_resized_crop_boxes(n_local, H, W, self.local_crops_scale)])
         flips = (torch.rand(len(sizes)) < 0.5).tolist()
@@ -137,12 +144,12 @@ class MultiCropAugmentation:
             crops.append(crop.flip(-1) if flip else crop)
         return [c.expand(3, -1, -1) if c.shape[0] == 1 else c for c in crops]
 
-    @staticmethod
-    def collate(samples):
+    def collate(self, samples):
         """Stack per-image crop lists (from ``crop_image``) into view-major (globals, locals)."""
         views = list(zip(*samples))  # views[v][b]
-        globals_ = torch.stack([c for v in views[:2] for c in v])
-        locals_ = torch.stack([c for v in views[2:] for c in v]) if len(views) > 2 else None
+        n_global = self.global_crops_number
+        globals_ = torch.stack([c for v in views[:n_global] for c in v])
+        locals_ = torch.stack([c for v in views[n_global:] for c in v]) if len(views) > n_global else None
         return globals_, locals_
 
     def crop_batch(self, images):
@@ -153,7 +160,7 @@ class MultiCropAugmentation:
         images = _to_rgb(images)
         if images.dtype == torch.uint8:
             images = images.float().div_(255)
-        globals_ = self._crop_views(images, 2, self.global_crops_scale, self.global_crops_size)
+        globals_ = self._crop_views(images, self.global_crops_number, self.global_crops_scale, self.global_crops_size)
         locals_ = None
         if self.local_crops_number:
             locals_ = self._crop_views(images, self.local_crops_number, self.local_crops_scale, self.local_crops_size)
@@ -172,10 +179,11 @@ class MultiCropAugmentation:
     def photometric(self, globals_, locals_=None):
         """Colour jitter, grayscale, blur, solarize and normalise view-major crop
         batches (uint8 or float in [0, 1]) on their own device."""
-        B = globals_.shape[0] // 2
+        B = globals_.shape[0] // self.global_crops_number
+        later = globals_.shape[0] - B  # the rows of global crops 2, 3, ...
         device = globals_.device
-        blur_p = torch.cat([torch.full((B,), self.blur_prob[0]), torch.full((B,), self.blur_prob[1])]).to(device)
-        solarize_p = torch.cat([torch.zeros(B), torch.full((B,), self.solarization_prob)]).to(device)
+        blur_p = torch.cat([torch.full((B,), self.blur_prob[0]), torch.full((later,), self.blur_prob[1])]).to(device)
+        solarize_p = torch.cat([torch.zeros(B), torch.full((later,), self.solarization_prob)]).to(device)
         out_g = self._photometric(globals_, blur_p, solarize_p)
         if locals_ is None:
             return out_g, None

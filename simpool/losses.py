@@ -34,15 +34,18 @@ def _all_reduce_mean_(t):
 class DINOLoss(nn.Module):
     """Cross-view DINO loss.
 
-    ``student_output``: (ncrops * B, K), crops stacked in order (2 global, then locals).
-    ``teacher_output``: (2 * B, K) for the 2 global crops. Every teacher crop is paired
-    with every student crop except its own view; the loss is the mean over those pairs
-    of the batch-mean cross-entropy.
+    ``student_output``: (ncrops * B, K), crops stacked in order (the global crops, then
+    locals). ``teacher_output``: (global_crops * B, K) for the global crops (DINO: 2). Every
+    teacher crop is paired with every student crop except its own view; the loss is the
+    mean over those pairs of the batch-mean cross-entropy.
     """
 
-    def __init__(self, out_dim, ncrops, student_temp=0.1, center_momentum=0.9):
+    def __init__(self, out_dim, ncrops, student_temp=0.1, center_momentum=0.9, global_crops=2):
         super().__init__()
+        if not 1 <= global_crops <= ncrops or ncrops == 1:
+            raise ValueError(f"{global_crops} global crops of {ncrops} make no pair of different views")
         self.ncrops = ncrops
+        self.global_crops = global_crops
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
@@ -51,12 +54,13 @@ class DINOLoss(nn.Module):
         K = student_output.shape[-1]
         # crops are stacked in order, so (ncrops, B, K) is a view: no copy of the logits
         log_p = F.log_softmax(_fp32(student_output) / self.student_temp, dim=-1).view(self.ncrops, -1, K)
-        q = F.softmax((_fp32(teacher_output) - self.center) / teacher_temp, dim=-1).view(2, -1, K)
+        G = self.global_crops
+        q = F.softmax((_fp32(teacher_output) - self.center) / teacher_temp, dim=-1).view(G, -1, K)
         # Sum over all student views once, then remove each teacher view's own pair:
         # sum_{v != t} q_t . log p_v = q_t . (sum_v log p_v) - q_t . log p_t
         all_views = torch.einsum("tbk,bk->tb", q, log_p.sum(0))
-        same_view = (q * log_p[:2]).sum(-1)
-        n_pairs = 2 * self.ncrops - 2
+        same_view = (q * log_p[:G]).sum(-1)
+        n_pairs = G * self.ncrops - G
         loss = -(all_views - same_view).mean(-1).sum() / n_pairs
         self.update_center(teacher_output)
         with torch.no_grad():  # collapse monitors: ~log(K) per image = uniform; ~0 over the batch = one prototype

@@ -96,9 +96,12 @@ def cancel_last_layer_gradients(model, epoch, freeze_last_layer):
 
 @torch.no_grad()
 def ema_update(teacher, student, momentum):
-    """teacher <- momentum * teacher + (1 - momentum) * student, parameter-wise."""
+    """teacher <- momentum * teacher + (1 - momentum) * student, for each teacher parameter and
+    the student's of the same name (a teacher may lack a layer of the student's: iBOT's
+    --shared_head_teacher has no patch layer of its own)."""
+    student_params = dict(student.named_parameters())
     t = [p for p in teacher.parameters()]
-    s = [p.detach() for p in student.parameters()]
+    s = [student_params[name].detach() for name, _ in teacher.named_parameters()]
     # t + (1 - m)(s - t): one pass over each tensor instead of a multiply and an add (ViT-S + 65k
     # head, 46 M parameters: 17 against 22 ms)
     torch._foreach_lerp_(t, s, 1 - momentum)

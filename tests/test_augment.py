@@ -53,6 +53,33 @@ def test_pipeline_without_locals():
     assert g.shape == (4, 3, 16, 16) and l is None
 
 
+def test_more_global_crops_take_the_second_crops_recipe():
+    """iBOT's --global_crops_number 3: three global views per image, view-major; views 2 and 3
+    draw global crop 2's blur and solarization, view 1 its own."""
+    torch.manual_seed(2)
+    batch = torch.randint(0, 256, (4, 3, 20, 24), dtype=torch.uint8)
+    aug = _aug(global_crops_number=3)
+    assert aug.num_crops == 6
+    crops = [aug.crop_image(image) for image in batch]
+    assert len(crops[0]) == 6 and [c.shape[-1] for c in crops[0]] == [16, 16, 16, 8, 8, 8]
+    g, l = aug.collate(crops)
+    assert g.shape == (12, 3, 16, 16) and l.shape == (12, 3, 8, 8)
+    assert torch.equal(g[4 + 1], crops[1][1]) and torch.equal(l[4 * 2 + 3], crops[3][5])  # view-major
+    assert aug.crop_batch(batch)[0].shape == (12, 3, 16, 16)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    plain = (g / 255 - mean) / std
+    solarized = (torch.where(g / 255 >= 0.5, 1 - g / 255, g / 255) - mean) / std
+    off = dict(global_crops_number=3, color_jitter_prob=0.0, grayscale_prob=0.0)
+    out, _ = _aug(blur_prob=(0.0, 0.0, 0.0), solarization_prob=1.0, **off).photometric(g, l)
+    torch.testing.assert_close(out[:4], plain[:4])
+    torch.testing.assert_close(out[4:], solarized[4:])
+    out, _ = _aug(blur_prob=(1.0, 0.0, 0.0), solarization_prob=0.0, **off).photometric(g, l)
+    assert all(not torch.allclose(out[i], plain[i]) for i in range(4))
+    torch.testing.assert_close(out[4:], plain[4:])
+    with pytest.raises(ValueError, match="global_crops_number must be at least 1, got 0"):
+        _aug(global_crops_number=0)
+
+
 def test_pipeline_is_crop_batch_then_photometric():
     aug = _aug()
     batch = torch.randint(0, 256, (3, 3, 20, 24), dtype=torch.uint8)

@@ -20,12 +20,12 @@ def _log_softmax(x):
     return x - m - torch.log(torch.exp(x - m).sum(-1, keepdim=True))
 
 
-def naive_dino(student, teacher, center, ncrops, teacher_temp, student_temp=0.1):
+def naive_dino(student, teacher, center, ncrops, teacher_temp, student_temp=0.1, global_crops=2):
     """DINO's definition written as a double loop over (teacher view, student view) pairs."""
     student, teacher, center = student.double(), teacher.double(), center.double()
-    B = teacher.shape[0] // 2
+    B = teacher.shape[0] // global_crops
     total, n_pairs = 0.0, 0
-    for iq in range(2):
+    for iq in range(global_crops):
         q = _softmax((teacher[iq * B:(iq + 1) * B] - center) / teacher_temp)
         for v in range(ncrops):
             if v == iq:
@@ -48,6 +48,21 @@ def test_dino_loss_matches_double_loop(ncrops):
     loss = loss_fn(s, t, teacher_temp=0.3)
     assert loss.ndim == 0
     torch.testing.assert_close(loss.double(), expected, **TOL)
+
+
+@pytest.mark.parametrize("global_crops,ncrops", [(1, 3), (3, 3), (3, 7), (4, 4)])
+def test_dino_loss_with_other_global_crop_counts(global_crops, ncrops):
+    # iBOT's --global_crops_number: each of the teacher's global views against every other student view
+    torch.manual_seed(3)
+    K, B = 6, 2
+    s = torch.randn(ncrops * B, K, dtype=torch.float64)
+    t = torch.randn(global_crops * B, K, dtype=torch.float64)
+    loss = DINOLoss(K, ncrops, global_crops=global_crops)(s, t, teacher_temp=0.2)
+    torch.testing.assert_close(loss.double(), naive_dino(s, t, torch.zeros(1, K), ncrops, 0.2,
+                                                         global_crops=global_crops), **TOL)
+    for bad in ((ncrops + 1, ncrops), (0, ncrops), (1, 1)):
+        with pytest.raises(ValueError, match="make no pair of different views"):
+            DINOLoss(K, bad[1], global_crops=bad[0])
 
 
 def test_dino_loss_respects_student_temp():

@@ -98,6 +98,18 @@ def test_ema_update_formula():
         torch.testing.assert_close(t.detach(), 0.9 * t0 + 0.1 * s0, rtol=0, atol=1e-12)
 
 
+def test_ema_update_pairs_parameters_by_name():
+    # a teacher without one of the student's layers (iBOT's --shared_head_teacher drops the patch
+    # layer): pairing by position would average the teacher's last Linear with the student's LayerNorm
+    torch.manual_seed(1)
+    student = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 3)).double()
+    teacher = nn.Sequential(nn.Linear(4, 3), nn.Identity(), nn.Linear(3, 3)).double()
+    before_t = {k: v.clone() for k, v in teacher.state_dict().items()}
+    ema_update(teacher, student, 0.75)
+    for name, t in teacher.state_dict().items():
+        torch.testing.assert_close(t, 0.75 * before_t[name] + 0.25 * student.state_dict()[name], rtol=0, atol=1e-12)
+
+
 def test_clip_gradients_per_parameter():
     model = nn.Linear(3, 2, bias=True).double()
     model.weight.grad = torch.full((2, 3), 4.0, dtype=torch.float64)  # norm sqrt(6)*4 = 9.80

@@ -269,6 +269,167 @@ def test_official_flags_parse_to_their_values():
     assert args.drop_path_rate == 0.2 and args.backend == "gloo"
 
 
+def test_ibot_head_flags(tmp_path, capsys):
+    """iBOT's and AttMask's --norm_in_head, --act_in_head and --shared_head_teacher train, are
+    recorded and resume; the --shared_head_teacher teacher has no patch layer of its own."""
+    flags = TINY + ["--out_dim", "32", "--norm_in_head", "ln", "--act_in_head", "relu", "--shared_head", "False",
+                    "--shared_head_teacher", "True", "--output_dir", str(tmp_path)]
+    main_dino.main(flags + ["--epochs", "1"])
+    ckpt = load(tmp_path / "checkpoint.pth")
+    assert "head.last_layer2.weight_v" in ckpt["student"] and "head.last_layer2.weight_v" not in ckpt["teacher"]
+    assert ckpt["teacher"]["head.mlp.1.weight"].shape == (2048,) and "head.mlp.1.running_mean" not in ckpt["teacher"]
+    assert ckpt["patch_loss"]["center"].shape == (1, 32)
+    assert (ckpt["args"]["norm_in_head"], ckpt["args"]["act_in_head"], ckpt["args"]["shared_head_teacher"]) == \
+        ("ln", "relu", True)
+    assert not torch.equal(ckpt["teacher"]["head.mlp.0.weight"], ckpt["student"]["head.mlp.0.weight"])  # an EMA
+    main_dino.main(flags + ["--epochs", "2"])  # resumes into the same model
+    assert load(tmp_path / "checkpoint.pth")["epoch"] == 2
+    with pytest.raises(SystemExit):  # the other teacher projection does not fit these weights
+        main_dino.main(flags + ["--shared_head_teacher", "False", "--epochs", "3"])
+    assert capsys.readouterr().err.strip().endswith("was trained with --shared_head_teacher True but this run asks "
+                                                    "for --shared_head_teacher False; use another --output_dir or "
+                                                    "the same flags")
+
+    args = main_dino.parse_args(flags)
+    assert main_dino.build_network(args, 0.0, teacher=True).head.last_layer2 is None
+    assert main_dino.build_network(args, 0.0).head.last_layer2 is not None
+    # the spellings of BatchNorm in the head are recorded as one
+    for extra in (["--use_bn_in_head", "True"], ["--norm_in_head", "syncbn"], ["--norm_in_head", "bn"]):
+        args = main_dino.parse_args(["--data_path", "x"] + extra)
+        assert (args.norm_in_head, args.use_bn_in_head) == ("bn", True)
+    assert main_dino.parse_args(["--data_path", "x", "--norm_in_head", "None"]).norm_in_head is None
+    assert main_dino.parse_args([]).norm_in_head == "bn"  # the demo recipe's BatchNorm head
+    with pytest.raises(utils.RunError, match="--use_bn_in_head True asks for BatchNorm in the head and "
+                                             "--norm_in_head ln for LayerNorm; pass one of them"):
+        main_dino.parse_args(["--data_path", "x", "--use_bn_in_head", "True", "--norm_in_head", "ln"])
+    with pytest.raises(utils.RunError, match=r"to --out_dim 65536 values and the student's \(--shared_head False\) "
+                                             "to --patch_out_dim 8192; make the two equal"):
+        main_dino.parse_args(["--data_path", "x", "--shared_head_teacher", "True"])
+
+
+def test_use_masked_im_modeling_false_keeps_crops_whole_and_the_patch_loss(monkeypatch):
+    """iBOT's --use_masked_im_modeling False: the masks are drawn, the student sees the global
+    crops without them, and the iBOT loss compares the tokens at the masked positions."""
+    from simpool.losses import DINOLoss, PatchLoss
+    drawn, seen = [], []
+    make_masks = main_dino.make_masks
+    monkeypatch.setattr(main_dino, "make_masks", lambda *a, **k: drawn.append(make_masks(*a, **k)) or drawn[-1])
+    g = torch.Generator().manual_seed(0)
+    globals_, locals_ = torch.randn(50, 3, 28, 28, generator=g), torch.randn(50, 3, 14, 14, generator=g)
+    for hide in (True, False):
+        args = main_dino.parse_args(TINY + ["--precision", "fp32", "--use_masked_im_modeling", str(hide)])
+        torch.manual_seed(0)
+        student = main_dino.build_network(args, 0.0)
+        teacher = main_dino.build_network(args, 0.0, teacher=True)
+        main_dino.init_teacher(teacher, student)
+        student_features = student.backbone.forward_features
+        monkeypatch.setattr(student.backbone, "forward_features",
+                            lambda x, mask=None, **kw: seen.append((x.shape[-1], mask))
+                            or student_features(x, mask=mask, **kw))
+        patch_loss = PatchLoss(main_dino.patch_logit_dim(args))
+        _, parts = main_dino.distillation_loss(student, teacher, DINOLoss(args.out_dim, 4), patch_loss, globals_,
+                                               locals_, True, 0.04, 0.07, None, args)
+        masks = drawn[-1]
+        assert 0 < masks.sum() < masks.numel()
+        assert seen[-2:] == [(28, masks if hide else None), (14, None)]  # global crops, then local ones
+        if not hide:
+            with torch.no_grad():
+                s_patch = student.head.forward_patches(student_features(globals_)["patch_tokens"][masks])
+                t_patch = teacher.head.forward_patches(teacher.backbone.forward_features(globals_)["patch_tokens"][masks])
+            expected = PatchLoss(main_dino.patch_logit_dim(args))(s_patch, t_patch, masks.nonzero()[:, 0], 50, 0.07)
+            torch.testing.assert_close(parts["patch_loss"], expected)
+    # without hiding and without the iBOT loss the masks serve nothing: none are drawn
+    off = main_dino.parse_args(TINY + ["--use_masked_im_modeling", "False", "--lambda2", "0"])
+    assert not main_dino.uses_masking(off, student.backbone)
+    assert main_dino.uses_masking(main_dino.parse_args(TINY + ["--lambda2", "0"]), student.backbone)
+
+
+def test_three_global_crops_train(tmp_path, monkeypatch, capsys):
+    """iBOT's --global_crops_number: the teacher sees 3 global crops per image, the DINO loss
+    pairs each with the 2 other globals and 2 locals, and all 3 are masked from its map."""
+    shapes = []
+    make_masks = main_dino.make_masks
+    monkeypatch.setattr(main_dino, "make_masks", lambda attn, *a, **k: shapes.append(attn.shape) or
+                        make_masks(attn, *a, **k))
+    main_dino.main(TINY + ["--epochs", "1", "--global_crops_number", "3", "--output_dir", str(tmp_path)])
+    assert shapes == [(75, 16)] * 4  # 3 views x 25 images, 4x4 patches; 4 steps
+    assert np.isfinite(read_log(tmp_path)[0]["train_patch_loss"])
+    with pytest.raises(SystemExit):
+        main_dino.main(TINY + ["--global_crops_number", "1", "--local_crops_number", "0", "--output_dir",
+                               str(tmp_path / "one")])
+    assert capsys.readouterr().err.strip().endswith("error: one crop per image leaves the DINO loss no pair of views; "
+                                                    "use --global_crops_number 2 or add local crops")
+
+
+def test_load_from_starts_a_run_from_another_checkpoint(tmp_path, capsys):
+    """iBOT's --load_from (relative to --output_dir, or absolute): the start of a run whose
+    --output_dir has no checkpoint; once it has one, a relaunch resumes from its own."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    main_dino.main(TINY + ["--epochs", "1", "--output_dir", str(first)])
+    flags = TINY + ["--output_dir", str(second), "--load_from", os.path.join("..", "first", "checkpoint.pth")]
+    main_dino.main(flags + ["--epochs", "2"])
+    ckpt = load(second / "checkpoint.pth")
+    assert (ckpt["epoch"], ckpt["iteration"]) == (2, 8)
+    assert [r["epoch"] for r in read_log(second)] == [1]  # epoch 0 was the first run's
+    assert "Resumed from " + os.path.join(str(second), "..", "first", "checkpoint.pth") + " at epoch 1" in \
+        capsys.readouterr().out
+    main_dino.main(flags + ["--epochs", "3"])
+    assert load(second / "checkpoint.pth")["epoch"] == 3
+    assert f"--load_from ../first/checkpoint.pth not used: {second} has a checkpoint of its own." in \
+        capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main_dino.main(TINY + ["--output_dir", str(tmp_path / "third"), "--load_from", "missing.pth"])
+    assert e.value.code == utils.USER_ERROR_EXIT
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'third' / 'missing.pth'}: no such file"
+    torch.save({"format": "simpool-ssl-backbone"}, tmp_path / "backbone.pth")
+    with pytest.raises(SystemExit):
+        main_dino.main(TINY + ["--output_dir", str(tmp_path / "third"), "--load_from", str(tmp_path / "backbone.pth")])
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'backbone.pth'} is an exported backbone, so there "
+                                               "is nothing to resume; pass --load_from a checkpoint.pth of main_dino.py")
+
+
+@pytest.mark.parametrize("use_cuda", [True, False])
+def test_online_knn_takes_attmasks_feature_flags(monkeypatch, use_cuda):
+    """main_attmask.py's --n_last_blocks, --avgpool_patchtokens and --use_cuda reach the online
+    k-NN (CUDA faked: the feature extraction and the search are stand-ins that record their input)."""
+    args = main_dino.parse_args(TINY + ["--mode", "official", "--n_last_blocks", "2", "--avgpool_patchtokens", "2",
+                                        "--use_cuda", str(use_cuda)])
+    args.device = torch.device("cuda")
+    seen = {}
+
+    def extract(model, dataset, **kw):
+        seen["features"] = model
+        return torch.zeros(3, model.dim), torch.arange(3)
+
+    def classify(*a, use_gpu, **kw):
+        seen["use_gpu"] = use_gpu
+        return {20: {"top1": 50.0, "top5": 90.0}}
+    monkeypatch.setattr(main_dino, "extract_features", extract)
+    monkeypatch.setattr(main_dino, "knn_classify", classify)
+    backbone = main_dino.build_network(args, 0.0).backbone
+    split = mock.Mock(classes=list(range(10)), spec=["classes"])
+    assert main_dino.online_knn(backbone, (split, split), args, None) == {"knn_top1": 50.0, "knn_top5": 90.0}
+    assert seen["features"].settings() == {"n_last_blocks": 2, "avgpool_patchtokens": 2}
+    assert seen["features"].dim == 3 * 192 and seen["use_gpu"] is use_cuda
+
+
+# every option of AttMask's main_attmask.py (its argparse parser, read from the published script)
+ATTMASK_FLAGS = """arch patch_size out_dim patch_out_dim shared_head shared_head_teacher norm_last_layer
+    momentum_teacher norm_in_head act_in_head use_masked_im_modeling pred_ratio pred_ratio_var pred_shape
+    pred_start_epoch lambda1 lambda2 warmup_teacher_temp teacher_temp warmup_teacher_patch_temp teacher_patch_temp
+    warmup_teacher_temp_epochs use_fp16 weight_decay weight_decay_end clip_grad batch_size_per_gpu epochs
+    freeze_last_layer lr warmup_epochs min_lr optimizer load_from drop_path n_last_blocks avgpool_patchtokens
+    use_cuda global_crops_number global_crops_scale local_crops_number local_crops_scale masking_prob show_max
+    backend data_path output_dir saveckp_freq seed num_workers dist_url local_rank subset eval_every
+    nb_knn""".split()
+
+
+def test_every_attmask_training_flag_is_taken():
+    assert len(ATTMASK_FLAGS) == 55
+    options = main_dino.get_args_parser()._option_string_actions
+    assert [f for f in ATTMASK_FLAGS if f"--{f}" not in options] == []
+
+
 def test_demo_recipe_applies_only_without_data_path():
     demo = main_dino.parse_args([])
     assert demo.demo and demo.data_path == "fashion-mnist" and demo.arch == main_dino.DEMO_RECIPE["arch"]

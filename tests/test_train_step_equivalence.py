@@ -62,9 +62,8 @@ class PlainDINO(RefDINOLoss):
 def _setup(args, seed=0):
     torch.manual_seed(seed)
     student = main_dino.build_network(args, args.drop_path_rate)
-    teacher = main_dino.build_network(args, 0.0)
-    teacher.load_state_dict(student.state_dict())
-    teacher.requires_grad_(False)
+    teacher = main_dino.build_network(args, 0.0, teacher=True)
+    main_dino.init_teacher(teacher, student)
     return student, teacher
 
 
@@ -175,7 +174,7 @@ def test_lambda2_zero_masks_the_student_without_the_patch_loss():
         unmasked, _ = main_dino.distillation_loss(student, teacher, dino, patch, g, l, False, 0.04, 0.07, None, args)
     masks = seen[0][0][2]
     assert masks is not None and masks.sum() == 2 * args.batch_size_per_gpu * int(0.4 * 64)
-    assert seen[0][1] == {"predict_patches": False} and set(parts) == {"dino_loss"}
+    assert seen[0][1] == {"predict_patches": False, "hide": True} and set(parts) == {"dino_loss"}
     assert torch.equal(patch.center, torch.zeros_like(patch.center))  # no patch loss, no centre update
     assert loss.item() == pytest.approx(args.lambda1 * parts["dino_loss"].item())
     assert abs(loss.item() - unmasked.item()) > 1e-4  # the student did see the masked crops

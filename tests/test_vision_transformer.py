@@ -336,6 +336,45 @@ def test_dino_head_forward_formula():
     torch.testing.assert_close(head(x), z @ w.T)
 
 
+@pytest.mark.parametrize("norm,act", [("ln", "relu"), ("bn", "gelu"), (None, "relu")])
+def test_dino_head_norm_and_activation_options(norm, act):
+    """iBOT's --norm_in_head / --act_in_head: Linear -> norm -> activation per hidden layer, in
+    iBOT's layer order (so its state-dict names), against the formula in float64."""
+    torch.manual_seed(7)
+    head = _randomise_(DINOHead(8, 6, hidden_dim=16, bottleneck_dim=4, nlayers=3, norm=norm, act=act)).double()
+    head.eval()  # BatchNorm: the running statistics, made non-trivial below
+    norms = [m for m in head.mlp if isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm1d))]
+    assert len(norms) == (2 if norm else 0)
+    for m in norms:
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    l1, l2, l3 = [m for m in head.mlp if isinstance(m, torch.nn.Linear)]
+    f = torch.relu if act == "relu" else F.gelu
+
+    def normed(h, m):
+        if norm == "ln":
+            return F.layer_norm(h, (16,), m.weight, m.bias, m.eps)
+        if norm == "bn":
+            return (h - m.running_mean) / (m.running_var + m.eps).sqrt() * m.weight + m.bias
+        return h
+    h = f(normed(l1(x), norms[0] if norms else None))
+    h = f(normed(l2(h), norms[1] if norms else None))
+    z = F.normalize(l3(h), dim=-1)
+    w = head.last_layer.weight_g * head.last_layer.weight_v / head.last_layer.weight_v.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(head(x), z @ w.T)
+    if norm:  # iBOT's iBOTHead: mlp.0 Linear, mlp.1 norm, mlp.2 act, mlp.3 Linear, ...
+        assert {"mlp.0.weight", "mlp.1.weight", "mlp.3.weight", "mlp.4.weight", "mlp.6.weight"} <= set(head.state_dict())
+    # DINO's use_bn is the 'bn' norm; unknown names are errors
+    assert [type(m) for m in DINOHead(8, 6, hidden_dim=16, bottleneck_dim=4, use_bn=True).mlp] == \
+        [type(m) for m in DINOHead(8, 6, hidden_dim=16, bottleneck_dim=4, norm="bn").mlp]
+    with pytest.raises(ValueError, match="unknown head norm 'gn'"):
+        DINOHead(8, 6, norm="gn")
+    with pytest.raises(ValueError, match="unknown head activation 'tanh'"):
+        DINOHead(8, 6, act="tanh")
+
+
 def test_forward_patches_uses_second_layer_unless_shared():
     torch.manual_seed(6)
     x = torch.randn(7, 8)
