@@ -260,7 +260,8 @@ def main():
     profiles = {r.name: profile_step(r, bench_args.profile) for r in runners} if bench_args.profile > 0 else {}
     B = args.batch_size_per_gpu
     print(f"{describe()}, after the run")
-    print(f"config: batch {B}, {args.global_crops_number}x{args.global_crops_size} + {args.local_crops_number}x{args.local_crops_size} crops, "
+    print(f"config: batch {B}, {args.global_crops_number}x{args.global_crops_size} + "
+          f"{args.local_crops_number}x{args.local_crops_size} crops, "
           f"out_dim {args.out_dim}; median of {bench_args.steps} steps after {bench_args.warmup} warm-up"
           + (", alternating" if len(runners) > 1 else ""))
     med = {}

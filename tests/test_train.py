@@ -335,7 +335,8 @@ def test_use_masked_im_modeling_false_keeps_crops_whole_and_the_patch_loss(monke
         if not hide:
             with torch.no_grad():
                 s_patch = student.head.forward_patches(student_features(globals_)["patch_tokens"][masks])
-                t_patch = teacher.head.forward_patches(teacher.backbone.forward_features(globals_)["patch_tokens"][masks])
+                t_tokens = teacher.backbone.forward_features(globals_)["patch_tokens"][masks]
+                t_patch = teacher.head.forward_patches(t_tokens)
             expected = PatchLoss(main_dino.patch_logit_dim(args))(s_patch, t_patch, masks.nonzero()[:, 0], 50, 0.07)
             torch.testing.assert_close(parts["patch_loss"], expected)
     # without hiding and without the iBOT loss the masks serve nothing: none are drawn
@@ -384,8 +385,9 @@ def test_load_from_starts_a_run_from_another_checkpoint(tmp_path, capsys):
     torch.save({"format": "simpool-ssl-backbone"}, tmp_path / "backbone.pth")
     with pytest.raises(SystemExit):
         main_dino.main(TINY + ["--output_dir", str(tmp_path / "third"), "--load_from", str(tmp_path / "backbone.pth")])
-    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'backbone.pth'} is an exported backbone, so there "
-                                               "is nothing to resume; pass --load_from a checkpoint.pth of main_dino.py")
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'backbone.pth'} is an exported backbone, so "
+                                               "there is nothing to resume; pass --load_from a checkpoint.pth of "
+                                               "main_dino.py")
 
 
 @pytest.mark.parametrize("use_cuda", [True, False])

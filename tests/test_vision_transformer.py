@@ -365,7 +365,8 @@ def test_dino_head_norm_and_activation_options(norm, act):
     w = head.last_layer.weight_g * head.last_layer.weight_v / head.last_layer.weight_v.norm(dim=1, keepdim=True)
     torch.testing.assert_close(head(x), z @ w.T)
     if norm:  # iBOT's iBOTHead: mlp.0 Linear, mlp.1 norm, mlp.2 act, mlp.3 Linear, ...
-        assert {"mlp.0.weight", "mlp.1.weight", "mlp.3.weight", "mlp.4.weight", "mlp.6.weight"} <= set(head.state_dict())
+        names = {"mlp.0.weight", "mlp.1.weight", "mlp.3.weight", "mlp.4.weight", "mlp.6.weight"}
+        assert names <= set(head.state_dict())
     # DINO's use_bn is the 'bn' norm; unknown names are errors
     assert [type(m) for m in DINOHead(8, 6, hidden_dim=16, bottleneck_dim=4, use_bn=True).mlp] == \
         [type(m) for m in DINOHead(8, 6, hidden_dim=16, bottleneck_dim=4, norm="bn").mlp]
