@@ -32,7 +32,7 @@ from simpool.augment import MultiCropAugmentation
 from simpool.checkpoints import TRAINING_KEYS, gamma_arg
 from simpool.data import FASHION_MNIST, DataError, build_dataset, skip_bad_collate
 from simpool.evaluation import (FrozenFeatures, add_feature_args, build_eval_splits, drop_unreadable,
-                                tolerant_collate)
+                                log_feature_choice, tolerant_collate)
 from simpool.knn import extract_features, knn_classify
 from simpool.losses import DINOLoss, PatchLoss
 from simpool.masking import PRED_SHAPES, make_masks, pred_ratio_pairs
@@ -202,7 +202,8 @@ def get_args_parser():
                    "steps (0: end of epoch only).")
     g.add_argument("--load_from", default=None, type=str, help="Start from this checkpoint of main_dino.py (a "
                    "path relative to --output_dir, as in iBOT, or absolute) when --output_dir has none of its own; "
-                   "once it has, the newest there is resumed, so relaunching after a crash goes on from there.")
+                   "once it has, the newest there is resumed, so relaunching after a crash goes on from there. "
+                   "iBOT's 'checkpoint.pth' is that own checkpoint: resumed when it exists.")
     g.add_argument("--keep_checkpoints", default=2, type=n(int, low=1), help="Keep this many newest checkpoints "
                    "(checkpoint.pth, checkpoint.pth.1, ...); resume falls back to an older one if the newest "
                    "is unreadable.")
@@ -488,14 +489,16 @@ def train_dino(args):
     if utils.is_main_process():  # no writer of this run is alive yet: a temp file here is a killed write's
         utils.remove_stale_temporaries(args.output_dir)
     ckpt, ckpt_file = utils.load_latest_checkpoint(ckpt_path, args.keep_checkpoints)
-    if ckpt is None and args.load_from:  # iBOT's start point: only while this run has no checkpoint of its own
-        ckpt_file = os.path.join(args.output_dir, args.load_from)
-        ckpt = utils.load_checkpoint(ckpt_file)
-    elif args.load_from:
+    start_file = os.path.join(args.output_dir, args.load_from) if args.load_from else None
+    if start_file and os.path.abspath(start_file) == os.path.abspath(ckpt_path):
+        start_file = None  # iBOT's usual --load_from checkpoint.pth: this run's own resume point
+    if ckpt is None and start_file:  # iBOT's start point: only while this run has no checkpoint of its own
+        ckpt, ckpt_file = utils.load_checkpoint(start_file), start_file
+    elif start_file:
         logger.info(f"--load_from {args.load_from} not used: {args.output_dir} has a checkpoint of its own.")
     if ckpt is not None:
-        check_resumable(ckpt, ckpt_file, "pass --load_from a checkpoint.pth of main_dino.py" if args.load_from and
-                        ckpt_file == os.path.join(args.output_dir, args.load_from) else None)
+        check_resumable(ckpt, ckpt_file, "pass --load_from a checkpoint.pth of main_dino.py"
+                        if ckpt_file == start_file else None)
         check_compatible(ckpt.get("args", {}), args, ckpt_file)
         try:
             utils.restore_modules(ckpt, student=student, teacher=teacher, optimizer=optimizer, scaler=scaler,
@@ -530,6 +533,9 @@ def train_dino(args):
         writer = utils.TensorboardScalars(args.output_dir)
     log_path = os.path.join(args.output_dir, "log.txt")
     knn_data = build_knn_data(args) if args.eval_every > 0 else None
+    if knn_data is not None:
+        log_feature_choice(FrozenFeatures(teacher.backbone, args.n_last_blocks, args.avgpool_patchtokens),
+                           {"arch": args.arch, "mode": args.mode}, args)
     if knn_data is not None and start_epoch == 0 and start_step == 0:
         log_epoch({"epoch": -1, **online_knn(teacher.backbone, knn_data, args, amp_dtype)}, log_path, writer)
 

@@ -378,6 +378,11 @@ def test_load_from_starts_a_run_from_another_checkpoint(tmp_path, capsys):
     assert load(second / "checkpoint.pth")["epoch"] == 3
     assert f"--load_from ../first/checkpoint.pth not used: {second} has a checkpoint of its own." in \
         capsys.readouterr().out
+    # iBOT's usual --load_from checkpoint.pth is the run's own resume point: fresh start, then resume
+    main_dino.main(TINY + ["--epochs", "1", "--output_dir", str(tmp_path / "own"), "--load_from", "checkpoint.pth"])
+    assert [r["epoch"] for r in read_log(tmp_path / "own")] == [0] and "not used" not in capsys.readouterr().out
+    main_dino.main(TINY + ["--epochs", "2", "--output_dir", str(tmp_path / "own"), "--load_from", "checkpoint.pth"])
+    assert [r["epoch"] for r in read_log(tmp_path / "own")] == [0, 1] and "not used" not in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         main_dino.main(TINY + ["--output_dir", str(tmp_path / "third"), "--load_from", "missing.pth"])
     assert e.value.code == utils.USER_ERROR_EXIT
