@@ -23,9 +23,9 @@ import torch
 import utils
 from utils import number
 from simpool.checkpoints import add_model_args, load_pretrained
-from simpool.evaluation import (EvalError, FrozenFeatures, add_data_args, add_feature_args, amp_dtype,
-                                build_eval_splits, drop_unreadable, is_in_memory, log_feature_choice, run_main,
-                                tolerant_collate)
+from simpool.evaluation import (EvalError, FrozenFeatures, add_data_args, add_feature_args, add_window_size_arg,
+                                amp_dtype, build_eval_splits, drop_unreadable, is_in_memory, log_feature_choice,
+                                run_main, tolerant_collate)
 from simpool.knn import extract_features, knn_classify
 
 logger = logging.getLogger("simpool")
@@ -35,7 +35,7 @@ def get_args_parser():
     p = argparse.ArgumentParser(
         prog="eval_knn.py", description="Weighted k-NN evaluation on frozen features (DINO protocol)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_args(p)
+    add_window_size_arg(add_model_args(p))
     add_feature_args(p, n_last_blocks=1)
     g = add_data_args(p)
     g.add_argument("--batch_size_per_gpu", default=256, type=number(int, low=1), help="Images per process per forward "

@@ -39,9 +39,9 @@ from utils import number
 from simpool.augment import random_resized_crop_boxes
 from simpool.checkpoints import add_model_args, load_pretrained
 from simpool.data import normalize_batch
-from simpool.evaluation import (EvalError, FrozenFeatures, add_data_args, add_feature_args, amp_dtype,
-                                build_eval_splits, drop_unreadable, is_in_memory, log_feature_choice, run_main,
-                                tolerant_collate)
+from simpool.evaluation import (EvalError, FrozenFeatures, add_data_args, add_feature_args, add_window_size_arg,
+                                amp_dtype, build_eval_splits, drop_unreadable, is_in_memory, log_feature_choice,
+                                run_main, tolerant_collate)
 from simpool.knn import extract_features
 
 logger = logging.getLogger("simpool")
@@ -54,7 +54,7 @@ def get_args_parser():
     p = argparse.ArgumentParser(
         prog="eval_linear.py", description="Linear probe on frozen features, many learning rates at once",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_args(p)
+    add_window_size_arg(add_model_args(p))
     add_feature_args(p, n_last_blocks=4)
     g = add_data_args(p)
     g.add_argument("--train_augment", default=True, type=b, help="RandomResizedCrop + flip on training images, "
@@ -67,8 +67,9 @@ def get_args_parser():
                    "(ImageFolder).")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", default=100, type=number(int, low=1), help="Training epochs.")
-    g.add_argument("--lrs", default=DEFAULT_LRS, type=number(float, above=0), nargs="+", help="Learning rates swept, "
-                   "one head each, for a global batch of 256 (scaled linearly by the actual global batch size).")
+    g.add_argument("--lrs", "--lr", default=DEFAULT_LRS, type=number(float, above=0), nargs="+", help="Learning "
+                   "rates swept, one head each, for a global batch of 256 (scaled linearly by the actual global "
+                   "batch size); --lr is DINO's name (one value: one head).")
     g.add_argument("--wds", default=[0.0], type=number(float, low=0), nargs="+", help="Weight decays swept; one head "
                    "per (lr, wd) pair.")
     g.add_argument("--momentum", default=0.9, type=number(float, low=0, high=1), help="SGD momentum.")
@@ -79,6 +80,9 @@ def get_args_parser():
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", default=".", type=str, help="Where linear.json, linear_head.pth and the "
                    "resumable linear_checkpoint.pth go.")
+    g.add_argument("--load_from", default=None, type=str, help="Start from this linear_checkpoint.pth (a path "
+                   "relative to --output_dir, as in iBOT/AttMask, or absolute) while --output_dir has none of its "
+                   "own; once it has, that one is resumed.")
     g.add_argument("--evaluate", action="store_true", help="Only score the saved head (--pretrained_linear) on "
                    "the evaluation split.")
     g.add_argument("--pretrained_linear", default=None, type=str, help="Head for --evaluate; default: "
@@ -313,16 +317,24 @@ def eval_linear(args):
     os.makedirs(args.output_dir, exist_ok=True)
     ckpt_path = os.path.join(args.output_dir, "linear_checkpoint.pth")
     start_epoch, best = 0, {"per_head": [None] * sweep.num_heads, "best": None, "best_head": None}
-    if os.path.exists(ckpt_path):
-        ckpt = utils.load_checkpoint(ckpt_path)
+    resume_path = ckpt_path if os.path.exists(ckpt_path) else None
+    start_file = utils.load_from_path(args.output_dir, args.load_from, ckpt_path)
+    if start_file and resume_path:
+        logger.info(f"--load_from {args.load_from} not used: {args.output_dir} has a checkpoint of its own.")
+    resume_path = resume_path or start_file  # iBOT's start point while this run has no checkpoint yet
+    if resume_path:
+        ckpt = utils.load_checkpoint(resume_path)
+        if not isinstance(ckpt, dict) or "sweep" not in ckpt:
+            raise EvalError(f"{resume_path} is not a linear_checkpoint.pth of eval_linear.py, so there is nothing "
+                            "to resume")
         if ckpt.get("config") != config:
             diff = ", ".join(f"{k} {ckpt.get('config', {}).get(k)} (now {v})" for k, v in config.items()
                              if (ckpt.get("config") or {}).get(k) != v)
-            raise EvalError(f"{ckpt_path} belongs to another sweep: {diff}; use another --output_dir or the same "
+            raise EvalError(f"{resume_path} belongs to another sweep: {diff}; use another --output_dir or the same "
                             "flags")
         sweep.load_state_dict(ckpt["sweep"])
         start_epoch, best = ckpt["epoch"], ckpt["best"]
-        logger.info(f"Resumed from {ckpt_path} at epoch {start_epoch}.")
+        logger.info(f"Resumed from {resume_path} at epoch {start_epoch}.")
     val_f, val_y = drop_unreadable(*extract_features(features, val, header="Evaluation features", **kw))
 
     cached = None

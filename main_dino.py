@@ -63,8 +63,9 @@ def get_args_parser():
     b, n = utils.bool_flag, utils.number
     zero_to_one = n(float, low=0, high=1)  # probabilities, fractions, momenta
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default="vit_small", choices=list(backbones.ARCHS), help="Backbone: a ViT "
-                   "(masking-capable), resnet50, convnext_* or fcvit_* (SimPool on the last feature map).")
+    g.add_argument("--arch", default="vit_small", type=backbones.arch_arg, choices=list(backbones.ARCHS),
+                   help="Backbone: a ViT (masking-capable; DINO's deit_tiny/deit_small mean vit_tiny/vit_small), "
+                   "resnet50, convnext_* or fcvit_* (SimPool on the last feature map).")
     g.add_argument("--patch_size", default=16, type=n(int, low=1), help="Side of the square patches, in pixels. "
                    "Smaller patches give more tokens: better features, quadratically more attention cost.")
     g.add_argument("--mode", default="simpool", choices=backbones.MODES, help="'simpool': no [CLS] token, the image "
@@ -191,7 +192,8 @@ def get_args_parser():
 
     g = p.add_argument_group("data, evaluation and run")
     g.add_argument("--data_path", default=None, type=str, help="ImageFolder root holding train/<class>/* (and "
-                   "val/ for k-NN), or 'fashion-mnist'. Omitted: the CPU demo recipe.")
+                   "val/ for k-NN), the train folder itself (DINO's /imagenet/train: no online k-NN), or "
+                   "'fashion-mnist'. Omitted: the CPU demo recipe.")
     g.add_argument("--subset", default=-1, type=utils.subset_size, help="Keep this many images per class (-1: all).")
     g.add_argument("--output_dir", default="output", type=str, help="Where checkpoint.pth, log.txt and "
                    "TensorBoard events go; a run there resumes from its checkpoint.")
@@ -417,7 +419,8 @@ def train_dino(args):
                                     color_jitter_prob=args.color_jitter_prob, grayscale_prob=args.grayscale_prob,
                                     blur_prob=args.blur_prob, solarization_prob=args.solarization_prob,
                                     global_crops_number=args.global_crops_number)
-    dataset = build_dataset(args.data_path, "train", args.subset, transform=augment.crop_image, seed=args.seed)
+    dataset = build_dataset(args.data_path, "train", args.subset, transform=augment.crop_image, seed=args.seed,
+                            split_folder_ok=True)
     augment.set_normalization(dataset.mean, dataset.std)
     world_size = utils.launch_environment()[1]  # the sampler drops each epoch's last incomplete global batch
     if len(dataset) < args.batch_size_per_gpu * world_size:
@@ -448,6 +451,9 @@ def train_dino(args):
                         generator=torch.Generator())  # own RNG: iter(loader) must not draw from the training
     # stream, or a mid-epoch resume (RNG restored, then a new iterator) would shift every later draw
     niter = sampler.num_samples // args.batch_size_per_gpu  # steps per epoch (>= 1: checked before init)
+    if os.path.normpath(getattr(dataset, "root", "")) == os.path.normpath(args.data_path):
+        logger.info(f"--data_path {args.data_path} has class folders and no 'train/' folder: it is the train split "
+                    "itself (DINO's form; SimPool's and AttMask's give the folder that holds train/).")
     logger.info(f"Data: {len(dataset)} training images from {args.data_path}, {niter} steps per epoch.")
 
     # ---- student, teacher (EMA of the student, no gradients), losses, optimizer
@@ -489,9 +495,7 @@ def train_dino(args):
     if utils.is_main_process():  # no writer of this run is alive yet: a temp file here is a killed write's
         utils.remove_stale_temporaries(args.output_dir)
     ckpt, ckpt_file = utils.load_latest_checkpoint(ckpt_path, args.keep_checkpoints)
-    start_file = os.path.join(args.output_dir, args.load_from) if args.load_from else None
-    if start_file and os.path.abspath(start_file) == os.path.abspath(ckpt_path):
-        start_file = None  # iBOT's usual --load_from checkpoint.pth: this run's own resume point
+    start_file = utils.load_from_path(args.output_dir, args.load_from, ckpt_path)
     if ckpt is None and start_file:  # iBOT's start point: only while this run has no checkpoint of its own
         ckpt, ckpt_file = utils.load_checkpoint(start_file), start_file
     elif start_file:

@@ -267,6 +267,17 @@ def load_latest_checkpoint(path, keep=1, map_location="cpu"):
     return None, None
 
 
+def load_from_path(output_dir, load_from, own_checkpoint):
+    """iBOT's --load_from as a path: the checkpoint a run starts from while it has none of its
+    own (``own_checkpoint``, in ``output_dir``). Relative paths are joined to ``output_dir``, as
+    iBOT does. None when not given, or when it names ``own_checkpoint`` itself (iBOT's usual
+    ``--load_from checkpoint.pth``: the run's own resume point)."""
+    if not load_from:
+        return None
+    path = os.path.join(output_dir, load_from)
+    return None if os.path.abspath(path) == os.path.abspath(own_checkpoint) else path
+
+
 STALE_TEMPORARY = re.compile(r"^\.checkpoint(\d+)?\.pth\.tmp\d+$")  # save_checkpoint's temporary names
 
 

@@ -46,7 +46,7 @@ import fcvit
 import vision_transformer as vits
 from simpool.pooling import SimPool
 
-__all__ = ["ARCHS", "MODES", "VIT_ARCHS", "TIMM_ARCHS", "FCVIT_ARCHS", "CONVNET_GAMMA", "ConvNetBackbone",
+__all__ = ["ARCHS", "MODES", "arch_arg", "VIT_ARCHS", "TIMM_ARCHS", "FCVIT_ARCHS", "CONVNET_GAMMA", "ConvNetBackbone",
            "build_backbone", "resolve_gamma", "feature_grid", "upsample_attention", "supports_masking",
            "masking_off_message", "uses_batchnorm", "sync_batchnorm_supported"]
 
@@ -56,6 +56,13 @@ TIMM_ARCHS = ("resnet50", "convnext_tiny", "convnext_small", "convnext_base")
 FCVIT_ARCHS = tuple(fcvit.FCVIT_CONFIGS)
 ARCHS = VIT_ARCHS + TIMM_ARCHS + FCVIT_ARCHS
 CONVNET_GAMMA = 2.0  # SimPool's generalised-mean exponent for convnets ('auto')
+
+
+def arch_arg(text):
+    """argparse type of ``--arch``: DINO's scripts take ``deit_tiny``/``deit_small`` (DeiT's
+    names for the same ViTs) and rename them to ``vit_*``; so does this. (argparse checks the
+    choices after this rename.)"""
+    return text.replace("deit", "vit") if text.startswith("deit_") else text
 
 
 class ConvNetBackbone(nn.Module):

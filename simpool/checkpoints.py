@@ -81,7 +81,8 @@ def add_model_args(parser):
                    "SimPool checkpoint. Empty: random initialisation (a baseline).")
     g.add_argument("--checkpoint_key", default="teacher", type=str, help="Which network of a training "
                    "checkpoint to load ('teacher' or 'student'); ignored for exported and flat files.")
-    g.add_argument("--arch", default=None, choices=list(backbones.ARCHS), help="Backbone architecture (a ViT, "
+    g.add_argument("--arch", default=None, type=backbones.arch_arg, choices=list(backbones.ARCHS),
+                   help="Backbone architecture (a ViT, deit_tiny/deit_small meaning vit_tiny/vit_small as in DINO; "
                    "resnet50, convnext_* or fcvit_*); default: from the checkpoint (its stored args, else its "
                    "weights); vit_small for random init.")
     g.add_argument("--patch_size", default=None, type=number(int, low=1), help="Patch size (ViTs only); default: "

@@ -168,11 +168,13 @@ def subset_per_class(labels, per_class, seed=0):
     return torch.cat(keep).sort().values
 
 
-def build_dataset(data_path, split, subset=-1, transform=None, seed=0):
+def build_dataset(data_path, split, subset=-1, transform=None, seed=0, split_folder_ok=False):
     """The ``split`` of ``data_path`` ('fashion-mnist' or an ImageFolder root).
 
     ``transform`` applies per image to ImageFolder samples (ignored for in-memory
-    data); ``subset`` > 0 keeps that many images per class.
+    data); ``subset`` > 0 keeps that many images per class. ``split_folder_ok``: a
+    ``data_path`` without a ``split/`` folder but with class folders is the split itself
+    (DINO's ``--data_path /imagenet/train``); one that holds ``val/`` is still an error.
     """
     if data_path == FASHION_MNIST:
         images, labels = load_fashion_mnist(split)
@@ -183,6 +185,8 @@ def build_dataset(data_path, split, subset=-1, transform=None, seed=0):
             what = "is not a folder" if os.path.exists(data_path) else "does not exist"
             raise DataError(f"--data_path {data_path!r} {what} (expected a folder with {split}/<class>/<images>, "
                             f"or '{FASHION_MNIST}')")
+        if not os.path.isdir(root) and split_folder_ok and _is_split_folder(data_path):
+            root = data_path
         if not os.path.isdir(root):
             raise DataError(f"--data_path {data_path!r} has no '{split}/' folder (expected {root}/<class>/<images>)")
         try:
@@ -194,6 +198,12 @@ def build_dataset(data_path, split, subset=-1, transform=None, seed=0):
     if subset is not None and subset > 0:
         ds = ds.subset(subset_per_class(ds.labels, subset, seed))
     return ds
+
+
+def _is_split_folder(path):
+    """Whether ``path`` looks like one ImageFolder split: subfolders, none of them a split's name."""
+    names = [e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith(".")]
+    return bool(names) and not {"train", "val", "test"} & set(names)
 
 
 def check_same_classes(train, val, data_path):

@@ -21,7 +21,8 @@ from simpool.data import FASHION_MNIST, DataError, build_dataset, check_same_cla
 
 logger = logging.getLogger("simpool")
 __all__ = ["EvalError", "build_eval_splits", "tolerant_collate", "drop_unreadable", "amp_dtype", "run_main",
-           "is_in_memory", "FrozenFeatures", "add_feature_args", "avgpool_mode", "log_feature_choice"]
+           "is_in_memory", "FrozenFeatures", "add_feature_args", "add_window_size_arg", "avgpool_mode",
+           "log_feature_choice"]
 
 
 class EvalError(ValueError):
@@ -103,6 +104,14 @@ def add_feature_args(parser, n_last_blocks):
                    "tokens (after the final norm): False or 0 leaves it out, True or 2 appends it to the image vector "
                    "(DINO's True: its ViT-B linear probe), 1 uses it alone (iBOT's 1). ViTs only.")
     return g
+
+
+def add_window_size_arg(group):
+    """AttMask's evaluation scripts take ``--window_size`` for their Swin backbones and pass it
+    to nothing else; no backbone here has windows, so it is taken, as there for ViTs, and unused."""
+    group.add_argument("--window_size", default=7, type=number(int, low=1), help="AttMask's Swin attention window; "
+                       "no backbone here has windows, so it is accepted (AttMask's commands run as written) and "
+                       "unused, as AttMask's scripts leave it for ViTs.")
 
 
 class FrozenFeatures(nn.Module):

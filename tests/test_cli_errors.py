@@ -73,7 +73,7 @@ def test_launch_mistakes_are_usage_errors(args, expected):
     ("eval_knn", ["--gamma", "inf"], "argument --gamma: expected 'auto', 'None' or a finite number > 0"),
     ("eval_knn", ["--temperature", "inf"], "argument --temperature: expected a finite number > 0, got inf"),
     ("eval_knn", ["--val_subset", "0"], "argument --val_subset: expected -1 (all) or an integer >= 1, got 0"),
-    ("eval_linear", ["--lrs", "0.1", "inf"], "argument --lrs: expected a finite number > 0, got inf"),
+    ("eval_linear", ["--lrs", "0.1", "inf"], "argument --lrs/--lr: expected a finite number > 0, got inf"),
     ("attention", ["--display_size", "100000"], "argument --display_size: expected an integer >= 1 and <= 4096"),
 ])
 def test_values_no_run_can_use_are_usage_errors(tool, args, expected, capsys):

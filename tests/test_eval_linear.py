@@ -132,6 +132,30 @@ def test_cli_cached_resume_and_evaluate(checkpoint, tmp_path, capsys):
     assert "belongs to another sweep" in capsys.readouterr().err
 
 
+def test_official_flag_spellings_and_load_from(checkpoint, tmp_path, capsys):
+    """DINO's --lr (one head), AttMask's --window_size (unused, as AttMask leaves it for ViTs) and
+    --load_from: a sweep starts from another folder's linear_checkpoint.pth, which stays as it was."""
+    args = eval_linear.get_args_parser().parse_args(["--lr", "0.005", "--window_size", "7"])
+    assert args.lrs == [0.005]
+    first, second = tmp_path / "first", tmp_path / "second"
+    argv = ["--pretrained_weights", str(checkpoint), "--train_augment", "False"] + COMMON
+    eval_linear.main(argv + ["--epochs", "1", "--output_dir", str(first)])
+    before = (first / "linear_checkpoint.pth").read_bytes()
+    start = ["--load_from", "../first/linear_checkpoint.pth"]
+    eval_linear.main(argv + ["--epochs", "2", "--output_dir", str(second)] + start)
+    assert f"Resumed from {second}/../first/linear_checkpoint.pth at epoch 1." in capsys.readouterr().out
+    assert torch.load(second / "linear_checkpoint.pth", weights_only=True)["epoch"] == 2
+    assert (first / "linear_checkpoint.pth").read_bytes() == before
+    eval_linear.main(argv + ["--epochs", "3", "--output_dir", str(second)] + start)
+    printed = capsys.readouterr().out
+    assert f"--load_from ../first/linear_checkpoint.pth not used: {second} has a checkpoint of its own." in printed
+    assert f"Resumed from {second}/linear_checkpoint.pth at epoch 2." in printed
+    with pytest.raises(SystemExit):  # a training checkpoint is no linear one
+        eval_linear.main(argv + ["--output_dir", str(tmp_path / "third"), "--load_from", str(checkpoint)])
+    assert capsys.readouterr().err.strip() == (f"error: {checkpoint} is not a linear_checkpoint.pth of "
+                                               "eval_linear.py, so there is nothing to resume")
+
+
 def test_resume_with_other_weights_or_evaluate_with_other_features_is_refused(checkpoint, tmp_path, capsys):
     # The sweep's folder knows which backbone and features its heads were trained on: another
     # --pretrained_weights must not be reported (or trained on) as if it were the same sweep, and

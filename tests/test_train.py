@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.checkpoint import checkpoint
 
+import eval_knn
 import main_dino
 import utils
 import vision_transformer
@@ -435,6 +436,29 @@ def test_every_attmask_training_flag_is_taken():
     assert len(ATTMASK_FLAGS) == 55
     options = main_dino.get_args_parser()._option_string_actions
     assert [f for f in ATTMASK_FLAGS if f"--{f}" not in options] == []
+
+
+def test_dinos_data_path_form_and_deit_names(tmp_path, capsys):
+    """DINO's README trains with --data_path /path/to/imagenet/train (the split folder itself) and
+    takes deit_tiny/deit_small for vit_tiny/vit_small; both work as in DINO."""
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    main_dino.main(["--arch", "deit_tiny", "--patch_size", "16", "--data_path", str(data / "train"), "--output_dir",
+                    str(out), "--global_crops_size", "32", "--local_crops_size", "16", "--local_crops_number", "2",
+                    "--batch_size_per_gpu", "2", "--epochs", "1", "--out_dim", "64", "--patch_out_dim", "32",
+                    "--num_workers", "0", "--eval_every", "1"])
+    printed = "".join(capsys.readouterr())
+    assert f"--data_path {data / 'train'} has class folders and no 'train/' folder: it is the train split itself" \
+        in printed
+    assert "Data: 9 training images" in printed
+    assert f"No val/ folder in {data / 'train'}: online k-NN is off." in printed
+    ckpt = load(out / "checkpoint.pth")
+    assert ckpt["args"]["arch"] == "vit_tiny" and ckpt["teacher"]["backbone.pos_embed"].shape == (1, 4, 192)
+    assert eval_knn.get_args_parser().parse_args(["--arch", "deit_small"]).arch == "vit_small"
+    (tmp_path / "only_val" / "val" / "cat").mkdir(parents=True)  # a root without train/ is still an error
+    with pytest.raises(SystemExit):
+        main_dino.main(["--data_path", str(tmp_path / "only_val"), "--output_dir", str(out / "x")])
+    assert "has no 'train/' folder" in capsys.readouterr().err
 
 
 def test_demo_recipe_applies_only_without_data_path():
