@@ -796,8 +796,8 @@ def check_compatible(saved, args, path):
     if saved.get("gamma") == "auto":  # checkpoints written before --gamma auto was resolved at parse time
         saved["gamma"] = backbones.resolve_gamma(saved.get("arch", args.arch), "auto")
     for key in ("arch", "patch_size", "out_dim", "mode", "patch_out_dim", "shared_head", "shared_head_teacher",
-                "gamma", "use_beta", "use_bn_in_head", "norm_in_head", "norm_last_layer",
-                "optimizer"):  # what the saved weights and optimizer state fit
+                "gamma", "use_beta", "use_bn_in_head", "norm_in_head", "act_in_head", "norm_last_layer",
+                "optimizer"):  # what the saved weights and optimizer state fit (and the model they belong to)
         if key in saved and saved[key] != getattr(args, key):
             raise utils.RunError(f"{path} was trained with --{key} {saved[key]} but this run asks for "
                                         f"--{key} {getattr(args, key)}; use another --output_dir or the same flags")

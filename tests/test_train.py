@@ -292,6 +292,9 @@ def test_ibot_head_flags(tmp_path, capsys):
                                                     "the same flags")
 
     args = main_dino.parse_args(flags)
+    with pytest.raises(utils.RunError, match="was trained with --act_in_head relu but this run asks for "
+                                             "--act_in_head gelu"):
+        main_dino.check_compatible(ckpt["args"], main_dino.parse_args(flags + ["--act_in_head", "gelu"]), "x.pth")
     assert main_dino.build_network(args, 0.0, teacher=True).head.last_layer2 is None
     assert main_dino.build_network(args, 0.0).head.last_layer2 is not None
     # the spellings of BatchNorm in the head are recorded as one
