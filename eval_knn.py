@@ -11,7 +11,7 @@ image takes the k nearest training images by cosine similarity (exact faiss inne
 search, on GPU when faiss-gpu and CUDA exist; ``--knn_backend torch`` for the faster exact
 search of simpool/knn.py) and each neighbour votes for its class with
 weight exp(similarity / T). Prints top-1/top-5 for every k and writes ``knn.json`` in
---output_dir.
+--output_dir (in --output_dir/KEY for each key of ``--checkpoint_key teacher,student``).
 """
 import argparse
 import logging
@@ -24,8 +24,8 @@ import utils
 from utils import number
 from simpool.checkpoints import add_model_args, load_pretrained
 from simpool.evaluation import (EvalError, FrozenFeatures, add_data_args, add_feature_args, add_window_size_arg,
-                                amp_dtype, build_eval_splits, drop_unreadable, is_in_memory, log_feature_choice,
-                                run_main, tolerant_collate)
+                                amp_dtype, build_eval_splits, drop_unreadable, evaluate_each_key, is_in_memory,
+                                log_feature_choice, run_main, tolerant_collate)
 from simpool.knn import extract_features, knn_classify
 
 logger = logging.getLogger("simpool")
@@ -35,7 +35,7 @@ def get_args_parser():
     p = argparse.ArgumentParser(
         prog="eval_knn.py", description="Weighted k-NN evaluation on frozen features (DINO protocol)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_window_size_arg(add_model_args(p))
+    add_window_size_arg(add_model_args(p, several_keys=True))
     add_feature_args(p, n_last_blocks=1)
     g = add_data_args(p)
     g.add_argument("--batch_size_per_gpu", default=256, type=number(int, low=1), help="Images per process per forward "
@@ -168,9 +168,19 @@ def eval_knn(args):
     return results
 
 
+def best_result(results):
+    k, r = max(results.items(), key=lambda item: item[1]["top1"])
+    return f"top-1 {r['top1']:.2f}% (k={k})"
+
+
+def eval_knn_each_key(args):
+    return evaluate_each_key(eval_knn, args, folders=("output_dir", "dump_features"), one_key_flags=("load_features",),
+                             summary=best_result)
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    return run_main(eval_knn, args)
+    return run_main(eval_knn_each_key, args)
 
 
 if __name__ == "__main__":

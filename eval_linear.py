@@ -15,7 +15,8 @@ per batch, all heads updated by one batched einsum (SGD, momentum 0.9, a cosine 
 once per epoch, as DINO's CosineAnnealingLR).
 The head with the best top-1 on the evaluation split wins; linear.json holds every
 head's result, linear_head.pth the best head's weights. A run resumes from
-linear_checkpoint.pth in --output_dir; --evaluate only scores a saved head.
+linear_checkpoint.pth in --output_dir; --evaluate only scores a saved head. Each key of
+``--checkpoint_key teacher,student`` gets its own sweep in --output_dir/KEY.
 
 With ``--train_augment False`` the training features are extracted once and cached
 (the fast CPU setting); otherwise each epoch sees RandomResizedCrop + flip augmentation.
@@ -40,8 +41,8 @@ from simpool.augment import random_resized_crop_boxes
 from simpool.checkpoints import add_model_args, load_pretrained
 from simpool.data import normalize_batch
 from simpool.evaluation import (EvalError, FrozenFeatures, add_data_args, add_feature_args, add_window_size_arg,
-                                amp_dtype, build_eval_splits, drop_unreadable, is_in_memory, log_feature_choice,
-                                run_main, tolerant_collate)
+                                amp_dtype, build_eval_splits, drop_unreadable, evaluate_each_key, is_in_memory,
+                                log_feature_choice, run_main, tolerant_collate)
 from simpool.knn import extract_features
 
 logger = logging.getLogger("simpool")
@@ -54,7 +55,7 @@ def get_args_parser():
     p = argparse.ArgumentParser(
         prog="eval_linear.py", description="Linear probe on frozen features, many learning rates at once",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_window_size_arg(add_model_args(p))
+    add_window_size_arg(add_model_args(p, several_keys=True))
     add_feature_args(p, n_last_blocks=4)
     g = add_data_args(p)
     g.add_argument("--train_augment", default=True, type=b, help="RandomResizedCrop + flip on training images, "
@@ -475,9 +476,19 @@ def score_saved_head(head, path, val_f, val_y):
     return {"top1": top1, "top5": top5}
 
 
+def best_result(result):
+    """One line of a run's result: the sweep's best head, or the --evaluate score."""
+    r = result.get("best", result)
+    return f"top-1 {r['top1']:.2f}%" + (f" (lr {r['lr']:g}, wd {r['wd']:g})" if "lr" in r else "")
+
+
+def eval_linear_each_key(args):
+    return evaluate_each_key(eval_linear, args, one_key_flags=("load_from", "pretrained_linear"), summary=best_result)
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    return run_main(eval_linear, args)
+    return run_main(eval_linear_each_key, args)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def init_distributed_mode(args):
     Sets ``args.rank``, ``args.world_size``, ``args.gpu`` and ``args.device``; the
     backend is ``args.backend`` where given, else nccl on CUDA and gloo on CPU. CPU
     threads are split between the local processes so two ranks on one machine do not
-    oversubscribe its cores.
+    oversubscribe its cores. A second call in the same process keeps the group joined.
     """
     env = os.environ
     args.rank, args.world_size, args.gpu, local_world = launch_environment()
@@ -67,7 +67,7 @@ def init_distributed_mode(args):
         torch.cuda.set_device(args.gpu)
     elif local_world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    if args.world_size > 1:
+    if args.world_size > 1 and not dist.is_initialized():  # joined once per process (one run per --checkpoint_key)
         timeout = datetime.timedelta(minutes=30)
         where = {"init_method": args.dist_url}
         attempt = env.get("TORCHELASTIC_RESTART_COUNT")

@@ -73,14 +73,39 @@ def gamma_arg(s):
     return value
 
 
-def add_model_args(parser):
-    """The backbone flags shared by eval_knn, eval_linear, export and attention."""
+def checkpoint_key_arg(text):
+    """argparse type of ``--checkpoint_key`` where one network is loaded (export, attention)."""
+    if "," in text:
+        raise argparse.ArgumentTypeError(f"expected one key such as 'teacher', got {text!r} (a comma-separated "
+                                         "list is for eval_knn.py and eval_linear.py, which evaluate each in turn)")
+    return text
+
+
+def checkpoint_keys_arg(text):
+    """argparse type of the evaluations' ``--checkpoint_key``: one key, or AttMask's and iBOT's
+    comma-separated list (``teacher,student``), each evaluated in turn; the text is kept as given."""
+    keys = text.split(",")
+    if len(keys) > 1 and (not all(keys) or len(set(keys)) < len(keys)):
+        raise argparse.ArgumentTypeError(f"expected distinct, non-empty keys separated by commas, got {text!r}")
+    return text
+
+
+def add_model_args(parser, several_keys=False):
+    """The backbone flags shared by eval_knn, eval_linear, export and attention;
+    ``several_keys``: ``--checkpoint_key`` takes a comma-separated list (see
+    ``simpool.evaluation.evaluate_each_key``)."""
     g = parser.add_argument_group("backbone")
     g.add_argument("--pretrained_weights", default="", type=str, help="Checkpoint to evaluate: a training "
                    "checkpoint.pth, an exported backbone (.pth/.safetensors), or an official DINO/iBOT/AttMask/"
                    "SimPool checkpoint. Empty: random initialisation (a baseline).")
-    g.add_argument("--checkpoint_key", default="teacher", type=str, help="Which network of a training "
-                   "checkpoint to load ('teacher' or 'student'); ignored for exported and flat files.")
+    if several_keys:
+        g.add_argument("--checkpoint_key", default="teacher", type=checkpoint_keys_arg, help="Which network of a "
+                       "training checkpoint to evaluate ('teacher' or 'student'; ignored for exported and flat "
+                       "files), or several separated by commas as in AttMask and iBOT ('teacher,student'): each "
+                       "is evaluated in turn, with its results in a subfolder of --output_dir named after it.")
+    else:
+        g.add_argument("--checkpoint_key", default="teacher", type=checkpoint_key_arg, help="Which network of a "
+                       "training checkpoint to load ('teacher' or 'student'); ignored for exported and flat files.")
     g.add_argument("--arch", default=None, type=backbones.arch_arg, choices=list(backbones.ARCHS),
                    help="Backbone architecture (a ViT, deit_tiny/deit_small meaning vit_tiny/vit_small as in DINO; "
                    "resnet50, convnext_* or fcvit_*); default: from the checkpoint (its stored args, else its "

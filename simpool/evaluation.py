@@ -8,7 +8,9 @@ Example:
     (100, 50, 'T-shirt/top')
 """
 import argparse
+import copy
 import logging
+import os
 
 import torch
 import torch.nn as nn
@@ -22,7 +24,7 @@ from simpool.data import FASHION_MNIST, DataError, build_dataset, check_same_cla
 logger = logging.getLogger("simpool")
 __all__ = ["EvalError", "build_eval_splits", "tolerant_collate", "drop_unreadable", "amp_dtype", "run_main",
            "is_in_memory", "FrozenFeatures", "add_feature_args", "add_window_size_arg", "avgpool_mode",
-           "log_feature_choice"]
+           "log_feature_choice", "evaluate_each_key"]
 
 
 class EvalError(ValueError):
@@ -73,6 +75,47 @@ def drop_unreadable(feats, labels):
 def amp_dtype(precision):
     """bf16 autocast dtype, or None for fp32."""
     return torch.bfloat16 if precision == "bf16" else None
+
+
+def evaluate_each_key(evaluate, args, folders=("output_dir",), one_key_flags=(), summary=None):
+    """``evaluate(args)`` once per key of a comma-separated ``--checkpoint_key`` (AttMask's and
+    iBOT's ``teacher,student``), each run with its own copy of ``args`` whose ``folders`` flags
+    (those given) point to a subfolder named after the key, so no run overwrites another's files.
+    One key: ``evaluate(args)`` as it is. Several: ``{key: result}``, and one line per key from
+    ``summary(result)`` at the end; a flag of ``one_key_flags`` given too is a one-line error.
+
+    Example:
+        >>> args = argparse.Namespace(checkpoint_key="teacher,student", output_dir="out")
+        >>> results = evaluate_each_key(lambda run: run.output_dir, args, summary=str)
+        --checkpoint_key teacher (1 of 2): results in out/teacher
+        --checkpoint_key student (2 of 2): results in out/student
+        teacher: out/teacher
+        student: out/student
+        >>> results
+        {'teacher': 'out/teacher', 'student': 'out/student'}
+    """
+    keys = args.checkpoint_key.split(",")
+    if len(keys) == 1:
+        return evaluate(args)
+    for flag in one_key_flags:
+        if getattr(args, flag):
+            raise EvalError(f"--{flag} belongs to one network; pass one --checkpoint_key with it, not "
+                            f"{args.checkpoint_key!r}")
+    main_process = utils.launch_environment()[0] == 0  # readable before (and after) the runs join a group
+    results = {}
+    for i, key in enumerate(keys, 1):
+        run = copy.copy(args)
+        run.checkpoint_key = key
+        for flag in folders:
+            if getattr(run, flag):
+                setattr(run, flag, os.path.join(getattr(run, flag), key))
+        if main_process:
+            print(f"--checkpoint_key {key} ({i} of {len(keys)}): results in {run.output_dir}", flush=True)
+        results[key] = evaluate(run)
+    if summary and main_process:
+        for key, result in results.items():
+            print(f"{key}: {summary(result)}", flush=True)
+    return results
 
 
 def run_main(fn, args):

@@ -259,13 +259,16 @@ def test_two_gloo_ranks_match_one_process(checkpoint, tmp_path):
     read = lambda p: json.loads(p.read_text())  # noqa: E731
     assert read(tmp_path / "knn2" / "knn.json")["results"] == read(tmp_path / "knn1" / "knn.json")["results"]
     lin = ["--train_augment", "False", "--epochs", "2", "--lrs", "0.01", "0.5"]
-    _torchrun("eval_linear.py", data + lin + ["--batch_size_per_gpu", "16", "--output_dir", str(tmp_path / "lin2")],
-              tmp_path)
+    # two keys: the second sweep runs in the process group the first one joined
+    _torchrun("eval_linear.py", data + lin + ["--batch_size_per_gpu", "16", "--output_dir", str(tmp_path / "lin2"),
+                                              "--checkpoint_key", "student,teacher"], tmp_path)
     eval_linear.main(data + lin + ["--batch_size_per_gpu", "32", "--output_dir", str(tmp_path / "lin1")])
-    two, one = read(tmp_path / "lin2" / "linear.json"), read(tmp_path / "lin1" / "linear.json")
-    assert two["global_batch"] == one["global_batch"] == 32
-    for a, b in zip(two["per_head"], one["per_head"]):
-        assert a["top1"] == pytest.approx(b["top1"], abs=2.6)  # same steps; float sums may flip one image
+    one = read(tmp_path / "lin1" / "linear.json")
+    for key in ("student", "teacher"):  # the same weights under both keys in this checkpoint
+        two = read(tmp_path / "lin2" / key / "linear.json")
+        assert two["global_batch"] == one["global_batch"] == 32
+        for a, b in zip(two["per_head"], one["per_head"]):
+            assert a["top1"] == pytest.approx(b["top1"], abs=2.6)  # same steps; float sums may flip one image
 
 
 def test_a_step_without_samples_still_steps_every_parameter():

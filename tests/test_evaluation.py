@@ -1,6 +1,7 @@
 """The frozen feature vector of the evaluations (simpool/evaluation.py): DINO's multi-block
 [CLS] features, the patch-token mean as DINO (True) and iBOT/AttMask (0/1/2) spell it,
-checked against each block's output caught by hooks; and the k-NN CLI with those flags."""
+checked against each block's output caught by hooks; the k-NN CLI with those flags, and both
+evaluation CLIs with AttMask's and iBOT's comma-separated --checkpoint_key."""
 import argparse
 import json
 
@@ -8,6 +9,8 @@ import pytest
 import torch
 
 import eval_knn
+import eval_linear
+import utils
 from checkpoint_factory import one_thread, save_training_checkpoint, tiny_backbone
 from simpool.evaluation import FrozenFeatures, avgpool_mode
 
@@ -85,3 +88,73 @@ def test_eval_knn_takes_attmasks_feature_flags(checkpoint, tmp_path):
     record = json.loads((tmp_path / "c" / "knn.json").read_text())
     assert record["features"] == {"dim": 3 * 192, "n_last_blocks": 2, "avgpool_patchtokens": 2}
     assert json.loads((tmp_path / "a" / "knn.json").read_text())["features"]["dim"] == 192
+
+
+@pytest.fixture(scope="module")
+def teacher_and_student(tmp_path_factory):
+    """A training checkpoint whose student has other weights than its teacher."""
+    path = tmp_path_factory.mktemp("two_networks") / "checkpoint.pth"
+    save_training_checkpoint(path, tiny_backbone("simpool", patch_size=7, img_size=28))
+    other = path.with_name("other.pth")
+    save_training_checkpoint(other, tiny_backbone("simpool", patch_size=7, img_size=28, seed=1))
+    state = torch.load(path, weights_only=True)
+    torch.save(dict(state, student=torch.load(other, weights_only=True)["student"]), path)
+    return path
+
+
+def test_a_list_of_checkpoint_keys_evaluates_each_network_as_its_own_run(teacher_and_student, tmp_path, capsys):
+    # AttMask's and iBOT's `--checkpoint_key teacher,student` (before: "has no 'teacher,student' entry")
+    common = ["--pretrained_weights", str(teacher_and_student), "--data_path", "fashion-mnist", "--subset", "4",
+              "--val_subset", "3", "--nb_knn", "1", "5"]
+    both = eval_knn.main(common + ["--checkpoint_key", "teacher,student", "--output_dir", str(tmp_path / "both"),
+                                   "--dump_features", str(tmp_path / "features")])
+    out = capsys.readouterr().out
+    assert list(both) == ["teacher", "student"]
+    for key in both:  # each equals a run of that key alone, and writes into its own subfolder
+        alone = eval_knn.main(common + ["--checkpoint_key", key, "--output_dir", str(tmp_path / key)])
+        assert both[key] == alone
+        assert json.loads((tmp_path / "both" / key / "knn.json").read_text())["checkpoint_key"] == key
+        best_k, best = max(alone.items(), key=lambda item: item[1]["top1"])
+        assert f"{key}: top-1 {best['top1']:.2f}% (k={best_k})" in out
+    teacher_f, student_f = (torch.load(tmp_path / "features" / key / "trainfeat.pth", weights_only=True)
+                            for key in both)
+    assert teacher_f.shape == student_f.shape and not torch.allclose(teacher_f, student_f)
+    assert not (tmp_path / "both" / "knn.json").exists()
+
+    linear = ["--pretrained_weights", str(teacher_and_student), "--data_path", "fashion-mnist", "--subset", "4",
+              "--val_subset", "3", "--epochs", "1", "--train_augment", "False", "--lrs", "0.01", "0.1",
+              "--output_dir", str(tmp_path / "linear")]
+    swept = eval_linear.main(linear + ["--checkpoint_key", "teacher,student"])
+    scored = eval_linear.main(linear + ["--checkpoint_key", "teacher,student", "--evaluate"])
+    for key in ("teacher", "student"):  # --evaluate finds each key's own head (its weights fingerprint matches)
+        assert swept[key]["best"]["top1"] == pytest.approx(scored[key]["top1"])
+        assert (tmp_path / "linear" / key / "linear_head.pth").exists()
+    assert swept["teacher"]["per_head"] != swept["student"]["per_head"]
+    capsys.readouterr()
+
+    for tool, extra, message in (
+            (eval_knn, ["--load_features", str(tmp_path / "features" / "teacher")], "--load_features belongs to one "
+             "network; pass one --checkpoint_key with it, not 'teacher,student'"),
+            (eval_linear, ["--pretrained_linear", str(tmp_path / "linear" / "teacher" / "linear_head.pth"),
+                           "--evaluate"], "--pretrained_linear belongs to one network"),
+            (eval_linear, ["--load_from", "elsewhere.pth"], "--load_from belongs to one network")):
+        with pytest.raises(SystemExit) as e:
+            tool.main(common[:2] + ["--checkpoint_key", "teacher,student", "--output_dir", str(tmp_path)] + extra)
+        err = capsys.readouterr().err
+        assert e.value.code == utils.USER_ERROR_EXIT and message in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("tool,key,expected", [
+    ("eval_knn", "teacher,,student", "expected distinct, non-empty keys separated by commas, got 'teacher,,student'"),
+    ("eval_linear", "teacher,teacher", "expected distinct, non-empty keys separated by commas"),
+    ("export", "teacher,student", "expected one key such as 'teacher', got 'teacher,student' (a comma-separated "
+     "list is for eval_knn.py and eval_linear.py"),
+    ("attention", "teacher,student", "expected one key such as 'teacher'"),
+])
+def test_checkpoint_key_lists_are_checked_where_they_are_parsed(tool, key, expected, capsys):
+    from simpool import attention, export
+    module = {"eval_knn": eval_knn, "eval_linear": eval_linear, "export": export, "attention": attention}[tool]
+    with pytest.raises(SystemExit) as e:
+        module.get_args_parser().parse_args(["--checkpoint_key", key])
+    assert e.value.code == utils.USER_ERROR_EXIT
+    assert f"argument --checkpoint_key: {expected}" in capsys.readouterr().err
