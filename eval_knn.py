@@ -81,7 +81,8 @@ def compute_features(args):
     model = FrozenFeatures(model, args.n_last_blocks, args.avgpool_patchtokens).to(args.device).eval()
     log_feature_choice(model, info, args)
     info["features"] = {"dim": model.dim, **model.settings()}
-    train, val = build_eval_splits(args.data_path, image_size, args.subset, args.val_subset)
+    train, val = build_eval_splits(args.data_path, image_size, args.subset, args.val_subset,
+                                   subset_start=args.subset_starts)
     logger.info(f"Data: {len(train)} training and {len(val)} evaluation images from {args.data_path}, "
                 f"{len(train.classes)} classes, at {image_size}px.")
     kw = dict(batch_size=args.batch_size_per_gpu, device=args.device, image_size=image_size,
@@ -156,7 +157,8 @@ def eval_knn(args):
     record = {"results": {str(k): r for k, r in sorted(results.items())},
               "best": dict(zip(("k", "top1"), max(((k, r["top1"]) for k, r in results.items()), key=lambda t: t[1]))),
               "temperature": args.temperature, "n_train": len(train_f), "n_test": len(test_f),
-              "data_path": args.data_path, "pretrained_weights": args.pretrained_weights or None,
+              "data_path": args.data_path, "subset": args.subset, "subset_starts": args.subset_starts,
+              "val_subset": args.val_subset, "pretrained_weights": args.pretrained_weights or None,
               "checkpoint_key": args.checkpoint_key,
               "model": {k: info.get(k) for k in ("arch", "patch_size", "mode", "gamma", "image_size", "epoch")},
               "features": info.get("features"), "seconds": round(time.time() - start, 1),

@@ -289,7 +289,7 @@ def eval_linear(args):
     log_feature_choice(features, info, args)
     train_tf = train_transform(image_size, args.crop_scale) if args.train_augment else None
     train, val = build_eval_splits(args.data_path, image_size, args.subset, args.val_subset, train_transform=train_tf,
-                                   seed=args.seed)
+                                   subset_start=args.subset_starts)
     num_labels = args.num_labels or len(train.classes)
     if num_labels < len(train.classes):
         raise EvalError(f"--num_labels {num_labels} is below the {len(train.classes)} classes of {args.data_path}")
@@ -313,6 +313,7 @@ def eval_linear(args):
               "global_batch": global_batch, "momentum": args.momentum,
               "pretrained_weights": os.path.abspath(args.pretrained_weights) if args.pretrained_weights else None,
               "checkpoint_key": args.checkpoint_key, "data_path": args.data_path, "subset": args.subset,
+              "subset_starts": args.subset_starts,
               "image_size": image_size, "precision": args.precision, "train_augment": args.train_augment,
               "crop_scale": list(args.crop_scale), **features.settings()}
     os.makedirs(args.output_dir, exist_ok=True)

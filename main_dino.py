@@ -194,7 +194,9 @@ def get_args_parser():
     g.add_argument("--data_path", default=None, type=str, help="ImageFolder root holding train/<class>/* (and "
                    "val/ for k-NN), the train folder itself (DINO's /imagenet/train: no online k-NN), or "
                    "'fashion-mnist'. Omitted: the CPU demo recipe.")
-    g.add_argument("--subset", default=-1, type=utils.subset_size, help="Keep this many images per class (-1: all).")
+    g.add_argument("--subset", default=-1, type=utils.subset_size, help="Keep this many images per class (-1: all): "
+                   "the first ones of each class in folder order (sorted file names), as AttMask picks them (--subset "
+                   "260: its 20%% ImageNet split).")
     g.add_argument("--output_dir", default="output", type=str, help="Where checkpoint.pth, log.txt and "
                    "TensorBoard events go; a run there resumes from its checkpoint.")
     g.add_argument("--saveckp_freq", default=20, type=n(int, low=0), help="Also keep checkpoint{epoch:04}.pth every "
@@ -419,8 +421,7 @@ def train_dino(args):
                                     color_jitter_prob=args.color_jitter_prob, grayscale_prob=args.grayscale_prob,
                                     blur_prob=args.blur_prob, solarization_prob=args.solarization_prob,
                                     global_crops_number=args.global_crops_number)
-    dataset = build_dataset(args.data_path, "train", args.subset, transform=augment.crop_image, seed=args.seed,
-                            split_folder_ok=True)
+    dataset = build_dataset(args.data_path, "train", args.subset, transform=augment.crop_image, split_folder_ok=True)
     augment.set_normalization(dataset.mean, dataset.std)
     world_size = utils.launch_environment()[1]  # the sampler drops each epoch's last incomplete global batch
     if len(dataset) < args.batch_size_per_gpu * world_size:
@@ -709,7 +710,7 @@ def build_knn_data(args):
     if args.data_path != FASHION_MNIST and not os.path.isdir(os.path.join(args.data_path, "val")):
         logger.warning(f"No val/ folder in {args.data_path}: online k-NN is off.")
         return None
-    return build_eval_splits(args.data_path, args.global_crops_size, args.subset, seed=args.seed)
+    return build_eval_splits(args.data_path, args.global_crops_size, args.subset)
 
 
 def online_knn(backbone, knn_data, args, amp_dtype):

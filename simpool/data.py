@@ -157,22 +157,32 @@ def skip_bad_collate(inner=default_collate):
     return collate
 
 
-def subset_per_class(labels, per_class, seed=0):
-    """Indices of the first ``per_class`` samples of each class in a seeded shuffle."""
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(labels), generator=g)
-    labels = torch.as_tensor(labels)[order]
-    keep = []
-    for c in labels.unique().tolist():
-        keep.append(order[labels == c][:per_class])
-    return torch.cat(keep).sort().values
+def subset_per_class(labels, per_class, start=0):
+    """Sorted indices of the images ``start`` to ``start + per_class - 1`` of each class, counted
+    in dataset order (an ImageFolder's sorted paths), as AttMask (after OBoW) picks its ImageNet
+    subsets: ``--subset 260`` is the same 20% split in every run and every tool, and
+    ``--subset_starts`` steps through disjoint low-shot sets. A class with fewer images keeps
+    what it has from ``start`` on.
+
+    Example:
+        >>> subset_per_class([0, 1, 0, 0, 1, 2], per_class=2).tolist()
+        [0, 1, 2, 4, 5]
+        >>> subset_per_class([0, 1, 0, 0, 1, 2], per_class=2, start=1).tolist()
+        [2, 3, 4]
+    """
+    labels = torch.as_tensor(labels)
+    order = torch.argsort(labels, stable=True)  # each class's images together, in dataset order
+    grouped = labels[order]
+    rank = torch.arange(len(labels)) - torch.searchsorted(grouped, grouped)  # position within its class
+    return order[(rank >= start) & (rank < start + per_class)].sort().values
 
 
-def build_dataset(data_path, split, subset=-1, transform=None, seed=0, split_folder_ok=False):
+def build_dataset(data_path, split, subset=-1, transform=None, subset_start=0, split_folder_ok=False):
     """The ``split`` of ``data_path`` ('fashion-mnist' or an ImageFolder root).
 
     ``transform`` applies per image to ImageFolder samples (ignored for in-memory
-    data); ``subset`` > 0 keeps that many images per class. ``split_folder_ok``: a
+    data); ``subset`` > 0 keeps that many images per class, from each class's
+    ``subset_start``-th on (``subset_per_class``). ``split_folder_ok``: a
     ``data_path`` without a ``split/`` folder but with class folders is the split itself
     (DINO's ``--data_path /imagenet/train``); one that holds ``val/`` is still an error.
     """
@@ -196,7 +206,7 @@ def build_dataset(data_path, split, subset=-1, transform=None, seed=0, split_fol
         if len(ds) == 0:
             raise DataError(f"{root} holds no images (expected {root}/<class>/<images>)")
     if subset is not None and subset > 0:
-        ds = ds.subset(subset_per_class(ds.labels, subset, seed))
+        ds = ds.subset(subset_per_class(ds.labels, subset, subset_start))
     return ds
 
 

@@ -36,15 +36,14 @@ def is_in_memory(dataset):
     return not hasattr(dataset, "samples")
 
 
-def build_eval_splits(data_path, image_size, subset=-1, val_subset=-1, train_transform=None, seed=0):
+def build_eval_splits(data_path, image_size, subset=-1, val_subset=-1, train_transform=None, subset_start=0):
     """(train, val) datasets: Fashion-MNIST's train/test splits, or ``DATA/train`` and
     ``DATA/val`` ImageFolders (val resized and centre-cropped to ``image_size``; train
     with ``train_transform``, default the same as val). ``subset``/``val_subset`` > 0
-    keep that many images per class."""
+    keep that many images per class (the training ones from ``subset_start`` on)."""
     val_tf = eval_transform(image_size)
-    train = build_dataset(data_path, "train", subset, transform=train_transform or val_tf, seed=seed)
-    val = build_dataset(data_path, "test" if data_path == FASHION_MNIST else "val", val_subset,
-                        transform=val_tf, seed=seed)
+    train = build_dataset(data_path, "train", subset, transform=train_transform or val_tf, subset_start=subset_start)
+    val = build_dataset(data_path, "test" if data_path == FASHION_MNIST else "val", val_subset, transform=val_tf)
     check_same_classes(train, val, data_path)
     return train, val
 
@@ -238,7 +237,11 @@ def add_data_args(parser):
                    "interpolated from its trained grid; convnets see at least 32 px (a smaller size is raised to "
                    "32, logged).")
     g.add_argument("--subset", default=-1, type=subset_size, help="Keep this many training images per class "
-                   "(-1: all).")
+                   "(-1: all): the first ones of each class in folder order (sorted file names), as AttMask picks "
+                   "them, so --subset 260 is its 20%% ImageNet split.")
+    g.add_argument("--subset_starts", default=0, type=number(int, low=0), help="With --subset N: keep the training "
+                   "images from this position of each class on (AttMask's low-shot runs: --subset 5 with 0, 5, 10, "
+                   "15, 20 for five disjoint sets).")
     g.add_argument("--val_subset", default=-1, type=subset_size, help="Keep this many evaluation images per "
-                   "class (-1: all).")
+                   "class (-1: all), the first ones of each class.")
     return g

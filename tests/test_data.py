@@ -42,27 +42,41 @@ def test_load_fashion_mnist_test_split():
 
 @needs_fmnist
 def test_build_dataset_fashion_mnist_subset(fmnist_train):
-    ds = build_dataset("fashion-mnist", "train", subset=3, seed=1)
+    ds = build_dataset("fashion-mnist", "train", subset=3, subset_start=2)
     assert isinstance(ds, InMemoryImages) and len(ds) == 30
     assert ds.classes == FASHION_MNIST_CLASSES
     assert torch.bincount(ds.labels).tolist() == [3] * 10
     # the subset's images are the source images at the chosen indices
-    idx = subset_per_class(fmnist_train[1], 3, seed=1)
+    idx = subset_per_class(fmnist_train[1], 3, start=2)
     assert torch.equal(ds.images, fmnist_train[0][idx])
     images, labels = ds.__getitems__([0, 5, 7])
     assert images.shape == (3, 1, 28, 28) and torch.equal(labels, ds.labels[[0, 5, 7]])
 
 
-def test_subset_per_class_counts():
+def first_per_class(labels, per_class, start):
+    """AttMask's (OBoW's) subset, written as its loop: each class's indices in order, sliced."""
+    by_class = {}
+    for i, c in enumerate(labels):
+        by_class.setdefault(c, []).append(i)
+    return sorted(i for indices in by_class.values() for i in indices[start:start + per_class])
+
+
+@pytest.mark.parametrize("per_class,start", [(4, 0), (1, 0), (3, 2), (4, 8), (100, 0)])
+def test_subset_per_class_is_attmasks_first_images_of_each_class(per_class, start):
+    # before: a seeded random draw, so AttMask's --subset 260 (its 20% ImageNet split) and its
+    # low-shot --subset_starts sets were other images here
     labels = torch.tensor([0] * 10 + [1] * 3 + [2] * 7 + [5] * 1)
-    labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
-    idx = subset_per_class(labels, 4, seed=0)
-    assert torch.equal(idx, idx.sort().values) and len(set(idx.tolist())) == len(idx)
-    counts = torch.bincount(labels[idx], minlength=6).tolist()
-    assert counts == [4, 3, 4, 0, 0, 1]  # at most 4 per class, all of a smaller class
-    assert torch.equal(idx, subset_per_class(labels, 4, seed=0))  # seeded
-    others = [subset_per_class(labels, 4, seed=s) for s in range(1, 6)]
-    assert any(not torch.equal(idx, o) for o in others)
+    labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))].tolist()
+    idx = subset_per_class(labels, per_class, start)
+    assert idx.tolist() == first_per_class(labels, per_class, start)
+    counts = torch.bincount(torch.tensor(labels)[idx], minlength=6).tolist()
+    assert counts == [max(0, min(per_class, n - start)) for n in (10, 3, 7, 0, 0, 1)]
+
+
+def test_subset_starts_step_through_disjoint_sets():
+    labels = torch.arange(1000) % 7
+    sets = [set(subset_per_class(labels, 5, start).tolist()) for start in (0, 5, 10, 15, 20)]
+    assert all(len(s) == 35 for s in sets) and len(set.union(*sets)) == 5 * 35
 
 
 # ---------------------------------------------------------------- ImageFolder with bad files
@@ -135,6 +149,10 @@ def test_safe_image_folder_subset(folder):
     ds = build_dataset(str(folder), "train", subset=1, transform=_to_tensor)
     assert len(ds) == 2 and sorted(ds.labels.tolist()) == [0, 1]
     assert ds.classes == ["cat", "dog"]
+    # the first file of each class by name, as AttMask's ImageFolder subsets
+    assert [os.path.basename(p) for p, _ in ds.samples] == ["a.png", "c.png"]
+    ds = build_dataset(str(folder), "train", subset=2, subset_start=1, transform=_to_tensor)
+    assert [os.path.basename(p) for p, _ in ds.samples] == ["b.png", "corrupt.jpg", "garbage.jpg", "notes.png"]
 
 
 def _one_line_data_error(path, split="train"):

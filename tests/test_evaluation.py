@@ -158,3 +158,19 @@ def test_checkpoint_key_lists_are_checked_where_they_are_parsed(tool, key, expec
         module.get_args_parser().parse_args(["--checkpoint_key", key])
     assert e.value.code == utils.USER_ERROR_EXIT
     assert f"argument --checkpoint_key: {expected}" in capsys.readouterr().err
+
+
+def test_subset_starts_picks_attmasks_low_shot_images(checkpoint, tmp_path):
+    # AttMask's low-shot k-NN: --subset N --subset_starts S keeps images S .. S+N-1 of each class
+    common = ["--pretrained_weights", str(checkpoint), "--data_path", "fashion-mnist", "--val_subset", "2",
+              "--nb_knn", "1"]
+    eval_knn.main(common + ["--subset", "5", "--output_dir", str(tmp_path / "a"), "--dump_features", str(tmp_path / "a")])
+    eval_knn.main(common + ["--subset", "2", "--subset_starts", "3", "--output_dir", str(tmp_path / "b"),
+                            "--dump_features", str(tmp_path / "b")])
+    read = lambda folder, name: torch.load(tmp_path / folder / name, weights_only=True)  # noqa: E731
+    five, five_y = read("a", "trainfeat.pth"), read("a", "trainlabels.pth")
+    two, two_y = read("b", "trainfeat.pth"), read("b", "trainlabels.pth")
+    rank = torch.stack([(five_y[:i] == five_y[i]).sum() for i in range(len(five_y))])  # position in its class
+    assert torch.equal(two_y, five_y[rank >= 3]) and torch.allclose(two, five[rank >= 3])
+    record = json.loads((tmp_path / "b" / "knn.json").read_text())
+    assert record["n_train"] == 20 and (record["subset"], record["subset_starts"]) == (2, 3)
