@@ -83,11 +83,12 @@ def get_args_parser():
                    "layer as the pooled vector (AttMask/iBOT option) instead of a separate one.")
     g.add_argument("--norm_last_layer", default=True, type=b, help="Keep the head's last layer "
                    "weight-normalised with fixed unit norm: more stable; False trains better small models.")
-    g.add_argument("--use_bn_in_head", default=False, type=b, help="BatchNorm in the projection head MLP (DINO's "
-                   "flag; the same as --norm_in_head bn).")
-    g.add_argument("--norm_in_head", default=None, type=head_norm_arg, help="Normalisation after each hidden layer "
-                   "of the projection head (iBOT's flag): None; bn, BatchNorm; syncbn, the same (every BatchNorm "
-                   "becomes SyncBatchNorm under DDP on GPUs); ln, LayerNorm.")
+    g.add_argument("--use_bn_in_head", default=False, type=b, help="A BatchNorm of its own after each hidden layer "
+                   "of the projection head MLP (DINO's flag and head).")
+    g.add_argument("--norm_in_head", default=None, type=head_norm_arg, help="One normalisation layer placed after "
+                   "every hidden layer of the projection head, its weights shared between them, as iBOT's and "
+                   "AttMask's head builds it: None; bn, BatchNorm; syncbn, the same (every BatchNorm becomes "
+                   "SyncBatchNorm under DDP on GPUs); ln, LayerNorm.")
     g.add_argument("--act_in_head", default="gelu", choices=list(vits.HEAD_ACTS), help="Activation of the "
                    "projection head's hidden layers (iBOT's flag).")
     g.add_argument("--shared_head_teacher", default=False, type=b, help="With --shared_head False: True makes the "
@@ -265,12 +266,13 @@ def check_args(args):
     smallest input, and --compile on CPU without a C++ compiler (inductor builds its CPU
     kernels with one), as one-line RunErrors. (Each flag's own range is checked by its type.)"""
     args.gamma = backbones.resolve_gamma(args.arch, args.gamma)
-    if args.use_bn_in_head and args.norm_in_head not in (None, "bn", "syncbn"):
-        raise utils.RunError(f"--use_bn_in_head True asks for BatchNorm in the head and --norm_in_head "
-                             f"{args.norm_in_head} for LayerNorm; pass one of them")
-    if args.use_bn_in_head or args.norm_in_head == "syncbn":  # one spelling recorded for each head
+    if args.use_bn_in_head and args.norm_in_head is not None:
+        raise utils.RunError(f"--use_bn_in_head True (DINO's head: a BatchNorm of its own after each hidden layer) "
+                             f"and --norm_in_head {args.norm_in_head} (iBOT's: one norm shared by the hidden layers) "
+                             "both choose the head's norm; pass one of them")
+    if args.norm_in_head == "syncbn":  # the same layer: every BatchNorm becomes a SyncBatchNorm under DDP
         args.norm_in_head = "bn"
-    args.use_bn_in_head = args.norm_in_head == "bn"
+    args.head_norm_shared = args.norm_in_head is not None  # recorded for the resume check
     if args.shared_head_teacher and not args.shared_head and args.patch_out_dim != args.out_dim:
         raise utils.RunError(f"--shared_head_teacher True projects the teacher's patch tokens to --out_dim "
                              f"{args.out_dim} values and the student's (--shared_head False) to --patch_out_dim "
@@ -339,7 +341,8 @@ def build_network(args, drop_path_rate, grad_checkpointing=False, teacher=False)
                                         mode=args.mode, gamma=args.gamma, use_beta=args.use_beta,
                                         drop_path_rate=drop_path_rate)
     backbone.set_grad_checkpointing(grad_checkpointing)
-    head = vits.DINOHead(backbone.embed_dim, args.out_dim, norm=args.norm_in_head, act=args.act_in_head,
+    head = vits.DINOHead(backbone.embed_dim, args.out_dim, use_bn=args.use_bn_in_head, norm=args.norm_in_head,
+                         share_norm=args.norm_in_head is not None, act=args.act_in_head,
                          norm_last_layer=args.norm_last_layer,
                          patch_out_dim=args.out_dim if args.shared_head else args.patch_out_dim,
                          shared_head=args.shared_head or (teacher and args.shared_head_teacher))
@@ -796,6 +799,16 @@ def check_compatible(saved, args, path):
         saved.pop("gamma", None), saved.pop("use_beta", None)
     if saved.get("gamma") == "auto":  # checkpoints written before --gamma auto was resolved at parse time
         saved["gamma"] = backbones.resolve_gamma(saved.get("arch", args.arch), "auto")
+    if "norm_in_head" in saved and "head_norm_shared" not in saved:
+        # written before --norm_in_head shared one norm between the hidden layers: each had its own, and
+        # --use_bn_in_head True was recorded as --norm_in_head bn too
+        saved["head_norm_shared"] = False
+        if saved.get("use_bn_in_head"):
+            saved["norm_in_head"] = None
+    if saved.get("head_norm_shared", args.head_norm_shared) != args.head_norm_shared:
+        raise utils.RunError(f"{path} has a head with a norm of its own after each hidden layer (written before "
+                             "--norm_in_head shared one between them, as iBOT's head does) but this run's "
+                             f"--norm_in_head {args.norm_in_head} shares one; use another --output_dir")
     for key in ("arch", "patch_size", "out_dim", "mode", "patch_out_dim", "shared_head", "shared_head_teacher",
                 "gamma", "use_beta", "use_bn_in_head", "norm_in_head", "act_in_head", "norm_last_layer",
                 "optimizer"):  # what the saved weights and optimizer state fit (and the model they belong to)

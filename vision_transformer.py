@@ -89,7 +89,8 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x, mask=None, return_attention=False):
         """Return a dict with ``pooled`` (B, D), ``patch_tokens`` (B, N, D) after the final
-        norm, and ``attention`` (B, N) when ``return_attention`` is set."""
+        norm, ``raw_patch_tokens`` (B, N, D) before it, and ``attention`` (B, N) when
+        ``return_attention`` is set."""
         x = self.prepare_tokens(x, mask)
         attention = None
         for i, blk in enumerate(self.blocks):
@@ -108,7 +109,8 @@ class VisionTransformer(nn.Module):
                 pooled, attention = pooled
         else:
             pooled = x[:, 0]
-        return {"pooled": self.norm(pooled), "patch_tokens": self.norm(patches), "attention": attention}
+        return {"pooled": self.norm(pooled), "patch_tokens": self.norm(patches), "raw_patch_tokens": patches,
+                "attention": attention}
 
     def forward(self, x):
         return self.forward_features(x)["pooled"]
@@ -316,7 +318,10 @@ class DINOHead(nn.Module):
 
     The MLP's hidden layers are Linear [-> norm] -> activation: ``norm`` None, 'bn', 'syncbn'
     or 'ln' (iBOT's ``--norm_in_head``; ``use_bn=True`` is DINO's spelling of 'bn'), ``act``
-    'gelu' or 'relu' (iBOT's ``--act_in_head``).
+    'gelu' or 'relu' (iBOT's ``--act_in_head``). ``share_norm``: one norm module after every
+    hidden layer, as iBOT's head (and AttMask's copy of it) builds for ``--norm_in_head``, so
+    the layers share its weights (and BatchNorm's running statistics); without it each layer
+    has its own, as in DINO's head with ``use_bn``. The state dict names both places either way.
     With ``patch_out_dim`` the head also projects patch tokens for the iBOT loss:
     through the same MLP, then the same last layer (``shared_head=True``) or a
     second one (``last_layer2``) of width ``patch_out_dim``.
@@ -328,7 +333,7 @@ class DINOHead(nn.Module):
     """
 
     def __init__(self, in_dim, out_dim, use_bn=False, norm_last_layer=True, nlayers=3, hidden_dim=2048,
-                 bottleneck_dim=256, patch_out_dim=None, shared_head=False, norm=None, act="gelu"):
+                 bottleneck_dim=256, patch_out_dim=None, shared_head=False, norm=None, act="gelu", share_norm=False):
         super().__init__()
         if use_bn and norm not in (None, "bn"):
             raise ValueError(f"use_bn=True asks for BatchNorm, norm={norm!r} for another")
@@ -340,8 +345,9 @@ class DINOHead(nn.Module):
             self.mlp = nn.Linear(in_dim, bottleneck_dim)
         else:
             layers = [nn.Linear(in_dim, hidden_dim)]
+            shared_norm = _head_norm(norm, hidden_dim) if share_norm else None
             for i in range(nlayers - 1):
-                hidden_norm = _head_norm(norm, hidden_dim)
+                hidden_norm = shared_norm if share_norm else _head_norm(norm, hidden_dim)
                 if hidden_norm is not None:
                     layers.append(hidden_norm)
                 layers.append(HEAD_ACTS[act]())

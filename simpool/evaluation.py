@@ -143,8 +143,9 @@ def add_feature_args(parser, n_last_blocks):
                    "concatenate the [CLS] token of this many last blocks (DINO's linear probe: 4 for ViT-S, 1 for "
                    "ViT-B; k-NN: 1). SimPool models and convnets use their one pooled vector.")
     g.add_argument("--avgpool_patchtokens", default=0, type=avgpool_mode, help="The mean of the last block's patch "
-                   "tokens (after the final norm): False or 0 leaves it out, True or 2 appends it to the image vector "
-                   "(DINO's True: its ViT-B linear probe), 1 uses it alone (iBOT's 1). ViTs only.")
+                   "tokens: False or 0 leaves it out, True or 2 appends their mean after the final norm to the image "
+                   "vector (DINO's True: its ViT-B linear probe), 1 uses their mean before the final norm alone "
+                   "(iBOT's and AttMask's 1, whose mean-pooling models have no final norm). ViTs only.")
     return g
 
 
@@ -161,9 +162,12 @@ class FrozenFeatures(nn.Module):
 
     The image vector: SimPool's pooled vector (simpool mode), or the [CLS] tokens of the last
     ``n_last_blocks`` blocks after the final norm, concatenated (official mode). ``avgpool``
-    (``avgpool_mode``'s 0/1/2; False/True mean 0/2) replaces it by (1) or appends (2) the mean
-    of the last block's normalised patch tokens. Convnets (no blocks, no patch tokens): the
-    pooled vector in either mode; ``n_last_blocks`` and ``avgpool`` are ignored.
+    (``avgpool_mode``'s 0/1/2; False/True mean 0/2) appends (2) the mean of the last block's
+    patch tokens after the final norm, as DINO's True does, or replaces the image vector by (1)
+    their mean before it: iBOT's and AttMask's scripts build the model for 1 with mean pooling,
+    whose final norm is an identity, and average the tokens it returns. Convnets (no blocks,
+    no patch tokens): the pooled vector in either mode; ``n_last_blocks`` and ``avgpool`` are
+    ignored.
 
     Example:
         >>> import vision_transformer
@@ -195,8 +199,9 @@ class FrozenFeatures(nn.Module):
             if not self.avgpool:
                 return bb(x)
             out = bb.forward_features(x)
-            mean = out["patch_tokens"].mean(dim=1)
-            return mean if self.avgpool == 1 else torch.cat([out["pooled"], mean], dim=-1)
+            if self.avgpool == 1:
+                return out["raw_patch_tokens"].mean(dim=1)
+            return torch.cat([out["pooled"], out["patch_tokens"].mean(dim=1)], dim=-1)
         x = bb.prepare_tokens(x)
         outputs = []
         first = len(bb.blocks) - self.n_last_blocks
@@ -204,9 +209,10 @@ class FrozenFeatures(nn.Module):
             x = blk(x)
             if i >= first:
                 outputs.append(bb.norm(x))
+        if self.avgpool == 1:
+            return x[:, bb.num_prefix_tokens:].mean(dim=1)
         mean = [outputs[-1][:, bb.num_prefix_tokens:].mean(dim=1)] if self.avgpool else []
-        cls = [o[:, 0] for o in outputs] if self.avgpool != 1 else []
-        return torch.cat(cls + mean, dim=-1)
+        return torch.cat([o[:, 0] for o in outputs] + mean, dim=-1)
 
 
 def log_feature_choice(features, info, args):
@@ -218,8 +224,8 @@ def log_feature_choice(features, info, args):
                         "--n_last_blocks and --avgpool_patchtokens apply to ViTs only and are ignored.")
         return
     if args.avgpool_patchtokens == 1:
-        logger.info("--avgpool_patchtokens 1: the mean patch token alone (iBOT's 1; DINO's True, the image vector "
-                    "and the mean, is True or 2).")
+        logger.info("--avgpool_patchtokens 1: the mean of the last block's patch tokens alone, before the final "
+                    "norm (iBOT's 1; DINO's True, the image vector and the normalised mean, is True or 2).")
     if info["mode"] != "official" and args.n_last_blocks != 1:
         logger.info("SimPool backbone: features are its pooled vector (--n_last_blocks applies to [CLS] models).")
     elif features.cls_blocks and features.n_last_blocks < args.n_last_blocks:

@@ -54,7 +54,9 @@ def test_cls_features_concatenate_last_blocks_and_the_patch_mean():
     torch.testing.assert_close(f_both[:, 3 * 192:4 * 192], out["pooled"])  # the last one is the pooled vector
     torch.testing.assert_close(f_both[:, 4 * 192:], mean)
     assert alone.dim == 192 and alone.settings() == {"n_last_blocks": 4, "avgpool_patchtokens": 1}
-    torch.testing.assert_close(f_alone, mean)  # iBOT's 1: the mean alone
+    # iBOT's (AttMask's) 1: the mean alone, of the last block's tokens before the final norm (before: after it)
+    torch.testing.assert_close(f_alone, outputs[-1][:, 1:].mean(1))
+    assert not torch.allclose(f_alone, mean)
     torch.testing.assert_close(f_cls, torch.cat(last4, 1))
     assert FrozenFeatures(model, n_last_blocks=4, avgpool=True).avgpool == 2  # DINO's True
 
@@ -62,9 +64,9 @@ def test_cls_features_concatenate_last_blocks_and_the_patch_mean():
 def test_simpool_features_are_the_pooled_vector_and_the_patch_mean():
     model = tiny_backbone("simpool", patch_size=7, img_size=28)
     x = torch.randn(2, 3, 28, 28)
-    out, _ = block_outputs(model, x)
+    out, outputs = block_outputs(model, x)
     with torch.no_grad():
-        for avgpool, expected in ((0, out["pooled"]), (1, out["patch_tokens"].mean(1)),
+        for avgpool, expected in ((0, out["pooled"]), (1, outputs[-1].mean(1)),
                                   (2, torch.cat([out["pooled"], out["patch_tokens"].mean(1)], 1))):
             features = FrozenFeatures(model, n_last_blocks=4, avgpool=avgpool)  # n_last_blocks: [CLS] models only
             assert features.n_last_blocks == 1 and features.dim == expected.shape[1]

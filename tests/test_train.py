@@ -283,6 +283,10 @@ def test_ibot_head_flags(tmp_path, capsys):
     assert (ckpt["args"]["norm_in_head"], ckpt["args"]["act_in_head"], ckpt["args"]["shared_head_teacher"]) == \
         ("ln", "relu", True)
     assert not torch.equal(ckpt["teacher"]["head.mlp.0.weight"], ckpt["student"]["head.mlp.0.weight"])  # an EMA
+    # iBOT's one LayerNorm after both hidden layers: trained, and still one (separate ones would drift apart)
+    for net in ("student", "teacher"):
+        assert torch.equal(ckpt[net]["head.mlp.1.weight"], ckpt[net]["head.mlp.4.weight"])
+        assert not torch.equal(ckpt[net]["head.mlp.1.weight"], torch.ones(2048))
     main_dino.main(flags + ["--epochs", "2"])  # resumes into the same model
     assert load(tmp_path / "checkpoint.pth")["epoch"] == 2
     with pytest.raises(SystemExit):  # the other teacher projection does not fit these weights
@@ -297,15 +301,28 @@ def test_ibot_head_flags(tmp_path, capsys):
         main_dino.check_compatible(ckpt["args"], main_dino.parse_args(flags + ["--act_in_head", "gelu"]), "x.pth")
     assert main_dino.build_network(args, 0.0, teacher=True).head.last_layer2 is None
     assert main_dino.build_network(args, 0.0).head.last_layer2 is not None
-    # the spellings of BatchNorm in the head are recorded as one
-    for extra in (["--use_bn_in_head", "True"], ["--norm_in_head", "syncbn"], ["--norm_in_head", "bn"]):
+    # DINO's BatchNorm per hidden layer, iBOT's one shared BatchNorm (syncbn is the same layer)
+    for extra, recorded in ((["--use_bn_in_head", "True"], (None, True, False)),
+                            (["--norm_in_head", "syncbn"], ("bn", False, True)),
+                            (["--norm_in_head", "bn"], ("bn", False, True)),
+                            (["--norm_in_head", "None"], (None, False, False))):
         args = main_dino.parse_args(["--data_path", "x"] + extra)
-        assert (args.norm_in_head, args.use_bn_in_head) == ("bn", True)
-    assert main_dino.parse_args(["--data_path", "x", "--norm_in_head", "None"]).norm_in_head is None
-    assert main_dino.parse_args([]).norm_in_head == "bn"  # the demo recipe's BatchNorm head
-    with pytest.raises(utils.RunError, match="--use_bn_in_head True asks for BatchNorm in the head and "
-                                             "--norm_in_head ln for LayerNorm; pass one of them"):
-        main_dino.parse_args(["--data_path", "x", "--use_bn_in_head", "True", "--norm_in_head", "ln"])
+        assert (args.norm_in_head, args.use_bn_in_head, args.head_norm_shared) == recorded
+        mlp = main_dino.build_network(args, 0.0).head.mlp
+        assert (mlp[1] is mlp[4]) == recorded[2] and isinstance(mlp[1], torch.nn.BatchNorm1d) == (extra[1] != "None")
+    assert main_dino.parse_args([]).use_bn_in_head  # the demo recipe's BatchNorm head (DINO's)
+    with pytest.raises(utils.RunError, match=r"--use_bn_in_head True \(DINO's head: a BatchNorm of its own after each "
+                                             r"hidden layer\) and --norm_in_head bn \(iBOT's: one norm shared by the "
+                                             r"hidden layers\) both choose the head's norm; pass one of them"):
+        main_dino.parse_args(["--data_path", "x", "--use_bn_in_head", "True", "--norm_in_head", "bn"])
+    # checkpoints written before the shared norm: DINO's --use_bn_in_head was recorded as both flags
+    old_dino = dict(ckpt["args"], norm_in_head="bn", use_bn_in_head=True)
+    old_dino.pop("head_norm_shared")
+    main_dino.check_compatible(old_dino, main_dino.parse_args(flags + ["--norm_in_head", "None", "--use_bn_in_head",
+                                                                       "True"]), "old.pth")  # resumes
+    old_ln = dict(old_dino, norm_in_head="ln", use_bn_in_head=False)  # one LayerNorm per layer in its weights
+    with pytest.raises(utils.RunError, match="old.pth has a head with a norm of its own after each hidden layer"):
+        main_dino.check_compatible(old_ln, main_dino.parse_args(flags), "old.pth")  # --norm_in_head ln, now shared
     with pytest.raises(utils.RunError, match=r"to --out_dim 65536 values and the student's \(--shared_head False\) "
                                              "to --patch_out_dim 8192; make the two equal"):
         main_dino.parse_args(["--data_path", "x", "--shared_head_teacher", "True"])

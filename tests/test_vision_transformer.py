@@ -336,15 +336,21 @@ def test_dino_head_forward_formula():
     torch.testing.assert_close(head(x), z @ w.T)
 
 
-@pytest.mark.parametrize("norm,act", [("ln", "relu"), ("bn", "gelu"), (None, "relu")])
-def test_dino_head_norm_and_activation_options(norm, act):
+@pytest.mark.parametrize("norm,act,share", [("ln", "relu", True), ("ln", "gelu", False), ("bn", "gelu", True),
+                                            ("bn", "relu", False), (None, "relu", False)])
+def test_dino_head_norm_and_activation_options(norm, act, share):
     """iBOT's --norm_in_head / --act_in_head: Linear -> norm -> activation per hidden layer, in
-    iBOT's layer order (so its state-dict names), against the formula in float64."""
+    iBOT's layer order (so its state-dict names), against the formula in float64; one norm
+    module shared by the hidden layers as iBOT builds it, or one each as DINO's use_bn."""
     torch.manual_seed(7)
-    head = _randomise_(DINOHead(8, 6, hidden_dim=16, bottleneck_dim=4, nlayers=3, norm=norm, act=act)).double()
+    head = _randomise_(DINOHead(8, 6, hidden_dim=16, bottleneck_dim=4, nlayers=3, norm=norm, act=act,
+                                share_norm=share)).double()
     head.eval()  # BatchNorm: the running statistics, made non-trivial below
     norms = [m for m in head.mlp if isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm1d))]
     assert len(norms) == (2 if norm else 0)
+    if norm:  # iBOT appends one module twice; its parameters are listed (and optimised) once
+        assert (norms[0] is norms[1]) == share
+        assert len(list(head.parameters())) == 8 + (2 if share else 4)
     for m in norms:
         if isinstance(m, torch.nn.BatchNorm1d):
             m.running_mean.normal_()
