@@ -342,7 +342,7 @@ def build_network(args, drop_path_rate, grad_checkpointing=False, teacher=False)
                                         drop_path_rate=drop_path_rate)
     backbone.set_grad_checkpointing(grad_checkpointing)
     head = vits.DINOHead(backbone.embed_dim, args.out_dim, use_bn=args.use_bn_in_head, norm=args.norm_in_head,
-                         share_norm=args.norm_in_head is not None, act=args.act_in_head,
+                         share_norm=args.head_norm_shared, act=args.act_in_head,
                          norm_last_layer=args.norm_last_layer,
                          patch_out_dim=args.out_dim if args.shared_head else args.patch_out_dim,
                          shared_head=args.shared_head or (teacher and args.shared_head_teacher))
