@@ -191,6 +191,22 @@ def test_search_is_exact_with_near_ties_and_fallbacks(margin):
     assert (idx.sort(1).values == exact_idx.sort(1).values).float().mean() > 0.9
 
 
+@pytest.mark.parametrize("n,tile_rows,k", [(1007, 64, 20), (1000, 100, 20), (17, 16, 3), (333, 48, 30), (1, 16, 1)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_search_over_bank_tiles_is_exact(n, tile_rows, k, dtype):
+    # the bank scored in tiles (group maxima per tile), the last one short and padded: every
+    # row reachable, none found twice, the padding never returned
+    g = torch.Generator().manual_seed(n)
+    bank = F.normalize(torch.randn(n, 24, generator=g), dim=1)
+    queries = F.normalize(torch.randn(50, 24, generator=g), dim=1)
+    sims, idx = knn_search(bank, queries, k, chunk_size=13, tile_rows=tile_rows, prefilter_dtype=dtype)
+    exact_sims, exact_idx = (queries @ bank.T).topk(min(k, n), dim=1)
+    torch.testing.assert_close(sims, exact_sims, rtol=0, atol=1e-6)
+    assert torch.equal(idx.sort(1).values, exact_idx.sort(1).values)
+    one_tile = knn_search(bank, queries, k, chunk_size=13, prefilter_dtype=dtype)
+    assert torch.equal(one_tile[1], idx)
+
+
 def test_search_unnormalised_features_and_backends_agree():
     g = torch.Generator().manual_seed(4)
     bank, queries = 3 * torch.randn(500, 40, generator=g), 0.5 * torch.randn(60, 40, generator=g)
