@@ -107,9 +107,9 @@ def _knn_search(train, test, k, chunk_size, margin, prefilter_dtype, tile_rows):
         else 2.0 ** -24
     # The bank in tiles of tile_rows rows (a multiple of 16; the last tile shorter, padded with
     # zero rows to a multiple of 16): each tile's scores are reduced to group maxima while they
-    # are still in cache (writing out a 100k-wide score row per query and reading it back took
-    # 30% of the search's time). In a tile of 16 G rows, group j holds rows j, j + G, ..., j + 15 G:
-    # a strided max over 16 rows.
+    # are still in cache, instead of writing out each query's whole score row and reading it back
+    # (100k x 10k x 384 on 2 cores: 3.58 -> 3.11 s). In a tile of 16 G rows, group j holds rows
+    # j, j + G, ..., j + 15 G: a strided max over 16 rows.
     tile_rows = _GROUP * max(1, tile_rows // _GROUP)
     starts = list(range(0, n, tile_rows))
     widths = [min(tile_rows, _GROUP * math.ceil((n - s) / _GROUP)) for s in starts]
@@ -120,7 +120,7 @@ def _knn_search(train, test, k, chunk_size, margin, prefilter_dtype, tile_rows):
     sims_out = torch.empty(len(test), k, device=device)
     idx_out = torch.empty(len(test), k, dtype=torch.long, device=device)
     # Reused buffers: a fresh multi-100-MB tensor per chunk costs as much in page faults as the matmul.
-    # Tile t's scores are the (rows_buf, width) block at rows_buf * start in score_buf.
+    # The scores of the tile at bank row s, w rows wide, are the (rows_buf, w) block at rows_buf * s.
     rows_buf = min(chunk_size, len(test))
     score_buf = torch.empty(rows_buf * bank.shape[0], dtype=prefilter_dtype, device=device)
     max_dtype = torch.int16 if prefilter_dtype == torch.bfloat16 else prefilter_dtype
