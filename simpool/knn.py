@@ -126,13 +126,13 @@ def _knn_search(train, test, k, chunk_size, margin, prefilter_dtype, tile_rows):
     max_dtype = torch.int16 if prefilter_dtype == torch.bfloat16 else prefilter_dtype
     group_max_buf = torch.empty(rows_buf, bank.shape[0] // _GROUP, dtype=max_dtype, device=device)
     gather_buf = torch.empty(rows_buf * (k + margin) * d, device=device)
-    # per group: its first bank row, the step to its next row (its tile's G), where its first
-    # row's score lies in score_buf (the query c adds c * its tile's width)
+    # per group: its first bank row, the step to its next row (its tile's G; the tile is 16 G
+    # wide), where its first row's score lies in score_buf (the query c adds c * 16 G)
     n_groups = bank.shape[0] // _GROUP
-    step, width, first_row, first_at = (torch.empty(n_groups, dtype=torch.long, device=device) for _ in range(4))
+    step, first_row, first_at = (torch.empty(n_groups, dtype=torch.long, device=device) for _ in range(3))
     for start, w in zip(starts, widths):
         g = slice(start // _GROUP, (start + w) // _GROUP)
-        step[g], width[g] = w // _GROUP, w
+        step[g] = w // _GROUP
         first_row[g] = start + torch.arange(w // _GROUP, device=device)
         first_at[g] = rows_buf * start + torch.arange(w // _GROUP, device=device)
     member = torch.arange(_GROUP, device=device)
@@ -162,7 +162,8 @@ def _knn_search(train, test, k, chunk_size, margin, prefilter_dtype, tile_rows):
             top_groups, groups = group_max[rows].topk(g, dim=1)
             offsets = step[groups][:, :, None] * member
             cand = (first_row[groups][:, :, None] + offsets).flatten(1)
-            at = (first_at[groups][:, :, None] + offsets + rows[:, None, None] * width[groups][:, :, None]).flatten(1)
+            at = (first_at[groups][:, :, None] + offsets + rows[:, None, None] * _GROUP * step[groups][:, :, None])
+            at = at.flatten(1)
             approx, pos = score_buf[at].float().topk(m, dim=1)
             cand = cand.gather(1, pos)
             out = gather_buf[:len(rows) * m * d].view(len(rows) * m, d) if m == k + margin else None
