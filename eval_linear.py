@@ -21,6 +21,7 @@ linear_checkpoint.pth in --output_dir; --evaluate only scores a saved head. Each
 With ``--train_augment False`` the training features are extracted once and cached
 (the fast CPU setting); otherwise each epoch sees RandomResizedCrop + flip augmentation.
 """
+
 import argparse
 import logging
 import math
@@ -35,15 +36,31 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
-import utils
-from utils import number
+from simpool import utils
 from simpool.augment import random_resized_crop_boxes
 from simpool.checkpoints import add_model_args, load_pretrained
 from simpool.data import normalize_batch
-from simpool.evaluation import (EvalError, FrozenFeatures, add_data_args, add_feature_args, add_window_size_arg,
-                                amp_dtype, build_eval_splits, drop_unreadable, evaluate_each_key, is_in_memory,
-                                log_feature_choice, run_main, tolerant_collate)
+from simpool.evaluation import (
+    EvalError,
+    FrozenFeatures,
+    add_data_args,
+    add_feature_args,
+    add_precision_arg,
+    add_window_size_arg,
+    build_eval_splits,
+    drop_unreadable,
+    evaluate_each_key,
+    is_in_memory,
+    load_saved_head,
+    log_feature_choice,
+    resolve_eval_precision,
+    run_main,
+    tolerant_collate,
+    weights_fingerprint,
+)
 from simpool.knn import extract_features
+from simpool.precision import autocast, autocast_dtype
+from simpool.utils import number
 
 logger = logging.getLogger("simpool")
 # DINO-style sweep, extended upwards: short runs (a few epochs on CPU) often want larger rates.
@@ -53,49 +70,100 @@ DEFAULT_LRS = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1, 2e-1,
 def get_args_parser():
     b = utils.bool_flag
     p = argparse.ArgumentParser(
-        prog="eval_linear.py", description="Linear probe on frozen features, many learning rates at once",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="eval_linear.py",
+        description="Linear probe on frozen features, many learning rates at once",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_window_size_arg(add_model_args(p, several_keys=True))
     add_feature_args(p, n_last_blocks=4)
     g = add_data_args(p)
-    g.add_argument("--train_augment", default=True, type=b, help="RandomResizedCrop + flip on training images, "
-                   "a backbone pass per epoch (DINO protocol). False: extract training features once and train "
-                   "on the cache (much faster on CPU).")
-    g.add_argument("--crop_scale", default=(0.08, 1.0), type=number(float, above=0, high=1), nargs=2, help="Area range "
-                   "of the training RandomResizedCrop.")
+    g.add_argument(
+        "--train_augment",
+        default=True,
+        type=b,
+        help="RandomResizedCrop + flip on training images, "
+        "a backbone pass per epoch (DINO protocol). False: extract training features once and train "
+        "on the cache (much faster on CPU).",
+    )
+    g.add_argument(
+        "--crop_scale",
+        default=(0.08, 1.0),
+        type=number(float, above=0, high=1),
+        nargs=2,
+        help="Area range of the training RandomResizedCrop.",
+    )
     g.add_argument("--batch_size_per_gpu", default=128, type=number(int, low=1), help="Images per process per step.")
-    g.add_argument("--num_workers", default=4, type=number(int, low=0), help="Data-loading processes per rank "
-                   "(ImageFolder).")
+    g.add_argument(
+        "--num_workers", default=4, type=number(int, low=0), help="Data-loading processes per rank (ImageFolder)."
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", default=100, type=number(int, low=1), help="Training epochs.")
-    g.add_argument("--lrs", "--lr", default=DEFAULT_LRS, type=number(float, above=0), nargs="+", help="Learning "
-                   "rates swept, one head each, for a global batch of 256 (scaled linearly by the actual global "
-                   "batch size); --lr is DINO's name (one value: one head).")
-    g.add_argument("--wds", default=[0.0], type=number(float, low=0), nargs="+", help="Weight decays swept; one head "
-                   "per (lr, wd) pair.")
+    g.add_argument(
+        "--lrs",
+        "--lr",
+        default=DEFAULT_LRS,
+        type=number(float, above=0),
+        nargs="+",
+        help="Learning "
+        "rates swept, one head each, for a global batch of 256 (scaled linearly by the actual global "
+        "batch size); --lr is DINO's name (one value: one head).",
+    )
+    g.add_argument(
+        "--wds",
+        default=[0.0],
+        type=number(float, low=0),
+        nargs="+",
+        help="Weight decays swept; one head per (lr, wd) pair.",
+    )
     g.add_argument("--momentum", default=0.9, type=number(float, low=0, high=1), help="SGD momentum.")
-    g.add_argument("--num_labels", default=None, type=number(int, low=1), help="Classifier outputs; default: the "
-                   "number of classes in the training split.")
-    g.add_argument("--val_freq", default=1, type=number(int, low=1), help="Score every head on the evaluation split "
-                   "every this many epochs, from the first (as DINO: epochs 1, 1 + f, ...), and after the last.")
+    g.add_argument(
+        "--num_labels",
+        default=None,
+        type=number(int, low=1),
+        help="Classifier outputs; default: the number of classes in the training split.",
+    )
+    g.add_argument(
+        "--val_freq",
+        default=1,
+        type=number(int, low=1),
+        help="Score every head on the evaluation split "
+        "every this many epochs, from the first (as DINO: epochs 1, 1 + f, ...), and after the last.",
+    )
     g = p.add_argument_group("run")
-    g.add_argument("--output_dir", default=".", type=str, help="Where linear.json, linear_head.pth and the "
-                   "resumable linear_checkpoint.pth go.")
-    g.add_argument("--load_from", default=None, type=str, help="Start from this linear_checkpoint.pth (a path "
-                   "relative to --output_dir, as in iBOT/AttMask, or absolute) while --output_dir has none of its "
-                   "own; once it has, that one is resumed.")
-    g.add_argument("--evaluate", action="store_true", help="Only score the saved head (--pretrained_linear) on "
-                   "the evaluation split.")
-    g.add_argument("--pretrained_linear", default=None, type=str, help="Head for --evaluate; default: "
-                   "OUTPUT_DIR/linear_head.pth.")
-    g.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="Autocast precision of the "
-                   "backbone's forward pass (heads train in fp32).")
+    g.add_argument(
+        "--output_dir",
+        default=".",
+        type=str,
+        help="Where linear.json, linear_head.pth and the resumable linear_checkpoint.pth go.",
+    )
+    g.add_argument(
+        "--load_from",
+        default=None,
+        type=str,
+        help="Start from this linear_checkpoint.pth (a path "
+        "relative to --output_dir, as in iBOT/AttMask, or absolute) while --output_dir has none of its "
+        "own; once it has, that one is resumed.",
+    )
+    g.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="Only score the saved head (--pretrained_linear) on the evaluation split.",
+    )
+    g.add_argument(
+        "--pretrained_linear", default=None, type=str, help="Head for --evaluate; default: OUTPUT_DIR/linear_head.pth."
+    )
+    add_precision_arg(g)
     g.add_argument("--seed", default=0, type=number(int, low=0, high=utils.MAX_SEED), help="Random seed.")
     g.add_argument("--cpu", action="store_true", help="Run on CPU even when CUDA is available.")
     utils.add_backend_arg(g)
     g.add_argument("--dist_url", default="env://", type=str, help="Process-group rendezvous URL (torchrun).")
-    g.add_argument("--local_rank", "--local-rank", default=0, type=int, help="Set by torch.distributed.launch; "
-                   "ignored (LOCAL_RANK is read from the environment).")
+    g.add_argument(
+        "--local_rank",
+        "--local-rank",
+        default=0,
+        type=int,
+        help="Set by torch.distributed.launch; ignored (LOCAL_RANK is read from the environment).",
+    )
     return p
 
 
@@ -164,8 +232,8 @@ class LinearSweep(nn.Module):
         top5 = torch.zeros(self.num_heads)
         k = min(5, self.weight.shape[-1])
         for s in range(0, len(feats), chunk):
-            f = feats[s:s + chunk].to(self.weight.device)
-            y = labels[s:s + chunk].to(self.weight.device)
+            f = feats[s : s + chunk].to(self.weight.device)
+            y = labels[s : s + chunk].to(self.weight.device)
             top = self(f).topk(k, dim=-1).indices  # (H, b, k)
             hit = top == y[None, :, None]
             top1 += hit[..., 0].sum(1).float().cpu()
@@ -187,9 +255,12 @@ def train_cached_epoch(sweep, feats, labels, global_batch, lr_factors, generator
     steps = range(len(lr_factors))
     it = metrics.log_every(steps, max(1, len(steps) // 4), header) if metrics is not None else steps
     for i in it:
-        idx = order[i * global_batch:(i + 1) * global_batch][rank::world]
-        loss = sweep.loss(feats[idx].to(sweep.weight.device), labels[idx].to(sweep.weight.device)) if len(idx) \
+        idx = order[i * global_batch : (i + 1) * global_batch][rank::world]
+        loss = (
+            sweep.loss(feats[idx].to(sweep.weight.device), labels[idx].to(sweep.weight.device))
+            if len(idx)
             else sweep.empty_loss()
+        )
         sweep.zero_grad(set_to_none=True)
         loss.backward()
         sweep.all_reduce_grads()
@@ -208,8 +279,14 @@ def crop_flip_batch(images, size, scale):
     B, _, H, W = x.shape
     boxes = random_resized_crop_boxes(B, H, W, scale, device=x.device)
     index = torch.arange(B, device=x.device, dtype=x.dtype)
-    crops = roi_align(x, torch.cat([index[:, None], boxes.to(x.dtype)], dim=1), size, spatial_scale=1.0,
-                      sampling_ratio=-1, aligned=True)
+    crops = roi_align(
+        x,
+        torch.cat([index[:, None], boxes.to(x.dtype)], dim=1),
+        size,
+        spatial_scale=1.0,
+        sampling_ratio=-1,
+        aligned=True,
+    )
     flip = torch.rand(B, device=x.device) < 0.5
     return torch.where(flip[:, None, None, None], crops.flip(-1), crops)
 
@@ -222,24 +299,29 @@ def _normalize(x, mean, std):
 def train_augmented_epoch(sweep, features, dataset, args, epoch, lr_factors, metrics):
     """One epoch with fresh augmentation: one frozen-backbone forward per batch, all heads stepped."""
     device = args.device
-    sampler = DistributedSampler(dataset, num_replicas=utils.get_world_size(), rank=utils.get_rank(),
-                                 shuffle=True, seed=args.seed)
+    sampler = DistributedSampler(
+        dataset, num_replicas=utils.get_world_size(), rank=utils.get_rank(), shuffle=True, seed=args.seed
+    )
     sampler.set_epoch(epoch)
     in_memory = is_in_memory(dataset)
-    loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
-                        num_workers=0 if in_memory else args.num_workers,
-                        collate_fn=(lambda b: b) if in_memory else tolerant_collate(args.image_size_used),
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=args.batch_size_per_gpu,
+        num_workers=0 if in_memory else args.num_workers,
+        collate_fn=(lambda b: b) if in_memory else tolerant_collate(args.image_size_used),
+        pin_memory=device.type == "cuda",
+    )
     header = f"Epoch [{epoch + 1}/{args.epochs}]"
     for i, (images, labels) in enumerate(metrics.log_every(loader, max(1, len(loader) // 4), header)):
         images, labels = images.to(device, non_blocking=True), torch.as_tensor(labels).to(device)
         if in_memory:
-            x = _normalize(crop_flip_batch(images, args.image_size_used, tuple(args.crop_scale)),
-                           dataset.mean, dataset.std)
+            x = _normalize(
+                crop_flip_batch(images, args.image_size_used, tuple(args.crop_scale)), dataset.mean, dataset.std
+            )
         else:
             x = normalize_batch(images, dataset.mean, dataset.std, args.image_size_used)
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype(args.precision) or torch.bfloat16,
-                                             enabled=args.precision == "bf16"):
+        with torch.no_grad(), autocast(device.type, autocast_dtype(args.precision)):
             f = features(x).float()
         keep = labels >= 0
         loss = sweep.loss(f[keep], labels[keep]) if bool(keep.any()) else sweep.empty_loss()
@@ -253,8 +335,9 @@ def train_augmented_epoch(sweep, features, dataset, args, epoch, lr_factors, met
 def train_transform(image_size, crop_scale):
     """Per-image RandomResizedCrop + flip for ImageFolder training images (uint8 out); the
     built-in Fashion-MNIST is augmented in batches by ``crop_flip_batch`` instead."""
-    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(image_size, tuple(crop_scale), antialias=True),
-                       v2.RandomHorizontalFlip()])
+    return v2.Compose(
+        [v2.ToImage(), v2.RandomResizedCrop(image_size, tuple(crop_scale), antialias=True), v2.RandomHorizontalFlip()]
+    )
 
 
 # ---------------------------------------------------------------- main
@@ -262,8 +345,9 @@ def format_table(rows, best):
     lines = ["       lr   scaled lr        wd   top-1   top-5", "---------  ----------  --------  ------  ------"]
     for r in rows:
         mark = "  <- best" if r is best else ""
-        lines.append(f"{r['lr']:9.1e}  {r['scaled_lr']:10.2e}  {r['wd']:8.1e}  {r['top1']:6.2f}  "
-                     f"{r['top5']:6.2f}{mark}")
+        lines.append(
+            f"{r['lr']:9.1e}  {r['scaled_lr']:10.2e}  {r['wd']:8.1e}  {r['top1']:6.2f}  {r['top5']:6.2f}{mark}"
+        )
     return "\n".join(lines)
 
 
@@ -273,31 +357,46 @@ def eval_linear(args):
     utils.init_distributed_mode(args)
     utils.fix_random_seeds(args.seed)
     device = args.device
-    if args.epochs < 1 and not args.evaluate:
-        raise EvalError(f"--epochs must be at least 1, got {args.epochs}")
-    if any(lr <= 0 for lr in args.lrs) or any(wd < 0 for wd in args.wds):
-        raise EvalError("--lrs must be positive and --wds non-negative")
-    if args.n_last_blocks < 1 or args.val_freq < 1:
-        raise EvalError(f"--n_last_blocks and --val_freq must be at least 1, got {args.n_last_blocks} and "
-                        f"{args.val_freq}")
-    backbone, info = load_pretrained(args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size,
-                                     args.mode, args.gamma, image_size=args.image_size)
+    backbone, info = load_pretrained(
+        args.pretrained_weights,
+        args.checkpoint_key,
+        args.arch,
+        args.patch_size,
+        args.mode,
+        args.gamma,
+        image_size=args.image_size,
+        resample_native_pos=args.resample_native_pos,
+    )
     backbone.requires_grad_(False)
     info["weights_fingerprint"] = weights_fingerprint(backbone)
     args.image_size_used = image_size = info["image_size"]
     features = FrozenFeatures(backbone, args.n_last_blocks, args.avgpool_patchtokens).to(device).eval()
     log_feature_choice(features, info, args)
+    resolve_eval_precision(args, device)  # args.precision: the resolved name, as the sweep's config records it
     train_tf = train_transform(image_size, args.crop_scale) if args.train_augment else None
-    train, val = build_eval_splits(args.data_path, image_size, args.subset, args.val_subset, train_transform=train_tf,
-                                   subset_start=args.subset_starts)
+    train, val = build_eval_splits(
+        args.data_path,
+        image_size,
+        args.subset,
+        args.val_subset,
+        train_transform=train_tf,
+        subset_start=args.subset_starts,
+    )
     num_labels = args.num_labels or len(train.classes)
     if num_labels < len(train.classes):
         raise EvalError(f"--num_labels {num_labels} is below the {len(train.classes)} classes of {args.data_path}")
-    logger.info(f"Data: {len(train)} training and {len(val)} evaluation images, {len(train.classes)} classes, "
-                f"{image_size}px; features of dimension {features.dim}.")
+    logger.info(
+        f"Data: {len(train)} training and {len(val)} evaluation images, {len(train.classes)} classes, "
+        f"{image_size}px; features of dimension {features.dim}."
+    )
 
-    kw = dict(batch_size=max(args.batch_size_per_gpu, 256), device=device, image_size=image_size,
-              amp_dtype=amp_dtype(args.precision), normalize=False)
+    kw = dict(
+        batch_size=max(args.batch_size_per_gpu, 256),
+        device=device,
+        image_size=image_size,
+        amp_dtype=autocast_dtype(args.precision),
+        normalize=False,
+    )
     if not is_in_memory(val):
         kw.update(num_workers=args.num_workers, collate=tolerant_collate(image_size))
     if args.evaluate:
@@ -306,16 +405,28 @@ def eval_linear(args):
         return score_saved_head(head, path, val_f, val_y)
 
     global_batch = args.batch_size_per_gpu * utils.get_world_size()
-    sweep = LinearSweep(features.dim, num_labels, [lr * global_batch / 256 for lr in args.lrs], args.wds,
-                        args.momentum).to(device)
+    sweep = LinearSweep(
+        features.dim, num_labels, [lr * global_batch / 256 for lr in args.lrs], args.wds, args.momentum
+    ).to(device)
     # what shapes the heads (but --epochs, which a resume may extend): any of it changed is another sweep
-    config = {"lrs": list(args.lrs), "wds": list(args.wds), "dim": features.dim, "num_labels": num_labels,
-              "global_batch": global_batch, "momentum": args.momentum,
-              "pretrained_weights": os.path.abspath(args.pretrained_weights) if args.pretrained_weights else None,
-              "checkpoint_key": args.checkpoint_key, "data_path": args.data_path, "subset": args.subset,
-              "subset_starts": args.subset_starts,
-              "image_size": image_size, "precision": args.precision, "train_augment": args.train_augment,
-              "crop_scale": list(args.crop_scale), **features.settings()}
+    config = {
+        "lrs": list(args.lrs),
+        "wds": list(args.wds),
+        "dim": features.dim,
+        "num_labels": num_labels,
+        "global_batch": global_batch,
+        "momentum": args.momentum,
+        "pretrained_weights": os.path.abspath(args.pretrained_weights) if args.pretrained_weights else None,
+        "checkpoint_key": args.checkpoint_key,
+        "data_path": args.data_path,
+        "subset": args.subset,
+        "subset_starts": args.subset_starts,
+        "image_size": image_size,
+        "precision": args.precision,
+        "train_augment": args.train_augment,
+        "crop_scale": list(args.crop_scale),
+        **features.settings(),
+    }
     os.makedirs(args.output_dir, exist_ok=True)
     ckpt_path = os.path.join(args.output_dir, "linear_checkpoint.pth")
     start_epoch, best = 0, {"per_head": [None] * sweep.num_heads, "best": None, "best_head": None}
@@ -327,13 +438,18 @@ def eval_linear(args):
     if resume_path:
         ckpt = utils.load_checkpoint(resume_path)
         if not isinstance(ckpt, dict) or "sweep" not in ckpt:
-            raise EvalError(f"{resume_path} is not a linear_checkpoint.pth of eval_linear.py, so there is nothing "
-                            "to resume")
+            raise EvalError(
+                f"{resume_path} is not a linear_checkpoint.pth of eval_linear.py, so there is nothing to resume"
+            )
         if ckpt.get("config") != config:
-            diff = ", ".join(f"{k} {ckpt.get('config', {}).get(k)} (now {v})" for k, v in config.items()
-                             if (ckpt.get("config") or {}).get(k) != v)
-            raise EvalError(f"{resume_path} belongs to another sweep: {diff}; use another --output_dir or the same "
-                            "flags")
+            diff = ", ".join(
+                f"{k} {ckpt.get('config', {}).get(k)} (now {v})"
+                for k, v in config.items()
+                if (ckpt.get("config") or {}).get(k) != v
+            )
+            raise EvalError(
+                f"{resume_path} belongs to another sweep: {diff}; use another --output_dir or the same flags"
+            )
         sweep.load_state_dict(ckpt["sweep"])
         start_epoch, best = ckpt["epoch"], ckpt["best"]
         logger.info(f"Resumed from {resume_path} at epoch {start_epoch}.")
@@ -350,48 +466,68 @@ def eval_linear(args):
         niter = math.ceil(len(train) / global_batch)
     # DINO's CosineAnnealingLR: the cosine steps once per epoch
     lr_factors = np.repeat(utils.cosine_scheduler(1.0, 0.0, args.epochs, 1), niter)
-    logger.info(f"Training {sweep.num_heads} heads (lrs {args.lrs} x wds {args.wds}, scaled by {global_batch}/256) "
-                f"for {args.epochs - start_epoch} epochs of {niter} steps"
-                + (" on cached features." if cached else " with augmentation."))
+    logger.info(
+        f"Training {sweep.num_heads} heads (lrs {args.lrs} x wds {args.wds}, scaled by {global_batch}/256) "
+        f"for {args.epochs - start_epoch} epochs of {niter} steps"
+        + (" on cached features." if cached else " with augmentation.")
+    )
     for epoch in range(start_epoch, args.epochs):
         metrics = utils.MetricLogger()
-        factors = lr_factors[epoch * niter:(epoch + 1) * niter]
+        factors = lr_factors[epoch * niter : (epoch + 1) * niter]
         if cached is not None:
             g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
-            train_cached_epoch(sweep, cached[0], cached[1], global_batch, factors, g, metrics,
-                               f"Epoch [{epoch + 1}/{args.epochs}]")
+            train_cached_epoch(
+                sweep, cached[0], cached[1], global_batch, factors, g, metrics, f"Epoch [{epoch + 1}/{args.epochs}]"
+            )
         else:
             train_augmented_epoch(sweep, features, train, args, epoch, factors, metrics)
         if epoch % args.val_freq == 0 or epoch + 1 == args.epochs:  # DINO's epochs: 1, 1 + f, ..., last
             score_heads(sweep, val_f, val_y, epoch, best, [(lr, wd) for lr in args.lrs for wd in args.wds])
             if utils.is_main_process():
                 r = best["best"]
-                logger.info(f"Epoch {epoch + 1}: best head so far lr {r['lr']:.1e} wd {r['wd']:.1e}: "
-                            f"top-1 {r['top1']:.2f}%, top-5 {r['top5']:.2f}%.")
-                utils.save_checkpoint(best_head_file(best, args, info, features, train.classes),
-                                      os.path.join(args.output_dir, "linear_head.pth"))
+                logger.info(
+                    f"Epoch {epoch + 1}: best head so far lr {r['lr']:.1e} wd {r['wd']:.1e}: "
+                    f"top-1 {r['top1']:.2f}%, top-5 {r['top5']:.2f}%."
+                )
+                utils.save_checkpoint(
+                    best_head_file(best, args, info, features, train.classes),
+                    os.path.join(args.output_dir, "linear_head.pth"),
+                )
         if utils.is_main_process():
-            utils.save_checkpoint({"sweep": sweep.state_dict(), "epoch": epoch + 1, "best": best, "config": config},
-                                  ckpt_path)
+            utils.save_checkpoint(
+                {"sweep": sweep.state_dict(), "epoch": epoch + 1, "best": best, "config": config}, ckpt_path
+            )
     if not utils.is_main_process():
         return None
     rows = [r for r in best["per_head"] if r is not None]
     best_row = next(r for r in rows if r["head"] == best["best"]["head"])
     print(f"Linear probe, {len(val_f)} evaluation images (best epoch per head):")
     print(format_table(rows, best_row))
-    record = {"best": best["best"], "per_head": rows, "epochs": args.epochs, "n_train": len(train),
-              "n_val": len(val_f), "global_batch": global_batch, "train_augment": args.train_augment,
-              "features": {"dim": features.dim, **features.settings()},
-              "data_path": args.data_path, "pretrained_weights": args.pretrained_weights or None,
-              "model": {k: info.get(k) for k in ("arch", "patch_size", "mode", "gamma", "image_size", "epoch")}}
+    record = {
+        "best": best["best"],
+        "per_head": rows,
+        "epochs": args.epochs,
+        "n_train": len(train),
+        "n_val": len(val_f),
+        "global_batch": global_batch,
+        "train_augment": args.train_augment,
+        "features": {"dim": features.dim, **features.settings()},
+        "data_path": args.data_path,
+        "pretrained_weights": args.pretrained_weights or None,
+        "model": {k: info.get(k) for k in ("arch", "patch_size", "mode", "gamma", "image_size", "epoch")},
+    }
     utils.write_json(os.path.join(args.output_dir, "linear.json"), record)
     lrs = sorted(set(args.lrs))
     if len(lrs) > 1 and best["best"]["lr"] in (lrs[0], lrs[-1]):
-        logger.warning(f"warning: the best lr {best['best']['lr']:g} is at the edge of the sweep; extend --lrs "
-                       "beyond it to be sure of the optimum.")
-    logger.info(f"Best: lr {best['best']['lr']:.1e} (scaled {best['best']['scaled_lr']:.2e}), wd "
-                f"{best['best']['wd']:.1e}: top-1 {best['best']['top1']:.2f}%, top-5 {best['best']['top5']:.2f}%. "
-                f"Wrote {args.output_dir}/linear.json and linear_head.pth.")
+        logger.warning(
+            f"warning: the best lr {best['best']['lr']:g} is at the edge of the sweep; extend --lrs "
+            "beyond it to be sure of the optimum."
+        )
+    logger.info(
+        f"Best: lr {best['best']['lr']:.1e} (scaled {best['best']['scaled_lr']:.2e}), wd "
+        f"{best['best']['wd']:.1e}: top-1 {best['best']['top1']:.2f}%, top-5 {best['best']['top5']:.2f}%. "
+        f"Wrote {args.output_dir}/linear.json and linear_head.pth."
+    )
     return record
 
 
@@ -400,8 +536,15 @@ def score_heads(sweep, val_f, val_y, epoch, best, base_pairs):
     weights. ``base_pairs`` are the (lr, wd) as given, before the batch-size scaling."""
     top1, top5 = sweep.accuracy(val_f, val_y)
     for h, ((lr, wd), (scaled_lr, _)) in enumerate(zip(base_pairs, sweep.pairs)):
-        row = {"head": h, "lr": lr, "scaled_lr": scaled_lr, "wd": wd, "top1": float(top1[h]),
-               "top5": float(top5[h]), "epoch": epoch + 1}
+        row = {
+            "head": h,
+            "lr": lr,
+            "scaled_lr": scaled_lr,
+            "wd": wd,
+            "top1": float(top1[h]),
+            "top5": float(top5[h]),
+            "epoch": epoch + 1,
+        }
         if best["per_head"][h] is None or row["top1"] > best["per_head"][h]["top1"]:
             best["per_head"][h] = row
             if best["best"] is None or row["top1"] > best["best"]["top1"]:
@@ -410,60 +553,17 @@ def score_heads(sweep, val_f, val_y, epoch, best, base_pairs):
     return best["per_head"]
 
 
-def weights_fingerprint(model):
-    """Three float64 sums over a model's weights (of the values, of their squares, and of the
-    values weighted by their tensor's position): equal for the same weights wherever the file
-    lies, different for any other checkpoint, key or random initialisation."""
-    total = torch.zeros(3, dtype=torch.float64)
-    with torch.no_grad():
-        for i, t in enumerate(model.state_dict().values()):
-            t = t.detach().double().cpu()
-            total += torch.stack([t.sum(), t.square().sum(), (i + 1) * t.sum()])
-    return total.tolist()
-
-
 def best_head_file(best, args, info, features, classes):
-    return {**best["best_head"], "result": best["best"], "classes": list(classes),
-            "features": {"dim": features.dim, **features.settings()},
-            "model": {k: info.get(k) for k in ("arch", "patch_size", "mode", "gamma", "image_size")},
-            "pretrained_weights": args.pretrained_weights or None, "checkpoint_key": args.checkpoint_key,
-            "weights_fingerprint": info["weights_fingerprint"]}
-
-
-def load_saved_head(args, features, info):
-    """The head --evaluate scores, and its path; a one-line error when it was trained on other
-    features than this run's backbone, checkpoint key, image size and feature flags give."""
-    path = args.pretrained_linear or os.path.join(args.output_dir, "linear_head.pth")
-    head = utils.load_checkpoint(path)
-    if not isinstance(head, dict) or not torch.is_tensor(head.get("weight")) or not torch.is_tensor(head.get("bias")):
-        raise EvalError(f"{path} is not a linear head saved by eval_linear.py")
-    if head["weight"].shape[1] != features.dim:
-        raise EvalError(f"{path} takes features of dimension {head['weight'].shape[1]} but this backbone gives "
-                        f"{features.dim} (check --n_last_blocks / --avgpool_patchtokens / --pretrained_weights)")
-    # the same width can come from other features (2 blocks' [CLS], or 1 block's with the patch average)
-    trained_on = {k: (head.get("features") or {}).get(k) for k in ("n_last_blocks", "avgpool_patchtokens")}
-    if isinstance(trained_on["avgpool_patchtokens"], bool):  # heads saved before 0/1/2: DINO's False/True
-        trained_on["avgpool_patchtokens"] = 2 if trained_on["avgpool_patchtokens"] else 0
-    if None not in trained_on.values() and trained_on != features.settings():
-        raise EvalError(f"{path} was trained on the features of --n_last_blocks {trained_on['n_last_blocks']} "
-                        f"--avgpool_patchtokens {trained_on['avgpool_patchtokens']}; pass the same flags")
-    model = {k: (head.get("model") or {}).get(k) for k in ("arch", "patch_size", "mode")}
-    if None not in model.values() and model != {k: info.get(k) for k in model}:
-        raise EvalError(f"{path} was trained on a {model['arch']}/{model['patch_size']} ({model['mode']}) backbone "
-                        f"but --pretrained_weights gives a {info['arch']}/{info['patch_size']} ({info['mode']}) one")
-    # the same backbone shape with other weights, another key or another resolution: other features
-    trained_size = (head.get("model") or {}).get("image_size")
-    if trained_size is not None and trained_size != info["image_size"]:
-        raise EvalError(f"{path} was trained on {trained_size}px features but this run computes them at "
-                        f"{info['image_size']}px; pass --image_size {trained_size}")
-    fingerprint = head.get("weights_fingerprint")
-    if fingerprint is not None and not all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6)
-                                           for a, b in zip(fingerprint, info["weights_fingerprint"])):
-        trained = f"{head.get('pretrained_weights') or 'a random initialisation'} [{head.get('checkpoint_key')}]"
-        given = f"{args.pretrained_weights or 'a random initialisation'} [{args.checkpoint_key}]"
-        raise EvalError(f"{path} was trained on the weights of {trained}, not those of {given}; pass the same "
-                        "--pretrained_weights and --checkpoint_key")
-    return head, path
+    return {
+        **best["best_head"],
+        "result": best["best"],
+        "classes": list(classes),
+        "features": {"dim": features.dim, **features.settings()},
+        "model": {k: info.get(k) for k in ("arch", "patch_size", "mode", "gamma", "image_size")},
+        "pretrained_weights": args.pretrained_weights or None,
+        "checkpoint_key": args.checkpoint_key,
+        "weights_fingerprint": info["weights_fingerprint"],
+    }
 
 
 def score_saved_head(head, path, val_f, val_y):

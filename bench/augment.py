@@ -22,6 +22,7 @@ wall time and of this process's CPU time (the fairer figure when other jobs shar
 The output check asserts equal shapes, dtype float32 and values within the normalised
 [0, 1] range for both, and prints their per-channel statistics.
 """
+
 import argparse
 import glob
 import os
@@ -37,7 +38,7 @@ from bench.machine import describe  # noqa: E402
 from bench.reference import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO, pil_loader  # noqa: E402
 from simpool.augment import MultiCropAugmentation  # noqa: E402
 from simpool.data import SafeImageFolder  # noqa: E402
-from utils import number  # noqa: E402
+from simpool.utils import number  # noqa: E402
 
 GLOBAL_SCALE, LOCAL_SCALE, N_LOCAL, G, L = (0.4, 1.0), (0.05, 0.4), 6, 224, 96
 
@@ -47,15 +48,23 @@ def make_jpegs(folder, size=(640, 480), quality=90):
     import numpy as np
     import skimage.data
     from PIL import Image, ImageOps
+
     paths = []
-    for name in ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
-                 "retina", "stereo_motorcycle"):
+    for name in (
+        "astronaut",
+        "chelsea",
+        "coffee",
+        "rocket",
+        "hubble_deep_field",
+        "immunohistochemistry",
+        "retina",
+        "stereo_motorcycle",
+    ):
         a = getattr(skimage.data, name)()
         a = a[0] if isinstance(a, tuple) else a
         img = Image.fromarray(np.ascontiguousarray(a[..., :3]))
         w, h = img.size
-        views = [img, ImageOps.mirror(img), img.crop((0, 0, w * 3 // 4, h * 3 // 4)),
-                 img.crop((w // 4, h // 4, w, h))]
+        views = [img, ImageOps.mirror(img), img.crop((0, 0, w * 3 // 4, h * 3 // 4)), img.crop((w // 4, h // 4, w, h))]
         for i, v in enumerate(views):
             path = os.path.join(folder, f"{name}_{i}.jpg")
             ImageOps.fit(v, size, Image.LANCZOS).save(path, quality=quality)
@@ -96,8 +105,10 @@ def timed(fn, *args):
 def check_outputs(ref, ours, n):
     """Same crops, same tensors: shapes, dtype and normalisation of both pipelines."""
     ref_g, ref_l = torch.cat(ref[:2]), torch.cat(ref[2:])
-    g, l = torch.cat([x.view(2, -1, 3, G, G) for x in ours[0]], 1).flatten(0, 1), \
-        torch.cat([x.view(N_LOCAL, -1, 3, L, L) for x in ours[1]], 1).flatten(0, 1)
+    g, l = (
+        torch.cat([x.view(2, -1, 3, G, G) for x in ours[0]], 1).flatten(0, 1),
+        torch.cat([x.view(N_LOCAL, -1, 3, L, L) for x in ours[1]], 1).flatten(0, 1),
+    )
     assert ref_g.shape == g.shape == (2 * n, 3, G, G), (ref_g.shape, g.shape)
     assert ref_l.shape == l.shape == (N_LOCAL * n, 3, L, L), (ref_l.shape, l.shape)
     assert ref_g.dtype == g.dtype == ref_l.dtype == l.dtype == torch.float32
@@ -107,9 +118,11 @@ def check_outputs(ref, ours, n):
         lo, hi = ((0 - mean) / std - 1e-4), ((1 - mean) / std + 1e-4)
         assert ((x >= lo) & (x <= hi)).all(), f"{name}: values outside the normalised [0, 1] range"
         pix = x * std + mean  # back to [0, 1]
-        lines.append(f"  {name:17s} {tuple(x.shape[1:])} {x.dtype}: pixel mean per channel "
-                     f"{[round(v, 3) for v in pix.mean((0, 2, 3)).tolist()]}, std "
-                     f"{[round(v, 3) for v in pix.std((0, 2, 3)).tolist()]}")
+        lines.append(
+            f"  {name:17s} {tuple(x.shape[1:])} {x.dtype}: pixel mean per channel "
+            f"{[round(v, 3) for v in pix.mean((0, 2, 3)).tolist()]}, std "
+            f"{[round(v, 3) for v in pix.std((0, 2, 3)).tolist()]}"
+        )
     return "\n".join(lines)
 
 
@@ -132,7 +145,7 @@ def main():
             sys.exit(f"error: no JPEG/PNG files under {args.data_path}")
         source = f"{len(paths)} files under {args.data_path}"
     if args.limit:
-        paths = paths[:args.limit]
+        paths = paths[: args.limit]
     ref_aug = DataAugmentationDINO(GLOBAL_SCALE, LOCAL_SCALE, N_LOCAL, G, L)
     our_aug = MultiCropAugmentation(GLOBAL_SCALE, LOCAL_SCALE, N_LOCAL, G, L)
     torch.manual_seed(0)
@@ -141,8 +154,10 @@ def main():
     report = check_outputs(ref_out, our_out, len(paths))
     times = {"reference": [], "ours": []}
     for _ in range(args.rounds):
-        for name, fn, a in (("reference", reference_pass, (paths, ref_aug)),
-                            ("ours", our_pass, (paths, our_aug, args.batch_size))):
+        for name, fn, a in (
+            ("reference", reference_pass, (paths, ref_aug)),
+            ("ours", our_pass, (paths, our_aug, args.batch_size)),
+        ):
             _, wall, cpu = timed(fn, *a)
             times[name].append((len(paths) / wall, len(paths) / cpu))
     n = len(paths)
@@ -152,8 +167,10 @@ def main():
     res = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for k, v in times.items()}
     for k, (wall, cpu) in res.items():
         print(f"{k:9s}: {wall:6.1f} images/s/core (wall)   {cpu:6.1f} images per CPU-second")
-    print(f"ratio ours/reference: {res['ours'][0] / res['reference'][0]:.2f}x (wall), "
-          f"{res['ours'][1] / res['reference'][1]:.2f}x (CPU time)")
+    print(
+        f"ratio ours/reference: {res['ours'][0] / res['reference'][0]:.2f}x (wall), "
+        f"{res['ours'][1] / res['reference'][1]:.2f}x (CPU time)"
+    )
     if tmp is not None:
         tmp.cleanup()
 

@@ -10,6 +10,7 @@ topk, one-hot vote); ours is ``simpool.knn.knn_classify``. The two alternate, ``
 times each; the figures are medians of wall and CPU time, and the run asserts that both
 give the identical top-1.
 """
+
 import argparse
 import os
 import statistics
@@ -23,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.machine import describe  # noqa: E402
 from bench.reference import knn_classifier  # noqa: E402
 from simpool.knn import knn_classify  # noqa: E402
-from utils import number  # noqa: E402
+from simpool.utils import number  # noqa: E402
 
 
 def clustered_features(n_train, n_query, dim, classes, noise, seed=0):
@@ -31,8 +32,8 @@ def clustered_features(n_train, n_query, dim, classes, noise, seed=0):
     centres = F.normalize(torch.randn(classes, dim, generator=g), dim=1)
     train_y = torch.arange(n_train) % classes
     query_y = torch.randint(0, classes, (n_query,), generator=g)
-    train = F.normalize(centres[train_y] + noise * torch.randn(n_train, dim, generator=g) / dim ** 0.5, dim=1)
-    query = F.normalize(centres[query_y] + noise * torch.randn(n_query, dim, generator=g) / dim ** 0.5, dim=1)
+    train = F.normalize(centres[train_y] + noise * torch.randn(n_train, dim, generator=g) / dim**0.5, dim=1)
+    query = F.normalize(centres[query_y] + noise * torch.randn(n_query, dim, generator=g) / dim**0.5, dim=1)
     return train, train_y, query, query_y
 
 
@@ -44,18 +45,21 @@ def main():
     p.add_argument("--classes", type=number(int, low=1), default=1000, help="classes (one centre each)")
     p.add_argument("--k", type=number(int, low=1), default=20, help="neighbours that vote")
     p.add_argument("--temperature", type=number(float, above=0), default=0.07, help="vote weight exp(similarity / T)")
-    p.add_argument("--noise", type=number(float, low=0), default=3.0, help="per-sample noise norm relative to the "
-                   "centre's")
-    p.add_argument("--rounds", type=number(int, low=1), default=3, help="alternating timed runs of each; medians are "
-                   "reported")
+    p.add_argument(
+        "--noise", type=number(float, low=0), default=3.0, help="per-sample noise norm relative to the centre's"
+    )
+    p.add_argument(
+        "--rounds", type=number(int, low=1), default=3, help="alternating timed runs of each; medians are reported"
+    )
     args = p.parse_args()
-    train, train_y, query, query_y = clustered_features(args.n_train, args.n_query, args.dim, args.classes,
-                                                        args.noise)
+    train, train_y, query, query_y = clustered_features(args.n_train, args.n_query, args.dim, args.classes, args.noise)
     runs = {
-        "reference": lambda: knn_classifier(train, train_y, query, query_y, args.k, args.temperature,
-                                            num_classes=args.classes)[0],
-        "ours": lambda: knn_classify(train, train_y, query, query_y, ks=(args.k,), temperature=args.temperature,
-                                     num_classes=args.classes)[args.k]["top1"],
+        "reference": lambda: knn_classifier(
+            train, train_y, query, query_y, args.k, args.temperature, num_classes=args.classes
+        )[0],
+        "ours": lambda: knn_classify(
+            train, train_y, query, query_y, ks=(args.k,), temperature=args.temperature, num_classes=args.classes
+        )[args.k]["top1"],
     }
     times = {name: [] for name in runs}
     top1 = {}
@@ -65,13 +69,17 @@ def main():
             top1[name] = fn()
             times[name].append((time.perf_counter() - w, time.process_time() - c))
     print(describe())
-    print(f"data: {args.n_train} train x {args.n_query} queries x {args.dim}-d, {args.classes} classes, "
-          f"k={args.k}, T={args.temperature}; median of {args.rounds} alternating runs")
+    print(
+        f"data: {args.n_train} train x {args.n_query} queries x {args.dim}-d, {args.classes} classes, "
+        f"k={args.k}, T={args.temperature}; median of {args.rounds} alternating runs"
+    )
     med = {k: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)) for k, v in times.items()}
     for name in runs:
         print(f"{name:9s}: {med[name][0]:7.2f} s wall  {med[name][1]:7.2f} s CPU   top-1 {top1[name]:.2f}%")
-    print(f"ratio reference/ours: {med['reference'][0] / med['ours'][0]:.2f}x (wall), "
-          f"{med['reference'][1] / med['ours'][1]:.2f}x (CPU time)")
+    print(
+        f"ratio reference/ours: {med['reference'][0] / med['ours'][0]:.2f}x (wall), "
+        f"{med['reference'][1] / med['ours'][1]:.2f}x (CPU time)"
+    )
     assert top1["ours"] == top1["reference"], f"top-1 differs: ours {top1['ours']} vs reference {top1['reference']}"
     print("top-1 identical")
 

@@ -6,8 +6,10 @@ version and threads, and the load average (other jobs on the cores skew the figu
     >>> describe(threads=1).startswith("machine: ")
     True
 """
+
 import os
 import platform
+import time
 
 import torch
 
@@ -43,5 +45,29 @@ def describe(threads=None):
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     threads = torch.get_num_threads() if threads is None else threads
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"machine: {model} ({bf16_instructions(flags)}), {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, "
-            f"{threads} thread{'s' if threads != 1 else ''}; load average {load} (other jobs share the cores)")
+    return (
+        f"machine: {model} ({bf16_instructions(flags)}), {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, "
+        f"{threads} thread{'s' if threads != 1 else ''}; load average {load} (other jobs share the cores)"
+    )
+
+
+def gemm_gflops(dtype=None, device="cpu", shape=(3136, 1536, 384), seconds=1.0):
+    """This machine's matrix-product throughput (GFLOP/s) in ``dtype`` (None: fp32) on the current
+    torch threads: a (m x k) @ (k x n) product, the size of a ViT-S/16 MLP layer on 16 images,
+    repeated for about ``seconds`` after a warm-up; the ceiling a training step's FLOPs are measured
+    against."""
+    m, k, n = shape
+    device = torch.device(device)
+    a = torch.randn(m, k, device=device, dtype=dtype or torch.float32)
+    b = torch.randn(k, n, device=device, dtype=dtype or torch.float32)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    reps, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        reps += 1
+        sync()
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds and reps >= 3:
+            return 2 * m * k * n * reps / elapsed / 1e9

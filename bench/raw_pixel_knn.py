@@ -5,6 +5,7 @@
 Same protocol as the online k-NN: cosine similarity of mean/std-normalised pixels,
 weighted vote exp(sim / 0.07), train split as memory, test split as queries.
 """
+
 import argparse
 import os
 import sys

@@ -19,6 +19,7 @@ order, with which library calls); none of it is used by training.
   pairs, per-parameter gradient clipping, last-layer cancelling, AdamW and a per-parameter
   EMA loop; optional autocast (the official ``--use_fp16``; here bf16 on CPU).
 """
+
 import math
 import random
 import warnings
@@ -64,26 +65,51 @@ class DataAugmentationDINO:
     """DINO's multi-crop transform: a PIL image -> list of 2 + ``local_crops_number``
     normalised float tensors (3, s, s), each built by its own PIL pipeline."""
 
-    def __init__(self, global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4), local_crops_number=8,
-                 global_crops_size=224, local_crops_size=96):
+    def __init__(
+        self,
+        global_crops_scale=(0.4, 1.0),
+        local_crops_scale=(0.05, 0.4),
+        local_crops_number=8,
+        global_crops_size=224,
+        local_crops_size=96,
+    ):
         from torchvision import transforms as T
+
         bicubic = T.InterpolationMode.BICUBIC
-        flip_and_color_jitter = T.Compose([
-            T.RandomHorizontalFlip(p=0.5),
-            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-        ])
+        flip_and_color_jitter = T.Compose(
+            [
+                T.RandomHorizontalFlip(p=0.5),
+                T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+                T.RandomGrayscale(p=0.2),
+            ]
+        )
         normalize = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-        self.global_transfo1 = T.Compose([
-            T.RandomResizedCrop(global_crops_size, scale=global_crops_scale, interpolation=bicubic),
-            flip_and_color_jitter, _RandomGaussianBlur(1.0), normalize])
-        self.global_transfo2 = T.Compose([
-            T.RandomResizedCrop(global_crops_size, scale=global_crops_scale, interpolation=bicubic),
-            flip_and_color_jitter, _RandomGaussianBlur(0.1), _RandomSolarize(0.2), normalize])
+        self.global_transfo1 = T.Compose(
+            [
+                T.RandomResizedCrop(global_crops_size, scale=global_crops_scale, interpolation=bicubic),
+                flip_and_color_jitter,
+                _RandomGaussianBlur(1.0),
+                normalize,
+            ]
+        )
+        self.global_transfo2 = T.Compose(
+            [
+                T.RandomResizedCrop(global_crops_size, scale=global_crops_scale, interpolation=bicubic),
+                flip_and_color_jitter,
+                _RandomGaussianBlur(0.1),
+                _RandomSolarize(0.2),
+                normalize,
+            ]
+        )
         self.local_crops_number = local_crops_number
-        self.local_transfo = T.Compose([
-            T.RandomResizedCrop(local_crops_size, scale=local_crops_scale, interpolation=bicubic),
-            flip_and_color_jitter, _RandomGaussianBlur(p=0.5), normalize])
+        self.local_transfo = T.Compose(
+            [
+                T.RandomResizedCrop(local_crops_size, scale=local_crops_scale, interpolation=bicubic),
+                flip_and_color_jitter,
+                _RandomGaussianBlur(p=0.5),
+                normalize,
+            ]
+        )
 
     def __call__(self, image):
         crops = [self.global_transfo1(image), self.global_transfo2(image)]
@@ -93,8 +119,7 @@ class DataAugmentationDINO:
 
 # ------------------------------------------------------------------ k-NN
 @torch.no_grad()
-def knn_classifier(train_features, train_labels, test_features, test_labels, k, T, num_classes=1000,
-                   num_chunks=100):
+def knn_classifier(train_features, train_labels, test_features, test_labels, k, T, num_classes=1000, num_chunks=100):
     """DINO's weighted k-NN vote: returns (top1, top5) in percent. Features are
     L2-normalised rows; the queries go in ``num_chunks`` chunks."""
     bank = train_features.t()
@@ -104,8 +129,8 @@ def knn_classifier(train_features, train_labels, test_features, test_labels, k, 
     top1 = top5 = 0.0
     total = 0
     for start in range(0, n_test, per_chunk):
-        feats = test_features[start:start + per_chunk]
-        targets = test_labels[start:start + per_chunk]
+        feats = test_features[start : start + per_chunk]
+        targets = test_labels[start : start + per_chunk]
         b = targets.shape[0]
         sims = torch.mm(feats, bank)
         dist, idx = sims.topk(k, largest=True, sorted=True)
@@ -187,8 +212,9 @@ class RefVisionTransformer(nn.Module):
     """DINO's ViT: [CLS] token, learned positions interpolated (bicubic) for other crop
     sizes, pre-norm blocks with LayerNorm eps 1e-6, output the normalised [CLS] token."""
 
-    def __init__(self, img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0,
-                 drop_path_rate=0.0):
+    def __init__(
+        self, img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, drop_path_rate=0.0
+    ):
         super().__init__()
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.patch_size = patch_size
@@ -198,8 +224,7 @@ class RefVisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
-        self.blocks = nn.ModuleList([_Block(embed_dim, num_heads, mlp_ratio, dpr[i], norm_layer)
-                                     for i in range(depth)])
+        self.blocks = nn.ModuleList([_Block(embed_dim, num_heads, mlp_ratio, dpr[i], norm_layer) for i in range(depth)])
         self.norm = norm_layer(embed_dim)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
@@ -213,8 +238,11 @@ class RefVisionTransformer(nn.Module):
         dim = x.shape[-1]
         w0, h0 = w // self.patch_size + 0.1, h // self.patch_size + 0.1
         side = int(math.sqrt(n))
-        patch_pos = F.interpolate(patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2),
-                                  scale_factor=(w0 / side, h0 / side), mode="bicubic")
+        patch_pos = F.interpolate(
+            patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2),
+            scale_factor=(w0 / side, h0 / side),
+            mode="bicubic",
+        )
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim)
         return torch.cat((cls_pos, patch_pos), dim=1)
 
@@ -242,8 +270,13 @@ class RefDINOHead(nn.Module):
 
     def __init__(self, in_dim, out_dim, norm_last_layer=True, hidden_dim=2048, bottleneck_dim=256):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
-                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, bottleneck_dim),
+        )
         self.apply(_init)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # deprecated in favour of parametrizations; DINO uses this one
@@ -339,13 +372,27 @@ class ReferenceStep:
     returns the loss; ``amp_dtype`` None runs fp32, else autocast in that dtype.
     """
 
-    def __init__(self, arch="vit_small", patch_size=16, out_dim=65536, ncrops=8, drop_path_rate=0.1,
-                 norm_last_layer=True, clip_grad=3.0, freeze_last_layer=1, amp_dtype=None, device="cpu",
-                 lr=1e-4, weight_decay=0.04):
-        self.student = RefMultiCropWrapper(ref_vit(arch, patch_size, drop_path_rate),
-                                           RefDINOHead(ARCHS[arch][0], out_dim, norm_last_layer)).to(device)
-        self.teacher = RefMultiCropWrapper(ref_vit(arch, patch_size),
-                                           RefDINOHead(ARCHS[arch][0], out_dim, norm_last_layer)).to(device)
+    def __init__(
+        self,
+        arch="vit_small",
+        patch_size=16,
+        out_dim=65536,
+        ncrops=8,
+        drop_path_rate=0.1,
+        norm_last_layer=True,
+        clip_grad=3.0,
+        freeze_last_layer=1,
+        amp_dtype=None,
+        device="cpu",
+        lr=1e-4,
+        weight_decay=0.04,
+    ):
+        self.student = RefMultiCropWrapper(
+            ref_vit(arch, patch_size, drop_path_rate), RefDINOHead(ARCHS[arch][0], out_dim, norm_last_layer)
+        ).to(device)
+        self.teacher = RefMultiCropWrapper(
+            ref_vit(arch, patch_size), RefDINOHead(ARCHS[arch][0], out_dim, norm_last_layer)
+        ).to(device)
         self.teacher.load_state_dict(self.student.state_dict())
         for p in self.teacher.parameters():
             p.requires_grad = False
@@ -359,8 +406,9 @@ class ReferenceStep:
         self.amp_dtype, self.device = amp_dtype, torch.device(device)
 
     def step(self, crops, teacher_temp=0.04, momentum=0.996, epoch=1):
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
-                            enabled=self.amp_dtype is not None):
+        with torch.autocast(
+            self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None
+        ):
             teacher_output = self.teacher(crops[:2])
             student_output = self.student(crops)
             loss = self.loss(student_output, teacher_output, teacher_temp)

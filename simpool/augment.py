@@ -21,7 +21,11 @@ Example:
     >>> g.shape, l.shape
     (torch.Size([16, 3, 28, 28]), torch.Size([16, 3, 12, 12]))
 """
+
+from __future__ import annotations
+
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +33,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
+
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable, Sequence
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -51,10 +59,39 @@ class MultiCropAugmentation:
         solarization_prob: solarize probability of global 2 and later ones (DINO: 0.2).
     """
 
-    def __init__(self, global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4), local_crops_number=8,
-                 global_crops_size=224, local_crops_size=96, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 blur_sigma=(0.1, 2.0), color_jitter_prob=0.8, grayscale_prob=0.2, blur_prob=(1.0, 0.1, 0.5),
-                 solarization_prob=0.2, global_crops_number=2):
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> MultiCropAugmentation:
+        """The augmentation main_dino.py's flags describe."""
+        return cls(
+            args.global_crops_scale,
+            args.local_crops_scale,
+            args.local_crops_number,
+            args.global_crops_size,
+            args.local_crops_size,
+            blur_sigma=args.blur_sigma,
+            color_jitter_prob=args.color_jitter_prob,
+            grayscale_prob=args.grayscale_prob,
+            blur_prob=args.blur_prob,
+            solarization_prob=args.solarization_prob,
+            global_crops_number=args.global_crops_number,
+        )
+
+    def __init__(
+        self,
+        global_crops_scale: Sequence[float] = (0.4, 1.0),
+        local_crops_scale: Sequence[float] = (0.05, 0.4),
+        local_crops_number: int = 8,
+        global_crops_size: int = 224,
+        local_crops_size: int = 96,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        blur_sigma: Sequence[float] = (0.1, 2.0),
+        color_jitter_prob: float = 0.8,
+        grayscale_prob: float = 0.2,
+        blur_prob: Sequence[float] = (1.0, 0.1, 0.5),
+        solarization_prob: float = 0.2,
+        global_crops_number: int = 2,
+    ) -> None:
         if global_crops_number < 1:
             raise ValueError(f"global_crops_number must be at least 1, got {global_crops_number}")
         self.global_crops_number = global_crops_number
@@ -68,23 +105,31 @@ class MultiCropAugmentation:
         self.color_jitter_prob, self.grayscale_prob = color_jitter_prob, grayscale_prob
         self.blur_prob, self.solarization_prob = tuple(blur_prob), solarization_prob
         bicubic = v2.InterpolationMode.BICUBIC
-        self._global_crop = v2.Compose([v2.RandomResizedCrop(global_crops_size, self.global_crops_scale,
-                                                             interpolation=bicubic, antialias=True),
-                                        v2.RandomHorizontalFlip()])
-        self._local_crop = v2.Compose([v2.RandomResizedCrop(local_crops_size, self.local_crops_scale,
-                                                            interpolation=bicubic, antialias=True),
-                                       v2.RandomHorizontalFlip()])
+        self._global_crop = v2.Compose(
+            [
+                v2.RandomResizedCrop(global_crops_size, self.global_crops_scale, interpolation=bicubic, antialias=True),
+                v2.RandomHorizontalFlip(),
+            ]
+        )
+        self._local_crop = v2.Compose(
+            [
+                v2.RandomResizedCrop(local_crops_size, self.local_crops_scale, interpolation=bicubic, antialias=True),
+                v2.RandomHorizontalFlip(),
+            ]
+        )
 
-    def set_normalization(self, mean, std):
+    def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
         """Per-channel mean and std (3 values each) of the final normalisation."""
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
 
     @property
-    def num_crops(self):
+    def num_crops(self) -> int:
         return self.global_crops_number + self.local_crops_number
 
-    def __call__(self, batch):
+    def __call__(
+        self, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Full pipeline: a uint8 batch (B, C, H, W) of equal-size images, or the
         (globals, locals) pair that ``collate`` built from ``crop_image`` outputs."""
         if torch.is_tensor(batch):
@@ -92,7 +137,7 @@ class MultiCropAugmentation:
         return self.photometric(*batch)
 
     # ---- stage 1: geometry -------------------------------------------------------
-    def crop_image(self, image):
+    def crop_image(self, image: Image.Image | torch.Tensor) -> list[torch.Tensor]:
         """Per-image geometry for the data loader: a PIL image or (C, H, W) uint8
         tensor -> list of ``num_crops`` uint8 tensors (3, h, w).
 
@@ -111,7 +156,7 @@ class MultiCropAugmentation:
 
     crop_image.decodes = True  # SafeImageFolder hands it the opened, undecoded image
 
-    def _crop_pil(self, image):
+    def _crop_pil(self, image: Image.Image) -> list[torch.Tensor]:
         W, H = image.size
         n_local = self.local_crops_number
         n_global = self.global_crops_number
@@ -139,12 +184,11 @@ class MultiCropAugmentation:
             x1, y1 = min(max(x1, 0), W - 1), min(max(y1, 0), H - 1)
             x2, y2 = min(max(x2, x1 + 1), W), min(max(y2, y1 + 1), H)
             # uint8 channels-last bicubic with antialiasing: torch's vectorised resampler (PIL's filter)
-            crop = F.interpolate(pixels[None, :, y1:y2, x1:x2], size=size, mode="bicubic",
-                                 antialias=True)[0]
+            crop = F.interpolate(pixels[None, :, y1:y2, x1:x2], size=size, mode="bicubic", antialias=True)[0]
             crops.append(crop.flip(-1) if flip else crop)
         return [c.expand(3, -1, -1) if c.shape[0] == 1 else c for c in crops]
 
-    def collate(self, samples):
+    def collate(self, samples: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Stack per-image crop lists (from ``crop_image``) into view-major (globals, locals)."""
         views = list(zip(*samples))  # views[v][b]
         n_global = self.global_crops_number
@@ -152,7 +196,7 @@ class MultiCropAugmentation:
         locals_ = torch.stack([c for v in views[n_global:] for c in v]) if len(views) > n_global else None
         return globals_, locals_
 
-    def crop_batch(self, images):
+    def crop_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Batched geometry for equal-size images (B, C, H, W), uint8 or float in [0, 1]:
         each crop is an independent random resized crop and flip, resampled with
         ``roi_align`` (bilinear, averaging several samples per output pixel when
@@ -166,17 +210,27 @@ class MultiCropAugmentation:
             locals_ = self._crop_views(images, self.local_crops_number, self.local_crops_scale, self.local_crops_size)
         return globals_, locals_
 
-    def _crop_views(self, images, n_views, scale, size):
+    def _crop_views(
+        self, images: torch.Tensor, n_views: int, scale: Sequence[float], size: int | tuple[int, int]
+    ) -> torch.Tensor:
         B, _, H, W = images.shape
         boxes = random_resized_crop_boxes(n_views * B, H, W, scale, device=images.device)
         index = torch.arange(B, device=images.device, dtype=images.dtype).repeat(n_views)
-        crops = roi_align(images, torch.cat([index[:, None], boxes.to(images.dtype)], dim=1), size,
-                          spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        crops = roi_align(
+            images,
+            torch.cat([index[:, None], boxes.to(images.dtype)], dim=1),
+            size,
+            spatial_scale=1.0,
+            sampling_ratio=-1,
+            aligned=True,
+        )
         flip = torch.rand(n_views * B, device=images.device) < 0.5
         return torch.where(flip[:, None, None, None], crops.flip(-1), crops)
 
     # ---- stage 2: photometry -----------------------------------------------------
-    def photometric(self, globals_, locals_=None):
+    def photometric(
+        self, globals_: torch.Tensor, locals_: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Colour jitter, grayscale, blur, solarize and normalise view-major crop
         batches (uint8 or float in [0, 1]) on their own device."""
         B = globals_.shape[0] // self.global_crops_number
@@ -188,11 +242,12 @@ class MultiCropAugmentation:
         if locals_ is None:
             return out_g, None
         n = locals_.shape[0]
-        out_l = self._photometric(locals_, torch.full((n,), self.blur_prob[2], device=device),
-                                  torch.zeros(n, device=device))
+        out_l = self._photometric(
+            locals_, torch.full((n,), self.blur_prob[2], device=device), torch.zeros(n, device=device)
+        )
         return out_g, out_l
 
-    def _photometric(self, x, blur_p, solarize_p):
+    def _photometric(self, x: torch.Tensor, blur_p: torch.Tensor, solarize_p: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         device = x.device
         # every random draw for the whole batch first, so chunking below changes no result
@@ -225,7 +280,9 @@ class MultiCropAugmentation:
 _CHUNK = 3 * 224 * 224
 
 
-def _on_rows(x, mask, fn, *params):
+def _on_rows(
+    x: torch.Tensor, mask: torch.Tensor, fn: Callable[..., torch.Tensor], *params: torch.Tensor
+) -> torch.Tensor:
     """``fn(rows, *row_params)`` on the rows of ``x`` where ``mask`` holds (``params`` are
     per-row tensors); ``fn`` returns a new tensor. On the CPU only the selected rows are
     computed; elsewhere (no host syncs) every row is, and ``where`` keeps the others."""
@@ -241,11 +298,11 @@ def _on_rows(x, mask, fn, *params):
     return out
 
 
-def _pair(size):
+def _pair(size: int | Sequence[int]) -> tuple[int, ...]:
     return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
 
 
-def _to_rgb(images):
+def _to_rgb(images: torch.Tensor) -> torch.Tensor:
     if images.shape[-3] == 1:
         return images.expand(*images.shape[:-3], 3, *images.shape[-2:])
     if images.shape[-3] == 4:  # RGBA: drop alpha
@@ -253,7 +310,7 @@ def _to_rgb(images):
     return images
 
 
-def eight_bit(image):
+def eight_bit(image: Image.Image) -> Image.Image:
     """A PIL image with 8-bit channels: 16-bit integer images ("I;16" modes, and "I", which
     holds 16-bit PNGs in older Pillows) are mapped from 0..65535 and float images ("F") from
     0..1, both clipped, to "L"; other modes come back as they are. (PIL's own conversion to
@@ -273,14 +330,22 @@ def eight_bit(image):
     return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
 
 
-def _gray(x):
+def _gray(x: torch.Tensor) -> torch.Tensor:
     """Luma (n, 1, h, w) of float RGB (n, 3, h, w)."""
     y = x[:, 0] * _LUMA[0]
     y.add_(x[:, 1], alpha=_LUMA[1]).add_(x[:, 2], alpha=_LUMA[2])
     return y.unsqueeze(1)
 
 
-def random_resized_crop_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), device=None, attempts=10):
+def random_resized_crop_boxes(
+    n: int,
+    height: int,
+    width: int,
+    scale: Sequence[float],
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    device: torch.device | str | None = None,
+    attempts: int = 10,
+) -> torch.Tensor:
     """``n`` boxes (x1, y1, x2, y2) sampled as torchvision's RandomResizedCrop does:
     the first of ``attempts`` (area, log-aspect) draws that fits, else a centre crop
     with the aspect ratio clamped to ``ratio``."""
@@ -312,17 +377,9 @@ def random_resized_crop_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), dev
     return torch.stack([left, top, left + w, top + h], dim=1).to(device)
 
 
-def color_jitter(x, apply, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
-    """Per-sample colour jitter on float (n, 3, h, w) in [0, 1]; rows with
-    ``apply`` False are returned unchanged. Brightness, contrast and saturation
-    factors are uniform in 1 +- their strength (contrast pivots on the mean luma,
-    saturation on each pixel's luma), clamped to [0, 1] after each; hue is shifted in HSV
-    space by up to ``hue`` of a turn (``hue_shift``). Each row applies the four in its own
-    random order, as torchvision's ``ColorJitter`` (DINO's) does per image."""
-    return _jitter(x, jitter_factors(apply, brightness, contrast, saturation, hue), jitter_order(x.shape[0], x.device))
-
-
-def jitter_factors(apply, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
+def jitter_factors(
+    apply: torch.Tensor, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.2, hue: float = 0.1
+) -> torch.Tensor:
     """(n, 4) colour-jitter draws: brightness, contrast and saturation factors and the hue
     shift in turns; rows with ``apply`` False get the identity (1, 1, 1, 0)."""
     n, device = apply.shape[0], apply.device
@@ -332,27 +389,29 @@ def jitter_factors(apply, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
     return torch.where(apply[:, None], torch.stack(draws, 1), identity)
 
 
-def jitter_order(n, device=None, generator=None):
+def jitter_order(
+    n: int, device: torch.device | str | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """(n, 4) per-row orders of the four jitter ops (0 brightness, 1 contrast, 2 saturation,
     3 hue), each a uniform random permutation."""
     return torch.rand(n, 4, device=device, generator=generator).argsort(dim=1)
 
 
-def _brightness(x, b):
+def _brightness(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (x * b.view(-1, 1, 1, 1)).clamp_(0, 1)
 
 
-def _contrast(x, c):  # (x - mean) * c + mean, around the image's mean luma
+def _contrast(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # (x - mean) * c + mean, around the image's mean luma
     c = c.view(-1, 1, 1, 1)
     mean = (x.mean(dim=(2, 3)) @ torch.tensor(_LUMA, dtype=x.dtype, device=x.device)).view(-1, 1, 1, 1)
     return (x * c).add_(mean * (1 - c)).clamp_(0, 1)
 
 
-def _saturation(x, s):  # towards each pixel's luma
+def _saturation(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:  # towards each pixel's luma
     return torch.lerp(_gray(x).expand_as(x), x, s.view(-1, 1, 1, 1)).clamp_(0, 1)
 
 
-def _jitter(x, factors, order=None):
+def _jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
     """Colour jitter with the (n, 4) ``factors`` of ``jitter_factors``, each row applying the
     ops in its ``order`` (``jitter_order``; None: brightness, contrast, saturation, hue);
     returns a new tensor. On the CPU the rows sharing an order run together; elsewhere (no
@@ -378,7 +437,7 @@ def _jitter(x, factors, order=None):
     return out
 
 
-def _jitter_all_rows(x, factors, order):
+def _jitter_all_rows(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     for step in range(4):
         out = x
         for k, op in enumerate(_JITTER_OPS):
@@ -391,7 +450,7 @@ def _jitter_all_rows(x, factors, order):
 _CHANNEL_HUES = (0.0, 2.0, -2.0)
 
 
-def hue_shift(x, shift):
+def hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Shift the hue of float RGB (n, 3, h, w) in [0, 1] by ``shift`` (n,) turns in HSV space,
     keeping saturation and value, as torchvision's ``adjust_hue`` does (to ~1e-6).
 
@@ -428,21 +487,13 @@ def hue_shift(x, shift):
 _JITTER_OPS = (_brightness, _contrast, _saturation, hue_shift)
 
 
-def gaussian_blur(x, apply, sigma_range):
-    """Separable Gaussian blur with a per-sample sigma ~ U(sigma_range) where
-    ``apply`` is True; other rows pass unchanged. Each sample's kernel is truncated at
-    ceil(3 sigma) taps (and at the image side - 1); borders are reflected."""
-    sigma = torch.empty(x.shape[0], device=x.device).uniform_(*sigma_range)
-    return torch.where(apply.view(-1, 1, 1, 1), _blur(x, sigma, _sigma_bound(sigma, sigma_range[1])), x)
-
-
-def _sigma_bound(sigma, max_sigma):
+def _sigma_bound(sigma: torch.Tensor, max_sigma: float) -> float:
     """The largest sigma that ``_blur``'s tap loop must cover: the largest present on the CPU,
     the range's end elsewhere (no host sync); the result is the same either way."""
     return float(sigma.max()) if sigma.device.type == "cpu" else max_sigma
 
 
-def _blur(x, sigma, max_sigma):
+def _blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
     """Blur each sample of float (n, c, h, w) with its own ``sigma`` (n,), its kernel truncated
     at ceil(3 sigma) taps (at most the image side - 1); ``max_sigma`` bounds the sigmas, and
     taps past a sample's own truncation weigh 0. A sum of shifted copies per direction (cheaper
@@ -455,13 +506,13 @@ def _blur(x, sigma, max_sigma):
     sigma = sigma.to(x.dtype)[:, None]
     kernel = torch.exp(-0.5 * (taps[None] / sigma) ** 2) * (taps.abs() <= torch.ceil(3 * sigma))
     kernel = (kernel / kernel.sum(1, keepdim=True)).view(n, 1, 1, 2 * radius + 1)
-    k = [kernel[..., t:t + 1] for t in range(2 * radius + 1)]
+    k = [kernel[..., t : t + 1] for t in range(2 * radius + 1)]
     p = F.pad(x, (radius, radius, 0, 0), mode="reflect")
     y = p[..., :w] * k[0]
     for t in range(1, 2 * radius + 1):
-        y.addcmul_(p[..., t:t + w], k[t])
+        y.addcmul_(p[..., t : t + w], k[t])
     p = F.pad(y, (0, 0, radius, radius), mode="reflect")
     y = p[..., :h, :] * k[0]
     for t in range(1, 2 * radius + 1):
-        y.addcmul_(p[..., t:t + h, :], k[t])
+        y.addcmul_(p[..., t : t + h, :], k[t])
     return y

@@ -23,42 +23,50 @@ Example:
     >>> knn_classify(train, labels, train[:10], labels[:10], ks=(1,))[1]["top1"]
     100.0
 """
+
+from __future__ import annotations
+
 import contextlib
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from simpool.data import normalize_batch
+from simpool.precision import autocast, native_bf16
+from simpool.utils import MetricLogger
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Sequence
+
+    from torch.utils.data import Dataset
 
 __all__ = ["knn_classify", "knn_search", "extract_features"]
 
 _GROUP = 16  # bank entries per group in the candidate search
 
 
-def _fast_bf16(device):
-    if device.type == "cuda":
-        return True
-    cpu = getattr(torch, "cpu", None)
-    checks = [getattr(cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    return any(f is not None and f() for f in checks)
-
-
-def _faiss_search(train, test, k, chunk_size, use_gpu):
+def _faiss_search(
+    train: torch.Tensor, test: torch.Tensor, k: int, chunk_size: int, use_gpu: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     import faiss
+
     index = faiss.IndexFlatIP(train.shape[1])
     if use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
     index.add(train.float().cpu().contiguous().numpy())
     sims, idx = [], []
     for start in range(0, len(test), chunk_size):
-        s, i = index.search(test[start:start + chunk_size].float().cpu().contiguous().numpy(), k)
+        s, i = index.search(test[start : start + chunk_size].float().cpu().contiguous().numpy(), k)
         sims.append(torch.from_numpy(s))
         idx.append(torch.from_numpy(i))
     return torch.cat(sims), torch.cat(idx)
 
 
 @contextlib.contextmanager
-def _exact_cuda_matmuls(device):
+def _exact_cuda_matmuls(device: torch.device) -> Iterator[None]:
     """On CUDA, whatever the caller set: bf16 products accumulated in fp32 (the error bound
     below assumes it; cuBLAS may otherwise reduce in bf16) and fp32 products without TF32."""
     settings = torch.backends.cuda.matmul
@@ -79,7 +87,15 @@ def _exact_cuda_matmuls(device):
 
 
 @torch.no_grad()
-def knn_search(train, test, k, chunk_size=2048, margin=16, prefilter_dtype=None, tile_rows=4096):
+def knn_search(
+    train: torch.Tensor,
+    test: torch.Tensor,
+    k: int,
+    chunk_size: int = 2048,
+    margin: int = 16,
+    prefilter_dtype: torch.dtype | None = None,
+    tile_rows: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-``k`` inner products: (similarities (Q, k) fp32, descending; indices
     (Q, k)) of each row of ``test`` against the rows of ``train``, on their device.
     ``prefilter_dtype`` (default bf16 where fast, else fp32) is the candidate search's
@@ -90,25 +106,32 @@ def knn_search(train, test, k, chunk_size=2048, margin=16, prefilter_dtype=None,
         return _knn_search(train, test, k, chunk_size, margin, prefilter_dtype, tile_rows)
 
 
-def _knn_search(train, test, k, chunk_size, margin, prefilter_dtype, tile_rows):
+def _knn_search(
+    train: torch.Tensor,
+    test: torch.Tensor,
+    k: int,
+    chunk_size: int,
+    margin: int,
+    prefilter_dtype: torch.dtype | None,
+    tile_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     train, test = train.float(), test.float()
     n, d = train.shape
     device = train.device
     k = min(k, n)
     if prefilter_dtype is None:
-        prefilter_dtype = torch.bfloat16 if _fast_bf16(device) else torch.float32
+        prefilter_dtype = torch.bfloat16 if native_bf16(device)[0] else torch.float32
     bank = train.to(prefilter_dtype)
     # Rigorous error of a prefilter score b ~ q.x (Cauchy-Schwarz on the rounding residuals r):
     # |q.x - q~.x~| <= |q~| max|r_x| + |r_q| max|x|; the output's own rounding, <= u |b| / (1 - u);
     # and the fp32 accumulation, <= d 2^-24 |q~| max|x~|. (1% of slack on each for their own rounding.)
     max_res = max(float((x - b.float()).norm(dim=1).max()) for x, b in zip(train.split(4096), bank.split(4096)))
     max_norm = float(train.norm(dim=1).max())
-    u = 2.0 ** -8 if prefilter_dtype == torch.bfloat16 else 2.0 ** -11 if prefilter_dtype == torch.float16 \
-        else 2.0 ** -24
+    u = 2.0**-8 if prefilter_dtype == torch.bfloat16 else 2.0**-11 if prefilter_dtype == torch.float16 else 2.0**-24
     # The bank in tiles of tile_rows rows (a multiple of 16; the last tile shorter, padded with
     # zero rows to a multiple of 16): each tile's scores are reduced to group maxima while they
-    # are still in cache, instead of writing out each query's whole score row and reading it back
-    # (100k x 10k x 384 on 2 cores: 3.58 -> 3.11 s). In a tile of 16 G rows, group j holds rows
+    # are still in cache, instead of writing out each query's whole score row and reading it back.
+    # In a tile of 16 G rows, group j holds rows
     # j, j + G, ..., j + 15 G: a strided max over 16 rows.
     tile_rows = _GROUP * max(1, tile_rows // _GROUP)
     starts = list(range(0, n, tile_rows))
@@ -116,7 +139,7 @@ def _knn_search(train, test, k, chunk_size, margin, prefilter_dtype, tile_rows):
     pad = starts[-1] + widths[-1] - n
     if pad:
         bank = torch.cat([bank, bank.new_zeros(pad, d)])
-    chunk_size = max(1, min(chunk_size, 2 ** 27 // bank.shape[0]))  # at most 2^27 scores (256 MB bf16) at once
+    chunk_size = max(1, min(chunk_size, 2**27 // bank.shape[0]))  # at most 2^27 scores (256 MB bf16) at once
     sims_out = torch.empty(len(test), k, device=device)
     idx_out = torch.empty(len(test), k, dtype=torch.long, device=device)
     # Reused buffers: a fresh multi-100-MB tensor per chunk costs as much in page faults as the matmul.
@@ -137,23 +160,25 @@ def _knn_search(train, test, k, chunk_size, margin, prefilter_dtype, tile_rows):
         first_at[g] = rows_buf * start + torch.arange(w // _GROUP, device=device)
     member = torch.arange(_GROUP, device=device)
     for start in range(0, len(test), chunk_size):
-        q = test[start:start + chunk_size]
+        q = test[start : start + chunk_size]
         qp = q.to(prefilter_dtype)
         for start_row, w in zip(starts, widths):
-            block = score_buf[rows_buf * start_row:rows_buf * start_row + len(q) * w].view(len(q), w)
-            scores = torch.mm(qp, bank[start_row:start_row + w].T, out=block)
+            block = score_buf[rows_buf * start_row : rows_buf * start_row + len(q) * w].view(len(q), w)
+            scores = torch.mm(qp, bank[start_row : start_row + w].T, out=block)
             if start_row + w > n:
-                scores[:, n - start_row:] = float("-inf")
-            # Group maxima on the bits: bf16 values >= 0 order like their int16 patterns (3x faster
-            # than a bf16 max); a group whose maximum is negative is then misranked, so a query
+                scores[:, n - start_row :] = float("-inf")
+            # Group maxima on the bits: bf16 values >= 0 order like their int16 patterns (an integer
+            # max is cheaper than a bf16 one); a group whose maximum is negative is then misranked, so a query
             # whose chosen groups reach a negative maximum is not "sure" below.
             as_int = scores.view(torch.int16) if prefilter_dtype == torch.bfloat16 else scores
-            group_max_buf[:len(q), start_row // _GROUP:(start_row + w) // _GROUP] = \
-                as_int.view(len(q), _GROUP, w // _GROUP).amax(1)
-        group_max = group_max_buf[:len(q)]
+            group_max_buf[: len(q), start_row // _GROUP : (start_row + w) // _GROUP] = as_int.view(
+                len(q), _GROUP, w // _GROUP
+            ).amax(1)
+        group_max = group_max_buf[: len(q)]
         qp_norm = qp.float().norm(dim=1)
-        slack = (qp_norm * max_res + (q - qp.float()).norm(dim=1) * max_norm
-                 + d * 2.0 ** -24 * qp_norm * (max_norm + max_res)) * 1.01 + 1e-7
+        slack = (
+            qp_norm * max_res + (q - qp.float()).norm(dim=1) * max_norm + d * 2.0**-24 * qp_norm * (max_norm + max_res)
+        ) * 1.01 + 1e-7
         rows = torch.arange(len(q), device=device)
         for m in (k + margin, k + 16 * margin):
             if m >= n or len(rows) == 0:
@@ -162,11 +187,11 @@ def _knn_search(train, test, k, chunk_size, margin, prefilter_dtype, tile_rows):
             top_groups, groups = group_max[rows].topk(g, dim=1)
             offsets = step[groups][:, :, None] * member
             cand = (first_row[groups][:, :, None] + offsets).flatten(1)
-            at = (first_at[groups][:, :, None] + offsets + rows[:, None, None] * _GROUP * step[groups][:, :, None])
+            at = first_at[groups][:, :, None] + offsets + rows[:, None, None] * _GROUP * step[groups][:, :, None]
             at = at.flatten(1)
             approx, pos = score_buf[at].float().topk(m, dim=1)
             cand = cand.gather(1, pos)
-            out = gather_buf[:len(rows) * m * d].view(len(rows) * m, d) if m == k + margin else None
+            out = gather_buf[: len(rows) * m * d].view(len(rows) * m, d) if m == k + margin else None
             gathered = torch.index_select(train, 0, cand.flatten(), out=out).view(len(rows), m, d)
             exact = torch.bmm(gathered, q[rows, :, None])[:, :, 0]  # fp32 rescoring
             top, order = exact.topk(k, dim=1)
@@ -182,8 +207,18 @@ def _knn_search(train, test, k, chunk_size, margin, prefilter_dtype, tile_rows):
     return sims_out, idx_out
 
 
-def knn_classify(train_features, train_labels, test_features, test_labels, ks=(10, 20, 100, 200),
-                 temperature=0.07, num_classes=None, chunk_size=2048, use_gpu=True, backend="torch"):
+def knn_classify(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor | Sequence[int],
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor | Sequence[int],
+    ks: Sequence[int] = (10, 20, 100, 200),
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk_size: int = 2048,
+    use_gpu: bool = True,
+    backend: str = "torch",
+) -> dict[int, dict[str, float]]:
     """Top-1/top-5 accuracy (percent) of the weighted k-NN vote for each k in ``ks``.
 
     Features must be L2-normalised (N, d). Returns ``{k: {"top1": .., "top5": ..}}``.
@@ -214,28 +249,39 @@ def knn_classify(train_features, train_labels, test_features, test_labels, ks=(1
 
 
 @torch.no_grad()
-def extract_features(model, dataset, batch_size=256, device="cpu", image_size=None, amp_dtype=None,
-                     num_workers=0, collate=None, header="features", normalize=True):
+def extract_features(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    image_size: int | None = None,
+    amp_dtype: torch.dtype | None = None,
+    num_workers: int = 0,
+    collate: Callable[[Any], Any] | None = None,
+    header: str = "features",
+    normalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised features (N, d) of every sample in ``dataset`` (uint8 images), in
     dataset order, and the labels (``normalize=False``: the raw ``model(x)`` outputs,
     as the linear probe wants them). Under torch.distributed each rank embeds every
     world_size-th sample and the shards are gathered on all ranks."""
-    from simpool.data import normalize_batch  # data imports augment; keep knn importable alone
-    from utils import MetricLogger
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
     indices = list(range(rank, len(dataset), world))
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, indices) if world > 1 else dataset,
-        batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        collate_fn=collate or (lambda batch: batch if isinstance(batch, tuple) else torch.utils.data.default_collate(batch)))
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate
+        or (lambda batch: batch if isinstance(batch, tuple) else torch.utils.data.default_collate(batch)),
+    )
     was_training = model.training
     model.eval()
     feats, labels = [], []
     for images, target in MetricLogger().log_every(loader, max(1, len(loader) // 5), header):
         x = normalize_batch(images.to(device, non_blocking=True), dataset.mean, dataset.std, image_size)
-        with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype or torch.bfloat16,
-                            enabled=amp_dtype is not None):
+        with autocast(torch.device(device).type, amp_dtype):
             f = model(x)
         f = f.float()
         feats.append((F.normalize(f, dim=1) if normalize else f).cpu())
@@ -250,7 +296,9 @@ def extract_features(model, dataset, batch_size=256, device="cpu", image_size=No
     return torch.cat(feats), torch.cat(labels)
 
 
-def _gather_shards(feats, labels, total, world, device):
+def _gather_shards(
+    feats: torch.Tensor, labels: torch.Tensor, total: int, world: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Reassemble rank-strided shards (rank r holds samples r, r+world, ...)."""
     per_rank = math.ceil(total / world)
     pad = per_rank - len(feats)

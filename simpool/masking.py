@@ -30,28 +30,40 @@ Example:
     >>> hint.sum(1).tolist()  # 14 masked, int(0.2 * 0.3 * 49) = 2 of the top 9 revealed
     [12, 12, 12, 12]
 """
+
+from __future__ import annotations
+
 import math
 import random
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 PRED_SHAPES = ("attmask_high", "attmask_low", "attmask_hint", "rand", "block")
 __all__ = ["PRED_SHAPES", "make_masks", "block_mask", "draw_pred_ratios", "pred_ratio_pairs"]
 
 
-def pred_ratio_pairs(pred_ratio, pred_ratio_var):
+def pred_ratio_pairs(
+    pred_ratio: float | Sequence[float], pred_ratio_var: float | Sequence[float]
+) -> tuple[list[float], list[float]]:
     """(means, vars) as equal-length lists of floats, validated as iBOT's loader would."""
-    def as_list(x):
+
+    def as_list(x: float | Sequence[float]) -> list[float]:
         return [float(v) for v in x] if isinstance(x, (list, tuple)) else [float(x)]
+
     means, vars_ = as_list(pred_ratio), as_list(pred_ratio_var)
     if not means or not vars_:
         raise ValueError("pred_ratio and pred_ratio_var must not be empty")
     if len(vars_) == 1:
         vars_ = vars_ * len(means)
     elif len(means) != len(vars_):
-        raise ValueError(f"pred_ratio has {len(means)} values but pred_ratio_var has {len(vars_)}: "
-                         "give one var, or one per ratio")
+        raise ValueError(
+            f"pred_ratio has {len(means)} values but pred_ratio_var has {len(vars_)}: give one var, or one per ratio"
+        )
     for m, v in zip(means, vars_):
         if m < 0 or v < 0:
             raise ValueError(f"pred_ratio {m} and pred_ratio_var {v} must be >= 0")
@@ -62,7 +74,12 @@ def pred_ratio_pairs(pred_ratio, pred_ratio_var):
     return means, vars_
 
 
-def draw_pred_ratios(pred_ratio, pred_ratio_var, n, generator=None):
+def draw_pred_ratios(
+    pred_ratio: float | Sequence[float],
+    pred_ratio_var: float | Sequence[float],
+    n: int,
+    generator: torch.Generator | None = None,
+) -> list[float]:
     """``n`` independent masking ratios (Python floats), iBOT's ``get_pred_ratio``.
 
     Each pair (m, v) gives ``uniform(m - v, m + v)`` (m if v is 0), then one pair's
@@ -80,14 +97,14 @@ def draw_pred_ratios(pred_ratio, pred_ratio_var, n, generator=None):
     return ratios[:, 0].tolist()
 
 
-def _rand(shape, generator, device):
+def _rand(shape: int | tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """Uniform noise on ``device``: from ``generator`` (then moved) or the global RNG there."""
     if generator is None:
         return torch.rand(shape, device=device)
     return torch.rand(shape, generator=generator, device=generator.device).to(device)
 
 
-def _top(scores, count, descending):
+def _top(scores: torch.Tensor, count: int, descending: bool) -> torch.Tensor:
     """Bool mask (B, N) of the ``count`` highest (lowest) scores of every row."""
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     if count > 0:
@@ -95,8 +112,17 @@ def _top(scores, count, descending):
     return mask
 
 
-def make_masks(attention, grid, pred_shape, pred_ratio=0.3, pred_ratio_var=0.0, masking_prob=0.5,
-               show_max=0.1, show_ratio=None, generator=None):
+def make_masks(
+    attention: torch.Tensor,
+    grid: tuple[int, int],
+    pred_shape: str,
+    pred_ratio: float | Sequence[float] = 0.3,
+    pred_ratio_var: float | Sequence[float] = 0.0,
+    masking_prob: float = 0.5,
+    show_max: float = 0.1,
+    show_ratio: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Boolean masks (B, N) with True = masked, for B crops of ``grid`` = (h, w) patches.
 
     ``attention`` (B, N) is required by the ``attmask_*`` modes and only gives B and the
@@ -143,7 +169,13 @@ def make_masks(attention, grid, pred_shape, pred_ratio=0.3, pred_ratio_var=0.0, 
     return mask
 
 
-def block_mask(grid, num_masking, min_aspect=0.3, max_attempts=10, rng=None):
+def block_mask(
+    grid: tuple[int, int],
+    num_masking: float,
+    min_aspect: float = 0.3,
+    max_attempts: int = 10,
+    rng: random.Random | None = None,
+) -> torch.Tensor:
     """iBOT's (BEiT-style) block-wise mask on an (H, W) grid, flattened to (H*W,) bools.
 
     ``num_masking`` is iBOT's float target ``ratio * H * W``: rectangles are added while
@@ -170,7 +202,7 @@ def block_mask(grid, num_masking, min_aspect=0.3, max_attempts=10, rng=None):
             w = int(round(math.sqrt(area / aspect)))
             if h < H and w < W:
                 top, left = rng.randint(0, H - h), rng.randint(0, W - w)
-                window = mask[top:top + h, left:left + w]
+                window = mask[top : top + h, left : left + w]
                 new = h * w - int(window.sum())
                 if 0 < new <= left_over:
                     window[...] = True

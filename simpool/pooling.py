@@ -15,6 +15,9 @@ Example:
     >>> attn.shape                            # one weight per token
     torch.Size([2, 49])
 """
+
+from __future__ import annotations
+
 import torch
 import torch.nn as nn
 
@@ -36,7 +39,15 @@ class SimPool(nn.Module):
             where the official release leaves it out; its weights carry no ``beta`` then).
     """
 
-    def __init__(self, dim, num_heads=1, qkv_bias=False, qk_scale=None, gamma=None, use_beta=False):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 1,
+        qkv_bias: bool = False,
+        qk_scale: float | None = None,
+        gamma: float | None = None,
+        use_beta: bool = False,
+    ) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"SimPool: dim {dim} is not divisible by num_heads {num_heads}")
@@ -50,7 +61,9 @@ class SimPool(nn.Module):
         self.wk = nn.Linear(dim, dim, bias=qkv_bias)
         self.beta = nn.Parameter(torch.zeros(1)) if use_beta else None
 
-    def forward(self, x, return_attention=False):
+    def forward(
+        self, x: torch.Tensor, return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if x.dim() == 4:  # (B, d, H, W) -> (B, H*W, d)
             x = x.flatten(2).transpose(1, 2)
         if x.dim() != 3:

@@ -2,13 +2,14 @@
 ours (MultiCropNetwork 'student'/'teacher' with backbone./head. keys and an 'args' dict)
 and the official DINO / iBOT / SimPool ones ('module.' prefixes, argparse.Namespace args,
 no masked_embed, [CLS] ViTs with cls_token)."""
+
 import argparse
 import contextlib
 import functools
 
 import torch
 
-import vision_transformer as vits
+from simpool import vision_transformer as vits
 
 
 @contextlib.contextmanager
@@ -21,6 +22,20 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def nudge_off_init(model, seed=0):
+    """``model`` with its norms, biases and BatchNorm statistics moved off their initial values (so
+    that a silent non-load shows), in eval mode."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.add_(0.1 * torch.randn_like(b))
+    return model.eval()
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,9 +62,16 @@ def save_training_checkpoint(path, backbone, data_path="fashion-mnist", stored_g
     """Our main_dino.py layout (``stored_gamma``: the value its args record; by default the model's)."""
     state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
     state.update({f"head.{k}": v for k, v in _head_state(backbone.embed_dim).items()})
-    args = {"arch": _arch_of(backbone), "patch_size": backbone.patch_size, "mode": backbone.mode,
-            "gamma": backbone.simpool.gamma if backbone.simpool is not None else None, "use_beta": False,
-            "global_crops_size": backbone.img_size, "data_path": data_path, "out_dim": 32}
+    args = {
+        "arch": _arch_of(backbone),
+        "patch_size": backbone.patch_size,
+        "mode": backbone.mode,
+        "gamma": backbone.simpool.gamma if backbone.simpool is not None else None,
+        "use_beta": False,
+        "global_crops_size": backbone.img_size,
+        "data_path": data_path,
+        "out_dim": 32,
+    }
     if stored_gamma != "model":
         args["gamma"] = stored_gamma
     torch.save({"student": state, "teacher": state, "epoch": 3, "args": args, "optimizer": None}, path)
@@ -68,8 +90,14 @@ def save_official_checkpoint(path, backbone, gamma=None, student_backbone=None):
 
     teacher = network(backbone)
     student = {f"module.{k}": v for k, v in network(student_backbone or backbone).items()}
-    ns = argparse.Namespace(arch=_arch_of(backbone), patch_size=backbone.patch_size, out_dim=32, lr=0.0005,
-                            global_crops_scale=(0.4, 1.0), data_path="/path/to/imagenet/train")
+    ns = argparse.Namespace(
+        arch=_arch_of(backbone),
+        patch_size=backbone.patch_size,
+        out_dim=32,
+        lr=0.0005,
+        global_crops_scale=(0.4, 1.0),
+        data_path="/path/to/imagenet/train",
+    )
     if gamma is not None:
         ns.mode, ns.gamma = "simpool", gamma
     torch.save({"teacher": teacher, "student": student, "epoch": 100, "args": ns}, path)

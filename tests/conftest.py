@@ -1,5 +1,6 @@
 """Session check: enough free disk for the checkpoints the end-to-end tests write, so a full
 disk reads as one clear line instead of checkpoint writes failing mid-run."""
+
 import os
 import shutil
 import tempfile
@@ -11,10 +12,12 @@ NEEDED_GIB = 1.5  # a full run peaks at ~1.0 GB under pytest's temp folder (meas
 
 def free_disk_problem(folder, needed_gib=NEEDED_GIB):
     """None, or the reason ``folder`` cannot hold a test run's temporary files."""
-    free = shutil.disk_usage(folder).free / 2 ** 30
+    free = shutil.disk_usage(folder).free / 2**30
     if free < needed_gib:
-        return (f"only {free:.1f} GiB free in {folder}; the test run writes up to ~1 GB of checkpoints there "
-                f"(free some space or pass --basetemp on a disk with {needed_gib} GiB free)")
+        return (
+            f"only {free:.1f} GiB free in {folder}; the test run writes up to ~1 GB of checkpoints there "
+            f"(free some space or pass --basetemp on a disk with {needed_gib} GiB free)"
+        )
     return None
 
 

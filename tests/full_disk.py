@@ -1,4 +1,5 @@
 """A file on a disk that fills up: the tests' stand-in for ENOSPC in the middle of a real write."""
+
 import errno
 import io
 

@@ -1,5 +1,6 @@
 """Attention maps and their evaluation (simpool/attention.py): DINO's 60%-mass mask, Jaccard
 and CorLoc on hand-made cases, per-head [CLS] maps, the synthetic set, and the CLI."""
+
 import json
 
 import numpy as np
@@ -7,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-import utils
 from checkpoint_factory import one_thread, save_official_checkpoint, save_training_checkpoint, tiny_backbone
 from simpool import attention as att
+from simpool import utils
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -43,10 +44,7 @@ def test_jaccard_of_a_hand_made_map_and_mask():
 
 
 def test_corloc_uses_the_largest_connected_part():
-    mask = torch.tensor([[1, 1, 0, 0],
-                         [1, 1, 0, 1],
-                         [0, 0, 0, 0],
-                         [0, 0, 0, 0]], dtype=torch.bool)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
     assert att.largest_component(mask).sum() == 4 and not att.largest_component(mask)[1, 3]
     assert att.mask_box(mask) == (0, 0, 4, 2)
     assert att.box_iou((0, 0, 2, 2), (1, 0, 3, 2)) == pytest.approx(2 / 6)
@@ -123,8 +121,19 @@ def test_cli_draws_and_evaluates_both_kinds_of_model(checkpoints, tmp_path, name
     pytest.importorskip("skimage")
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     out = tmp_path / "out"
-    args = ["--pretrained_weights", str(checkpoints / f"{name}.pth"), "--images", str(tmp_path / "a.png"),
-            "--evaluate", "--num_images", "12", "--save_examples", "2", "--output_dir", str(out)]
+    args = [
+        "--pretrained_weights",
+        str(checkpoints / f"{name}.pth"),
+        "--images",
+        str(tmp_path / "a.png"),
+        "--evaluate",
+        "--num_images",
+        "12",
+        "--save_examples",
+        "2",
+        "--output_dir",
+        str(out),
+    ]
     if name == "cls":
         args += ["--image_size", "28"]  # the official layout records no image size: 28 from pos_embed anyway
     result = att.main(args)
@@ -149,17 +158,43 @@ def test_images_of_the_same_name_get_their_own_panels_and_evaluation_shows_progr
         (tmp_path / folder).mkdir()
         Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(tmp_path / folder / "x.png")
     out = tmp_path / "out"
-    att.main(["--pretrained_weights", str(checkpoints / "simpool.pth"), "--images", str(tmp_path / "a" / "x.png"),
-              str(tmp_path / "b" / "x.png"), "--evaluate", "--num_images", "3", "--save_examples", "0",
-              "--output_dir", str(out)])
+    att.main(
+        [
+            "--pretrained_weights",
+            str(checkpoints / "simpool.pth"),
+            "--images",
+            str(tmp_path / "a" / "x.png"),
+            str(tmp_path / "b" / "x.png"),
+            "--evaluate",
+            "--num_images",
+            "3",
+            "--save_examples",
+            "0",
+            "--output_dir",
+            str(out),
+        ]
+    )
     # each panel is its own image: 28 and 42 pixels wide plus the map tile, enlarged 8x to >= 224 high
     assert Image.open(out / "x_attention.png").size == (8 * (2 * 28 + 2), 224)
     assert Image.open(out / "x_2_attention.png").size == (8 * (2 * 42 + 2), 224)
     logged = capsys.readouterr()
     assert "attention maps (3 images) [1/1]  eta: 0:00:00" in logged.out + logged.err
     assert "3 Fashion-MNIST test items on scikit-image textures, 28x28" in logged.out
-    att.main(["--pretrained_weights", str(checkpoints / "simpool.pth"), "--evaluate", "--num_images", "3",
-              "--background_gain", "0", "--save_examples", "0", "--output_dir", str(out)])
+    att.main(
+        [
+            "--pretrained_weights",
+            str(checkpoints / "simpool.pth"),
+            "--evaluate",
+            "--num_images",
+            "3",
+            "--background_gain",
+            "0",
+            "--save_examples",
+            "0",
+            "--output_dir",
+            str(out),
+        ]
+    )
     assert "3 Fashion-MNIST test items on black, 28x28" in capsys.readouterr().out  # says what it scored
 
 
@@ -170,9 +205,19 @@ def test_cli_at_another_size_interpolates_positions_once(checkpoints, tmp_path, 
     seen = []
     draw = att.attention_maps
     monkeypatch.setattr(att, "attention_maps", lambda model, x: seen.append((model, x)) or draw(model, x))
-    att.main(["--pretrained_weights", str(checkpoints / "simpool.pth"), "--images", str(tmp_path / "a.png"),
-              "--image_size", "56", "--output_dir", str(tmp_path / "o")])
-    (model, x), = seen
+    att.main(
+        [
+            "--pretrained_weights",
+            str(checkpoints / "simpool.pth"),
+            "--images",
+            str(tmp_path / "a.png"),
+            "--image_size",
+            "56",
+            "--output_dir",
+            str(tmp_path / "o"),
+        ]
+    )
+    ((model, x),) = seen
     assert x.shape == (1, 3, 56, 84) and model.pos_embed.shape == (1, 16, 192)
     trained, _ = att.load_pretrained(str(checkpoints / "simpool.pth"))
     assert torch.equal(draw(model, x), draw(trained, x))
@@ -188,8 +233,17 @@ def test_cli_on_a_mask_folder(checkpoints, tmp_path):
         mask = (img[..., 0] > 0).astype(np.uint8) * 255
         Image.fromarray(img).save(pairs / "images" / f"x{i}.jpg")
         Image.fromarray(mask).save(pairs / "masks" / f"x{i}.png")
-    result = att.main(["--pretrained_weights", str(checkpoints / "simpool.pth"), "--evaluate", "--mask_dir",
-                       str(pairs), "--output_dir", str(tmp_path / "o")])
+    result = att.main(
+        [
+            "--pretrained_weights",
+            str(checkpoints / "simpool.pth"),
+            "--evaluate",
+            "--mask_dir",
+            str(pairs),
+            "--output_dir",
+            str(tmp_path / "o"),
+        ]
+    )
     assert result["n_images"] == 2
     # a mask of another size, or an empty one, is a data error (before: scored silently)
     Image.fromarray(np.full((14, 20), 255, np.uint8)).save(pairs / "masks" / "x1.png")
@@ -202,12 +256,17 @@ def test_cli_on_a_mask_folder(checkpoints, tmp_path):
 
 def test_cli_errors_are_one_line(checkpoints, tmp_path, capsys):
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
-    cases = [["--images", str(tmp_path / "broken.jpg")], ["--images", str(tmp_path / "missing.png")],
-             ["--evaluate", "--mask_dir", str(tmp_path)], []]
+    cases = [
+        ["--images", str(tmp_path / "broken.jpg")],
+        ["--images", str(tmp_path / "missing.png")],
+        ["--evaluate", "--mask_dir", str(tmp_path)],
+        [],
+    ]
     for extra in cases:
         with pytest.raises(SystemExit) as e:
-            att.main(["--pretrained_weights", str(checkpoints / "simpool.pth"), "--output_dir", str(tmp_path / "o")]
-                     + extra)
+            att.main(
+                ["--pretrained_weights", str(checkpoints / "simpool.pth"), "--output_dir", str(tmp_path / "o")] + extra
+            )
         assert e.value.code == utils.USER_ERROR_EXIT
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err, err
@@ -217,6 +276,7 @@ class BrightnessOracle(torch.nn.Module):
     """A stand-in model whose 'attention' is each patch's brightness: on the synthetic set
     (bright items on dimmed textures) it finds the objects, so the whole scoring pipeline
     (token order, grid reshape, upsampling, boxes) must rate it far above the centre prior."""
+
     mode, patch_size = "simpool", 7
 
     def __init__(self):
@@ -244,6 +304,7 @@ def test_evaluation_pipeline_rates_an_object_finding_map_highly():
 
 def test_convnet_maps_lie_on_the_feature_map_and_upsample_to_the_image(tmp_path, capsys):
     from simpool.backbones import build_backbone
+
     torch.manual_seed(0)
     cnn = build_backbone("fcvit_tiny", mode="simpool").eval()
     x = torch.randn(2, 3, 64, 96)
@@ -265,14 +326,29 @@ def test_convnet_maps_lie_on_the_feature_map_and_upsample_to_the_image(tmp_path,
         att.main(common + ["--mode", "official"])
     assert e.value.code == utils.USER_ERROR_EXIT
     err = capsys.readouterr().err.strip()
-    assert err == ("error: fcvit_tiny in official mode pools by global average and has no attention map; "
-                   "maps need a --mode simpool backbone")
+    assert err == (
+        "error: fcvit_tiny in official mode pools by global average and has no attention map; "
+        "maps need a --mode simpool backbone"
+    )
 
 
 def test_cli_evaluates_a_convnet_map_on_whole_cells(tmp_path, capsys):
     pytest.importorskip("skimage")
-    result = att.main(["--arch", "fcvit_tiny", "--evaluate", "--num_images", "4", "--image_size", "70",
-                       "--save_examples", "1", "--output_dir", str(tmp_path)])
+    result = att.main(
+        [
+            "--arch",
+            "fcvit_tiny",
+            "--evaluate",
+            "--num_images",
+            "4",
+            "--image_size",
+            "70",
+            "--save_examples",
+            "1",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     assert "fcvit_tiny: evaluation images are 64x64 (a multiple of its stride 32)" in out
     assert "SimPool attention of fcvit_tiny on synthetic: 4 Fashion-MNIST test items" in out
@@ -283,8 +359,23 @@ def test_cli_evaluates_a_convnet_map_on_whole_cells(tmp_path, capsys):
 def test_random_init_baseline_is_the_same_on_every_run(tmp_path):
     # without --pretrained_weights the model is a random draw: seeded, so the table's baseline rows
     # can be reproduced (before: 18.9 and 30.0 Jaccard in two runs of the same command)
-    argv = ["--arch", "vit_nano", "--patch_size", "7", "--mode", "official", "--image_size", "28", "--evaluate",
-            "--num_images", "8", "--background_gain", "0", "--output_dir", str(tmp_path)]
+    argv = [
+        "--arch",
+        "vit_nano",
+        "--patch_size",
+        "7",
+        "--mode",
+        "official",
+        "--image_size",
+        "28",
+        "--evaluate",
+        "--num_images",
+        "8",
+        "--background_gain",
+        "0",
+        "--output_dir",
+        str(tmp_path),
+    ]
     first, second = att.main(argv), att.main(argv)
     assert first["jaccard"] == second["jaccard"] and first["corloc"] == second["corloc"]
     assert first["per_head_jaccard"] == second["per_head_jaccard"]

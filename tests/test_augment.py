@@ -1,4 +1,5 @@
 """Tests for simpool/augment.py: multi-crop geometry, photometric ops and their reference formulas."""
+
 import colorsys
 import math
 
@@ -8,12 +9,32 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as TF
 
-from simpool.augment import (MultiCropAugmentation, _blur, _jitter, _jitter_all_rows, color_jitter, gaussian_blur,
-                             hue_shift, jitter_factors, jitter_order, random_resized_crop_boxes)
+from simpool.augment import (
+    MultiCropAugmentation,
+    _blur,
+    _jitter,
+    _jitter_all_rows,
+    _sigma_bound,
+    hue_shift,
+    jitter_factors,
+    jitter_order,
+    random_resized_crop_boxes,
+)
 
 MEAN = (0.1, 0.2, 0.3)
 STD = (0.5, 0.25, 0.125)
 LUMA = np.array([0.299, 0.587, 0.114])
+
+
+def color_jitter(x, apply, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
+    """The photometric stage's jitter on its own: factors per row, each row's own random order."""
+    return _jitter(x, jitter_factors(apply, brightness, contrast, saturation, hue), jitter_order(x.shape[0], x.device))
+
+
+def gaussian_blur(x, apply, sigma_range):
+    """The photometric stage's blur on its own: a per-row sigma ~ U(sigma_range) where ``apply``."""
+    sigma = torch.empty(x.shape[0], device=x.device).uniform_(*sigma_range)
+    return torch.where(apply.view(-1, 1, 1, 1), _blur(x, sigma, _sigma_bound(sigma, sigma_range[1])), x)
 
 
 def _aug(**kw):
@@ -127,8 +148,9 @@ def test_crop_batch_is_view_major(channels):
         for v in range(n_views):
             for b in range(B):
                 colour = torch.tensor(values[b], dtype=torch.float32).expand(3) / 255  # gray -> 3 equal channels
-                torch.testing.assert_close(crops[v * B + b], colour.view(3, 1, 1).expand(3, *crops.shape[-2:]),
-                                           rtol=0, atol=1e-5)
+                torch.testing.assert_close(
+                    crops[v * B + b], colour.view(3, 1, 1).expand(3, *crops.shape[-2:]), rtol=0, atol=1e-5
+                )
 
 
 def test_crop_batch_drops_alpha():
@@ -146,8 +168,13 @@ def test_crop_batch_full_scale_reproduces_image(size):
     torch.manual_seed(6)
     H, W = size
     images = torch.rand(3, 3, H, W)
-    aug = MultiCropAugmentation(global_crops_scale=(1.0, 1.0), local_crops_scale=(1.0, 1.0), local_crops_number=2,
-                                global_crops_size=(H, W), local_crops_size=(H, W))
+    aug = MultiCropAugmentation(
+        global_crops_scale=(1.0, 1.0),
+        local_crops_scale=(1.0, 1.0),
+        local_crops_number=2,
+        global_crops_size=(H, W),
+        local_crops_size=(H, W),
+    )
     g, l = aug.crop_batch(images)
     flips = 0
     for crops, n_views in ((g, 2), (l, 2)):
@@ -236,8 +263,9 @@ def test_crop_image_accepts_uint8_tensor_and_collate_without_locals():
     assert g.shape == (4, 3, 16, 16) and l is None
 
 
-@pytest.mark.parametrize("mode,colour", [("P", 5), ("LA", (100, 255)), ("CMYK", (0, 255, 255, 0)),
-                                         ("RGBA", (255, 0, 0, 128))])
+@pytest.mark.parametrize(
+    "mode,colour", [("P", 5), ("LA", (100, 255)), ("CMYK", (0, 255, 255, 0)), ("RGBA", (255, 0, 0, 128))]
+)
 def test_crop_image_other_pil_modes_give_their_rgb_colours(mode, colour):
     # crop_image takes "a PIL image": palette, gray+alpha and CMYK images must come out as
     # their RGB rendering (what Image.convert("RGB") shows), 3 channels.
@@ -250,14 +278,19 @@ def test_crop_image_other_pil_modes_give_their_rgb_colours(mode, colour):
         assert (c.to(torch.int16) - rgb.view(3, 1, 1)).abs().max() <= 1
 
 
-@pytest.mark.parametrize("suffix,values,grey", [
-    (".png", np.full((10, 12), 32896, np.uint16), 128),  # 16-bit PNG: 32896 / 257
-    (".tiff", np.full((10, 12), 0.25, np.float32), 64),  # float TIFF in [0, 1]
-    (".tiff", np.full((10, 12), 3.5, np.float32), 255)])  # clipped
+@pytest.mark.parametrize(
+    "suffix,values,grey",
+    [
+        (".png", np.full((10, 12), 32896, np.uint16), 128),  # 16-bit PNG: 32896 / 257
+        (".tiff", np.full((10, 12), 0.25, np.float32), 64),  # float TIFF in [0, 1]
+        (".tiff", np.full((10, 12), 3.5, np.float32), 255),
+    ],
+)  # clipped
 def test_crop_image_and_loaders_scale_16_bit_and_float_images(tmp_path, suffix, values, grey):
     # PIL's own convert("RGB") clips these at 255: a mid-grey 16-bit image came out white, a float one black
     from simpool.attention import _open_image
     from simpool.data import SafeImageFolder
+
     (tmp_path / "train" / "a").mkdir(parents=True)
     path = tmp_path / "train" / "a" / f"x{suffix}"
     Image.fromarray(values).save(path)
@@ -313,6 +346,7 @@ def test_crop_image_reduced_decoding_matches_full_decoding(tmp_path):
 
 def test_safe_image_folder_with_crop_image_skips_truncated_jpegs(tmp_path):
     from simpool.data import SafeImageFolder
+
     root = tmp_path / "train"
     (root / "a").mkdir(parents=True)
     _jpeg(root / "a" / "good.jpg", (300, 200), (10, 200, 30))
@@ -332,7 +366,7 @@ def _reference_blur(x, sigma, radius):
     x = x.double().numpy()
     n, c, h, w = x.shape
     taps = np.arange(-radius, radius + 1)
-    k2 = np.exp(-(taps[:, None] ** 2 + taps[None, :] ** 2) / (2 * sigma ** 2))
+    k2 = np.exp(-(taps[:, None] ** 2 + taps[None, :] ** 2) / (2 * sigma**2))
     k2 /= k2.sum()
     out = np.zeros_like(x)
     for i in range(n):
@@ -340,7 +374,7 @@ def _reference_blur(x, sigma, radius):
             p = np.pad(x[i, j], radius, mode="reflect")
             for dy in range(2 * radius + 1):
                 for dx in range(2 * radius + 1):
-                    out[i, j] += k2[dy, dx] * p[dy:dy + h, dx:dx + w]
+                    out[i, j] += k2[dy, dx] * p[dy : dy + h, dx : dx + w]
     return torch.from_numpy(out)
 
 
@@ -379,7 +413,7 @@ def test_blur_random_sigma_per_sample_and_apply_mask():
     assert radii[0] != radii[1], radii
     torch.testing.assert_close(y[1], x[1], rtol=0, atol=1e-12)
     for i, radius in zip((0, 2), radii):
-        ref = _reference_blur(x[i:i + 1], sigmas[i].item(), radius)[0]
+        ref = _reference_blur(x[i : i + 1], sigmas[i].item(), radius)[0]
         torch.testing.assert_close(y[i], ref, rtol=0, atol=1e-10)
 
 
@@ -428,8 +462,9 @@ def test_hue_shift_matches_colorsys_in_float64():
     torch.testing.assert_close(y, torch.from_numpy(_colorsys_hue(x.numpy(), shift.tolist())), rtol=0, atol=1e-12)
     assert (y[1] - x[1]).abs().max() > 0.05
     # a third of a turn back: the red, green and blue pixels turn blue, red and green
-    torch.testing.assert_close(y[5, :, 5, :3], torch.tensor([[0.0, 1, 0], [0, 0, 1], [1, 0, 0]], dtype=torch.float64),
-                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        y[5, :, 5, :3], torch.tensor([[0.0, 1, 0], [0, 0, 1], [1, 0, 0]], dtype=torch.float64), rtol=0, atol=1e-12
+    )
 
 
 def test_hue_shift_matches_torchvision_adjust_hue():
@@ -495,8 +530,8 @@ def _reference_jitter(x, factors, order=None):
     out = np.empty_like(x)
     for i in range(len(x)):
         b, c, s, hue = f[i]
-        y = x[i:i + 1]
-        for op in (order[i].tolist() if order is not None else range(4)):
+        y = x[i : i + 1]
+        for op in order[i].tolist() if order is not None else range(4):
             if op == 0:
                 y = np.clip(y * b, 0, 1)  # brightness: scale
             elif op == 1:
@@ -516,15 +551,21 @@ def _coloured(n, h=5, w=6, seed=30):
     mean luma (~0.28) differs clearly from the plain mean (~0.42)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(n, 3, h, w, generator=g, dtype=torch.float64)
-    return x * torch.tensor([0.2, 0.3, 0.2], dtype=torch.float64).view(1, 3, 1, 1) \
-        + torch.tensor([0.0, 0.1, 0.8], dtype=torch.float64).view(1, 3, 1, 1)
+    return x * torch.tensor([0.2, 0.3, 0.2], dtype=torch.float64).view(1, 3, 1, 1) + torch.tensor(
+        [0.0, 0.1, 0.8], dtype=torch.float64
+    ).view(1, 3, 1, 1)
 
 
-_FIXED_FACTORS = torch.tensor([[1.0, 1.0, 1.0, 0.0],  # identity
-                               [1.3, 0.6, 1.2, 0.08],  # brightness clips, contrast/saturation/hue all on
-                               [0.7, 1.4, 0.8, -0.1],  # contrast stretch clips
-                               [1.0, 0.5, 1.0, 0.0],  # contrast alone: pivot on the mean luma
-                               [1.0, 1.0, 0.3, 0.0]], dtype=torch.float64)  # saturation alone
+_FIXED_FACTORS = torch.tensor(
+    [
+        [1.0, 1.0, 1.0, 0.0],  # identity
+        [1.3, 0.6, 1.2, 0.08],  # brightness clips, contrast/saturation/hue all on
+        [0.7, 1.4, 0.8, -0.1],  # contrast stretch clips
+        [1.0, 0.5, 1.0, 0.0],  # contrast alone: pivot on the mean luma
+        [1.0, 1.0, 0.3, 0.0],
+    ],
+    dtype=torch.float64,
+)  # saturation alone
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
@@ -623,8 +664,9 @@ def _photo_inputs(B=2, seed=34):
 
 
 def _denorm(x):
-    return x.double() * torch.tensor(STD, dtype=torch.float64).view(1, 3, 1, 1) \
-        + torch.tensor(MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    return x.double() * torch.tensor(STD, dtype=torch.float64).view(1, 3, 1, 1) + torch.tensor(
+        MEAN, dtype=torch.float64
+    ).view(1, 3, 1, 1)
 
 
 _OFF = dict(color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=(0.0, 0.0, 0.0), solarization_prob=0.0)

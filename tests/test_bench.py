@@ -1,5 +1,6 @@
 """bench/train_step.py runs its comparisons end to end (figures are not asserted: speed belongs
 in the benchmark's output, not in tests)."""
+
 import os
 import re
 import subprocess
@@ -8,14 +9,38 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--arch", "vit_nano", "--patch_size", "8", "--global_crops_size", "32", "--local_crops_size", "16",
-        "--batch_size_per_gpu", "2", "--local_crops_number", "2", "--out_dim", "256", "--patch_out_dim", "64",
-        "--steps", "1", "--warmup", "1"]
+TINY = [
+    "--arch",
+    "vit_nano",
+    "--patch_size",
+    "8",
+    "--global_crops_size",
+    "32",
+    "--local_crops_size",
+    "16",
+    "--batch_size_per_gpu",
+    "2",
+    "--local_crops_number",
+    "2",
+    "--out_dim",
+    "256",
+    "--patch_out_dim",
+    "64",
+    "--steps",
+    "1",
+    "--warmup",
+    "1",
+]
 
 
 def bench(*flags):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "train_step.py"), *TINY, *flags],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "train_step.py"), *TINY, *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -55,8 +80,46 @@ def test_help_lists_the_benchmark_flags_and_main_dinos():
 
 def test_machine_line_names_the_bf16_instructions():
     from bench.machine import bf16_instructions, describe
+
     assert bf16_instructions({"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}) == "AMX"
     assert bf16_instructions({"avx512f", "avx512_bf16"}) == "AVX512-BF16, no AMX"
     assert bf16_instructions({"avx2"}) == "no bf16 instructions"
     line = describe(threads=1)
     assert line.startswith("machine: ") and f"{os.cpu_count()} cores" in line and ", 1 thread;" in line
+
+
+def test_the_gpu_check_says_it_skipped_without_a_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: bench/gpu_check.sh runs for real there")
+    out = subprocess.run(
+        ["bash", os.path.join(ROOT, "bench", "gpu_check.sh")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+        timeout=120,
+    )
+    assert out.returncode == 0
+    assert out.stdout.strip() == "gpu_check: skipped (no CUDA GPU visible to torch on this machine)"
+
+
+def test_the_step_prints_its_flops_and_the_share_of_this_machines_matrix_product():
+    for forced, precision in (("0", "fp32"), ("1", "bf16")):
+        proc = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "bench", "train_step.py"), *TINY],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "SIMPOOL_NATIVE_BF16": forced},
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"precision: {precision} (" in proc.stdout
+        line = next(line for line in proc.stdout.splitlines() if "FLOPs:" in line)
+        match = re.search(
+            r"FLOPs: ([0-9.]+) GFLOP a step, ([0-9.]+) GFLOP/s achieved = ([0-9]+)% of this machine's "
+            rf"{precision} matrix product \(([0-9.]+) GFLOP/s",
+            line,
+        )
+        assert match and float(match[1]) > 0 and float(match[4]) > 0, line

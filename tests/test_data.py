@@ -1,4 +1,5 @@
 """Tests for simpool/data.py: Fashion-MNIST loading, per-class subsets, bad-file-tolerant ImageFolder, normalisation."""
+
 import io
 import os
 
@@ -8,9 +9,19 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from simpool.data import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, DataError, InMemoryImages, SafeImageFolder,
-                          build_dataset, eval_transform, load_fashion_mnist, normalize_batch, skip_bad_collate,
-                          subset_per_class)
+from simpool.data import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
+    DataError,
+    InMemoryImages,
+    SafeImageFolder,
+    build_dataset,
+    eval_transform,
+    load_fashion_mnist,
+    normalize_batch,
+    skip_bad_collate,
+    subset_per_class,
+)
 
 HAS_FMNIST = os.path.exists(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))
 needs_fmnist = pytest.mark.skipif(not HAS_FMNIST, reason="Debian package dataset-fashion-mnist not installed")
@@ -58,7 +69,7 @@ def first_per_class(labels, per_class, start):
     by_class = {}
     for i, c in enumerate(labels):
         by_class.setdefault(c, []).append(i)
-    return sorted(i for indices in by_class.values() for i in indices[start:start + per_class])
+    return sorted(i for indices in by_class.values() for i in indices[start : start + per_class])
 
 
 @pytest.mark.parametrize("per_class,start", [(4, 0), (1, 0), (3, 2), (4, 8), (100, 0)])
@@ -201,8 +212,9 @@ def test_normalize_batch_rgb_and_resize():
     images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     out = normalize_batch(images, mean, std, image_size=4)  # same size: no resampling
-    expected = (images.double() / 255 - torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)) \
-        / torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
+    expected = (images.double() / 255 - torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)) / torch.tensor(
+        std, dtype=torch.float64
+    ).view(1, 3, 1, 1)
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
     const = torch.full((2, 1, 28, 28), 128, dtype=torch.uint8)
     big = normalize_batch(const, (0.5,) * 3, (0.25,) * 3, image_size=32)
@@ -220,7 +232,7 @@ def test_eval_transform_is_dinos_bicubic_resize_and_centre_crop():
     def pil(resample):
         resized = np.asarray(image.resize((341, 256), resample), dtype=np.float64)  # short side 256
         top, left = (256 - 224) // 2, (341 - 224) // 2
-        return torch.from_numpy(resized[top:top + 224, left:left + 224]).permute(2, 0, 1)
+        return torch.from_numpy(resized[top : top + 224, left : left + 224]).permute(2, 0, 1)
 
     bicubic, bilinear = ((got.double() - pil(r)).abs().mean().item() for r in (Image.BICUBIC, Image.BILINEAR))
     assert bicubic < 1.0 and bilinear > 3 * bicubic, (bicubic, bilinear)

@@ -1,5 +1,6 @@
 """Every module's docstring examples run as written: they are the first documentation a reader
 meets, so a renamed function or a wrong path in one is a bug."""
+
 import doctest
 import glob
 import importlib
@@ -23,7 +24,13 @@ def modules_with_examples():
 
 
 def test_the_modules_with_examples_are_found():
-    assert {"simpool.pooling", "simpool.checkpoints", "vision_transformer", "eval_linear"} <= set(modules_with_examples())
+    assert {
+        "simpool.pooling",
+        "simpool.checkpoints",
+        "simpool.vision_transformer",
+        "simpool.precision",
+        "eval_linear",
+    } <= set(modules_with_examples())
 
 
 @pytest.mark.parametrize("name", modules_with_examples())

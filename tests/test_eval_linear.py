@@ -1,6 +1,7 @@
 """Linear probe (eval_linear.py): the sweep trains independent heads and picks the right lr,
 and the CLI end to end (cached and augmented, resume, --evaluate); the features themselves
 are tested in test_evaluation.py."""
+
 import json
 
 import pytest
@@ -8,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import eval_linear
-import utils
 from checkpoint_factory import one_thread, save_training_checkpoint, tiny_backbone
 from eval_linear import LinearSweep, crop_flip_batch, train_cached_epoch
+from simpool import utils
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -33,8 +34,9 @@ def fit(sweep, x, y, epochs=5, batch=64):
     niter = -(-len(x) // batch)
     factors = utils.cosine_scheduler(1.0, 0.0, epochs, niter)
     for epoch in range(epochs):
-        train_cached_epoch(sweep, x, y, batch, factors[epoch * niter:(epoch + 1) * niter],
-                           torch.Generator().manual_seed(epoch))
+        train_cached_epoch(
+            sweep, x, y, batch, factors[epoch * niter : (epoch + 1) * niter], torch.Generator().manual_seed(epoch)
+        )
 
 
 def test_sweep_picks_the_learning_rate_that_learns():
@@ -100,8 +102,22 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-COMMON = ["--data_path", "fashion-mnist", "--subset", "8", "--val_subset", "4", "--batch_size_per_gpu", "32",
-          "--lrs", "0.001", "0.1", "--wds", "0", "0.0001"]
+COMMON = [
+    "--data_path",
+    "fashion-mnist",
+    "--subset",
+    "8",
+    "--val_subset",
+    "4",
+    "--batch_size_per_gpu",
+    "32",
+    "--lrs",
+    "0.001",
+    "0.1",
+    "--wds",
+    "0",
+    "0.0001",
+]
 
 
 def test_cli_cached_resume_and_evaluate(checkpoint, tmp_path, capsys):
@@ -117,17 +133,22 @@ def test_cli_cached_resume_and_evaluate(checkpoint, tmp_path, capsys):
     assert best["top1"] == max(r["top1"] for r in record["per_head"]) and best["lr"] in (0.001, 0.1)
     head = torch.load(tmp_path / "linear_head.pth", weights_only=True)
     assert head["weight"].shape == (10, 192) and head["result"]["top1"] == best["top1"]
-    scored = eval_linear.main(["--pretrained_weights", str(checkpoint), "--evaluate", "--output_dir", out,
-                               "--val_subset", "4"])
+    scored = eval_linear.main(
+        ["--pretrained_weights", str(checkpoint), "--evaluate", "--output_dir", out, "--val_subset", "4"]
+    )
     assert scored["top1"] == pytest.approx(best["top1"])
     # a probe's files given as backbone weights (before: "['model'] is not a state dict of tensors")
     from simpool.checkpoints import CheckpointError, load_pretrained
+
     for name in ("linear_head.pth", "linear_checkpoint.pth"):
-        with pytest.raises(CheckpointError, match=f"linear-probe heads saved by eval_linear.py, not a backbone; "
-                                                  f"they were trained on the features of {checkpoint}"):
+        with pytest.raises(
+            CheckpointError,
+            match=f"linear-probe heads saved by eval_linear.py, not a backbone; "
+            f"they were trained on the features of {checkpoint}",
+        ):
             load_pretrained(str(tmp_path / name))
     with pytest.raises(SystemExit) as e:  # another sweep in the same folder
-        eval_linear.main(argv[:-len(COMMON)] + COMMON[:-4] + ["--lrs", "0.5", "--epochs", "2"])
+        eval_linear.main(argv[: -len(COMMON)] + COMMON[:-4] + ["--lrs", "0.5", "--epochs", "2"])
     assert e.value.code == utils.USER_ERROR_EXIT
     assert "belongs to another sweep" in capsys.readouterr().err
 
@@ -152,8 +173,9 @@ def test_official_flag_spellings_and_load_from(checkpoint, tmp_path, capsys):
     assert f"Resumed from {second}/linear_checkpoint.pth at epoch 2." in printed
     with pytest.raises(SystemExit):  # a training checkpoint is no linear one
         eval_linear.main(argv + ["--output_dir", str(tmp_path / "third"), "--load_from", str(checkpoint)])
-    assert capsys.readouterr().err.strip() == (f"error: {checkpoint} is not a linear_checkpoint.pth of "
-                                               "eval_linear.py, so there is nothing to resume")
+    assert capsys.readouterr().err.strip() == (
+        f"error: {checkpoint} is not a linear_checkpoint.pth of eval_linear.py, so there is nothing to resume"
+    )
 
 
 def test_resume_with_other_weights_or_evaluate_with_other_features_is_refused(checkpoint, tmp_path, capsys):
@@ -163,12 +185,16 @@ def test_resume_with_other_weights_or_evaluate_with_other_features_is_refused(ch
     out = str(tmp_path / "sweep")
     other = tmp_path / "other.pth"
     save_training_checkpoint(other, tiny_backbone("simpool", patch_size=7, img_size=28, seed=5))
-    eval_linear.main(["--pretrained_weights", str(checkpoint), "--train_augment", "False", "--output_dir", out,
-                      "--epochs", "1"] + COMMON)
+    eval_linear.main(
+        ["--pretrained_weights", str(checkpoint), "--train_augment", "False", "--output_dir", out, "--epochs", "1"]
+        + COMMON
+    )
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        eval_linear.main(["--pretrained_weights", str(other), "--train_augment", "False", "--output_dir", out,
-                          "--epochs", "1"] + COMMON)
+        eval_linear.main(
+            ["--pretrained_weights", str(other), "--train_augment", "False", "--output_dir", out, "--epochs", "1"]
+            + COMMON
+        )
     assert e.value.code == utils.USER_ERROR_EXIT
     err = capsys.readouterr().err
     assert "belongs to another sweep: pretrained_weights" in err and str(other) in err
@@ -179,12 +205,15 @@ def test_resume_with_other_weights_or_evaluate_with_other_features_is_refused(ch
     torch.save(dict(state, student=torch.load(other, weights_only=True)["teacher"]), two_keys)
     eval_linear.main(["--evaluate", "--output_dir", out, "--val_subset", "4", "--pretrained_weights", str(two_keys)])
     capsys.readouterr()  # the same teacher weights in another file: scored
-    for extra, message in ((["--pretrained_weights", str(other)], f"not those of {other} [teacher]"),
-                           (["--pretrained_weights", str(two_keys), "--checkpoint_key", "student"],
-                            f"not those of {two_keys} [student]"),
-                           (["--arch", "vit_nano", "--patch_size", "7", "--image_size", "28"], "not those of a random initialisation"),
-                           (["--pretrained_weights", str(checkpoint), "--image_size", "56"],
-                            "was trained on 28px features but this run computes them at 56px")):
+    for extra, message in (
+        (["--pretrained_weights", str(other)], f"not those of {other} [teacher]"),
+        (["--pretrained_weights", str(two_keys), "--checkpoint_key", "student"], f"not those of {two_keys} [student]"),
+        (["--arch", "vit_nano", "--patch_size", "7", "--image_size", "28"], "not those of a random initialisation"),
+        (
+            ["--pretrained_weights", str(checkpoint), "--image_size", "56"],
+            "was trained on 28px features but this run computes them at 56px",
+        ),
+    ):
         with pytest.raises(SystemExit) as e:
             eval_linear.main(["--evaluate", "--output_dir", out, "--val_subset", "4"] + extra)
         captured = capsys.readouterr()
@@ -194,34 +223,98 @@ def test_resume_with_other_weights_or_evaluate_with_other_features_is_refused(ch
     cls_model = tmp_path / "cls.pth"
     save_training_checkpoint(cls_model, tiny_backbone("official", patch_size=7, img_size=28))
     cls_out = str(tmp_path / "cls_sweep")
-    eval_linear.main(["--pretrained_weights", str(cls_model), "--train_augment", "False", "--output_dir", cls_out,
-                      "--epochs", "1", "--n_last_blocks", "2"] + COMMON)
+    eval_linear.main(
+        [
+            "--pretrained_weights",
+            str(cls_model),
+            "--train_augment",
+            "False",
+            "--output_dir",
+            cls_out,
+            "--epochs",
+            "1",
+            "--n_last_blocks",
+            "2",
+        ]
+        + COMMON
+    )
     capsys.readouterr()
-    eval_linear.main(["--pretrained_weights", str(cls_model), "--train_augment", "False", "--epochs", "1",
-                      "--output_dir", str(tmp_path / "all_blocks"), "--n_last_blocks", "100"] + COMMON)
+    eval_linear.main(
+        [
+            "--pretrained_weights",
+            str(cls_model),
+            "--train_augment",
+            "False",
+            "--epochs",
+            "1",
+            "--output_dir",
+            str(tmp_path / "all_blocks"),
+            "--n_last_blocks",
+            "100",
+        ]
+        + COMMON
+    )
     assert "--n_last_blocks 100: the backbone has 6 blocks; using all of them." in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:  # 1 block + patch average: the same 2 x 192 width
-        eval_linear.main(["--pretrained_weights", str(cls_model), "--evaluate", "--output_dir", cls_out,
-                          "--val_subset", "4", "--n_last_blocks", "1", "--avgpool_patchtokens", "True"])
+        eval_linear.main(
+            [
+                "--pretrained_weights",
+                str(cls_model),
+                "--evaluate",
+                "--output_dir",
+                cls_out,
+                "--val_subset",
+                "4",
+                "--n_last_blocks",
+                "1",
+                "--avgpool_patchtokens",
+                "True",
+            ]
+        )
     assert e.value.code == utils.USER_ERROR_EXIT
     assert "was trained on the features of --n_last_blocks 2 --avgpool_patchtokens 0" in capsys.readouterr().err
     # a head saved before --avgpool_patchtokens took 0/1/2 records DINO's boolean: True is 2
-    eval_linear.main(["--pretrained_weights", str(cls_model), "--train_augment", "False", "--epochs", "1",
-                      "--output_dir", str(tmp_path / "mean"), "--n_last_blocks", "1", "--avgpool_patchtokens", "True"]
-                     + COMMON)
+    eval_linear.main(
+        [
+            "--pretrained_weights",
+            str(cls_model),
+            "--train_augment",
+            "False",
+            "--epochs",
+            "1",
+            "--output_dir",
+            str(tmp_path / "mean"),
+            "--n_last_blocks",
+            "1",
+            "--avgpool_patchtokens",
+            "True",
+        ]
+        + COMMON
+    )
     head = utils.load_checkpoint(str(tmp_path / "mean" / "linear_head.pth"))
     assert head["features"]["avgpool_patchtokens"] == 2
     head["features"]["avgpool_patchtokens"] = True
     utils.save_checkpoint(head, str(tmp_path / "mean" / "linear_head.pth"))
-    scored = eval_linear.main(["--pretrained_weights", str(cls_model), "--evaluate", "--output_dir",
-                               str(tmp_path / "mean"), "--val_subset", "4", "--n_last_blocks", "1",
-                               "--avgpool_patchtokens", "2"])
+    scored = eval_linear.main(
+        [
+            "--pretrained_weights",
+            str(cls_model),
+            "--evaluate",
+            "--output_dir",
+            str(tmp_path / "mean"),
+            "--val_subset",
+            "4",
+            "--n_last_blocks",
+            "1",
+            "--avgpool_patchtokens",
+            "2",
+        ]
+    )
     assert scored is not None
 
 
 def test_cli_with_augmentation(checkpoint, tmp_path):
-    eval_linear.main(["--pretrained_weights", str(checkpoint), "--epochs", "1", "--output_dir", str(tmp_path)]
-                     + COMMON)
+    eval_linear.main(["--pretrained_weights", str(checkpoint), "--epochs", "1", "--output_dir", str(tmp_path)] + COMMON)
     record = json.loads((tmp_path / "linear.json").read_text())
     assert record["train_augment"] is True and len(record["per_head"]) == 4
 
@@ -231,12 +324,21 @@ def _torchrun(script, args, tmp_path):
     import signal
     import subprocess
     import sys
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(root, script)] + args  # --standalone: a free local port for the rendezvous
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # its own process group: a hang is cleaned up whole
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        os.path.join(root, script),
+    ] + args  # --standalone: a free local port for the rendezvous
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )  # its own process group: a hang is cleaned up whole
     try:
         out, err = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
@@ -251,8 +353,17 @@ def test_two_gloo_ranks_match_one_process(checkpoint, tmp_path):
     """torchrun with 2 CPU ranks: k-NN features are sharded and gathered, linear heads
     all-reduce their gradients; both give the single-process numbers."""
     import eval_knn
-    data = ["--pretrained_weights", str(checkpoint), "--data_path", "fashion-mnist", "--subset", "8",
-            "--val_subset", "4"]
+
+    data = [
+        "--pretrained_weights",
+        str(checkpoint),
+        "--data_path",
+        "fashion-mnist",
+        "--subset",
+        "8",
+        "--val_subset",
+        "4",
+    ]
     knn = ["--nb_knn", "5", "20"]
     _torchrun("eval_knn.py", data + knn + ["--output_dir", str(tmp_path / "knn2")], tmp_path)
     eval_knn.main(data + knn + ["--output_dir", str(tmp_path / "knn1")])
@@ -260,8 +371,13 @@ def test_two_gloo_ranks_match_one_process(checkpoint, tmp_path):
     assert read(tmp_path / "knn2" / "knn.json")["results"] == read(tmp_path / "knn1" / "knn.json")["results"]
     lin = ["--train_augment", "False", "--epochs", "2", "--lrs", "0.01", "0.5"]
     # two keys: the second sweep runs in the process group the first one joined
-    _torchrun("eval_linear.py", data + lin + ["--batch_size_per_gpu", "16", "--output_dir", str(tmp_path / "lin2"),
-                                              "--checkpoint_key", "student,teacher"], tmp_path)
+    _torchrun(
+        "eval_linear.py",
+        data
+        + lin
+        + ["--batch_size_per_gpu", "16", "--output_dir", str(tmp_path / "lin2"), "--checkpoint_key", "student,teacher"],
+        tmp_path,
+    )
     eval_linear.main(data + lin + ["--batch_size_per_gpu", "32", "--output_dir", str(tmp_path / "lin1")])
     one = read(tmp_path / "lin1" / "linear.json")
     for key in ("student", "teacher"):  # the same weights under both keys in this checkpoint
@@ -288,8 +404,24 @@ def test_a_step_without_samples_still_steps_every_parameter():
 def test_heads_are_scored_on_dinos_epochs(checkpoint, tmp_path, capsys):
     # DINO: `epoch % val_freq == 0 or epoch == epochs - 1` (0-based): epochs 1, 4, 5 of 5 with
     # --val_freq 3 (before: 3 and 5)
-    eval_linear.main(["--pretrained_weights", str(checkpoint), "--train_augment", "False", "--output_dir",
-                      str(tmp_path), "--epochs", "5", "--val_freq", "3"] + COMMON)
-    scored = [int(line.split()[1].rstrip(":")) for line in capsys.readouterr().out.splitlines()
-              if line.startswith("Epoch ") and "best head so far" in line]
+    eval_linear.main(
+        [
+            "--pretrained_weights",
+            str(checkpoint),
+            "--train_augment",
+            "False",
+            "--output_dir",
+            str(tmp_path),
+            "--epochs",
+            "5",
+            "--val_freq",
+            "3",
+        ]
+        + COMMON
+    )
+    scored = [
+        int(line.split()[1].rstrip(":"))
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("Epoch ") and "best head so far" in line
+    ]
     assert scored == [1, 4, 5]

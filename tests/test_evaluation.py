@@ -2,6 +2,7 @@
 [CLS] features, the patch-token mean as DINO (True) and iBOT/AttMask (0/1/2) spell it,
 checked against each block's output caught by hooks; the k-NN CLI with those flags, and both
 evaluation CLIs with AttMask's and iBOT's comma-separated --checkpoint_key."""
+
 import argparse
 import json
 
@@ -10,8 +11,8 @@ import torch
 
 import eval_knn
 import eval_linear
-import utils
 from checkpoint_factory import one_thread, save_training_checkpoint, tiny_backbone
+from simpool import utils
 from simpool.evaluation import FrozenFeatures, avgpool_mode
 
 
@@ -43,16 +44,16 @@ def test_cls_features_concatenate_last_blocks_and_the_patch_mean():
     model = tiny_backbone("official", patch_size=4, img_size=28)
     x = torch.randn(2, 3, 28, 28)
     out, outputs = block_outputs(model, x)
-    last4 = [model.norm(o)[:, 0] for o in outputs[len(model.blocks) - 4:]]
+    last4 = [model.norm(o)[:, 0] for o in outputs[len(model.blocks) - 4 :]]
     mean = out["patch_tokens"].mean(1)
     with torch.no_grad():
         both, alone, cls = (FrozenFeatures(model, n_last_blocks=4, avgpool=a) for a in (2, 1, 0))
         f_both, f_alone, f_cls = both(x), alone(x), cls(x)
     assert f_both.shape == (2, 5 * 192) and both.dim == 5 * 192
     for i, token in enumerate(last4):  # the normed [CLS] of each of the last 4 blocks, in order
-        torch.testing.assert_close(f_both[:, i * 192:(i + 1) * 192], token)
-    torch.testing.assert_close(f_both[:, 3 * 192:4 * 192], out["pooled"])  # the last one is the pooled vector
-    torch.testing.assert_close(f_both[:, 4 * 192:], mean)
+        torch.testing.assert_close(f_both[:, i * 192 : (i + 1) * 192], token)
+    torch.testing.assert_close(f_both[:, 3 * 192 : 4 * 192], out["pooled"])  # the last one is the pooled vector
+    torch.testing.assert_close(f_both[:, 4 * 192 :], mean)
     assert alone.dim == 192 and alone.settings() == {"n_last_blocks": 4, "avgpool_patchtokens": 1}
     # iBOT's (AttMask's) 1: the mean alone, of the last block's tokens before the final norm (before: after it)
     torch.testing.assert_close(f_alone, outputs[-1][:, 1:].mean(1))
@@ -66,8 +67,11 @@ def test_simpool_features_are_the_pooled_vector_and_the_patch_mean():
     x = torch.randn(2, 3, 28, 28)
     out, outputs = block_outputs(model, x)
     with torch.no_grad():
-        for avgpool, expected in ((0, out["pooled"]), (1, outputs[-1].mean(1)),
-                                  (2, torch.cat([out["pooled"], out["patch_tokens"].mean(1)], 1))):
+        for avgpool, expected in (
+            (0, out["pooled"]),
+            (1, outputs[-1].mean(1)),
+            (2, torch.cat([out["pooled"], out["patch_tokens"].mean(1)], 1)),
+        ):
             features = FrozenFeatures(model, n_last_blocks=4, avgpool=avgpool)  # n_last_blocks: [CLS] models only
             assert features.n_last_blocks == 1 and features.dim == expected.shape[1]
             torch.testing.assert_close(features(x), expected)
@@ -82,8 +86,18 @@ def checkpoint(tmp_path_factory):
 
 def test_eval_knn_takes_attmasks_feature_flags(checkpoint, tmp_path):
     # AttMask's k-NN command passes --avgpool_patchtokens 0 (before: "unrecognized arguments")
-    common = ["--pretrained_weights", str(checkpoint), "--data_path", "fashion-mnist", "--subset", "4",
-              "--val_subset", "2", "--nb_knn", "5"]
+    common = [
+        "--pretrained_weights",
+        str(checkpoint),
+        "--data_path",
+        "fashion-mnist",
+        "--subset",
+        "4",
+        "--val_subset",
+        "2",
+        "--nb_knn",
+        "5",
+    ]
     default = eval_knn.main(common + ["--output_dir", str(tmp_path / "a")])
     assert eval_knn.main(common + ["--avgpool_patchtokens", "0", "--output_dir", str(tmp_path / "b")]) == default
     eval_knn.main(common + ["--avgpool_patchtokens", "2", "--n_last_blocks", "2", "--output_dir", str(tmp_path / "c")])
@@ -106,10 +120,30 @@ def teacher_and_student(tmp_path_factory):
 
 def test_a_list_of_checkpoint_keys_evaluates_each_network_as_its_own_run(teacher_and_student, tmp_path, capsys):
     # AttMask's and iBOT's `--checkpoint_key teacher,student` (before: "has no 'teacher,student' entry")
-    common = ["--pretrained_weights", str(teacher_and_student), "--data_path", "fashion-mnist", "--subset", "4",
-              "--val_subset", "3", "--nb_knn", "1", "5"]
-    both = eval_knn.main(common + ["--checkpoint_key", "teacher,student", "--output_dir", str(tmp_path / "both"),
-                                   "--dump_features", str(tmp_path / "features")])
+    common = [
+        "--pretrained_weights",
+        str(teacher_and_student),
+        "--data_path",
+        "fashion-mnist",
+        "--subset",
+        "4",
+        "--val_subset",
+        "3",
+        "--nb_knn",
+        "1",
+        "5",
+    ]
+    both = eval_knn.main(
+        common
+        + [
+            "--checkpoint_key",
+            "teacher,student",
+            "--output_dir",
+            str(tmp_path / "both"),
+            "--dump_features",
+            str(tmp_path / "features"),
+        ]
+    )
     out = capsys.readouterr().out
     assert list(both) == ["teacher", "student"]
     for key in both:  # each equals a run of that key alone, and writes into its own subfolder
@@ -118,14 +152,31 @@ def test_a_list_of_checkpoint_keys_evaluates_each_network_as_its_own_run(teacher
         assert json.loads((tmp_path / "both" / key / "knn.json").read_text())["checkpoint_key"] == key
         best_k, best = max(alone.items(), key=lambda item: item[1]["top1"])
         assert f"{key}: top-1 {best['top1']:.2f}% (k={best_k})" in out
-    teacher_f, student_f = (torch.load(tmp_path / "features" / key / "trainfeat.pth", weights_only=True)
-                            for key in both)
+    teacher_f, student_f = (
+        torch.load(tmp_path / "features" / key / "trainfeat.pth", weights_only=True) for key in both
+    )
     assert teacher_f.shape == student_f.shape and not torch.allclose(teacher_f, student_f)
     assert not (tmp_path / "both" / "knn.json").exists()
 
-    linear = ["--pretrained_weights", str(teacher_and_student), "--data_path", "fashion-mnist", "--subset", "4",
-              "--val_subset", "3", "--epochs", "1", "--train_augment", "False", "--lrs", "0.01", "0.1",
-              "--output_dir", str(tmp_path / "linear")]
+    linear = [
+        "--pretrained_weights",
+        str(teacher_and_student),
+        "--data_path",
+        "fashion-mnist",
+        "--subset",
+        "4",
+        "--val_subset",
+        "3",
+        "--epochs",
+        "1",
+        "--train_augment",
+        "False",
+        "--lrs",
+        "0.01",
+        "0.1",
+        "--output_dir",
+        str(tmp_path / "linear"),
+    ]
     swept = eval_linear.main(linear + ["--checkpoint_key", "teacher,student"])
     scored = eval_linear.main(linear + ["--checkpoint_key", "teacher,student", "--evaluate"])
     for key in ("teacher", "student"):  # --evaluate finds each key's own head (its weights fingerprint matches)
@@ -135,26 +186,45 @@ def test_a_list_of_checkpoint_keys_evaluates_each_network_as_its_own_run(teacher
     capsys.readouterr()
 
     for tool, extra, message in (
-            (eval_knn, ["--load_features", str(tmp_path / "features" / "teacher")], "--load_features belongs to one "
-             "network; pass one --checkpoint_key with it, not 'teacher,student'"),
-            (eval_linear, ["--pretrained_linear", str(tmp_path / "linear" / "teacher" / "linear_head.pth"),
-                           "--evaluate"], "--pretrained_linear belongs to one network"),
-            (eval_linear, ["--load_from", "elsewhere.pth"], "--load_from belongs to one network")):
+        (
+            eval_knn,
+            ["--load_features", str(tmp_path / "features" / "teacher")],
+            "--load_features belongs to one network; pass one --checkpoint_key with it, not 'teacher,student'",
+        ),
+        (
+            eval_linear,
+            ["--pretrained_linear", str(tmp_path / "linear" / "teacher" / "linear_head.pth"), "--evaluate"],
+            "--pretrained_linear belongs to one network",
+        ),
+        (eval_linear, ["--load_from", "elsewhere.pth"], "--load_from belongs to one network"),
+    ):
         with pytest.raises(SystemExit) as e:
             tool.main(common[:2] + ["--checkpoint_key", "teacher,student", "--output_dir", str(tmp_path)] + extra)
         err = capsys.readouterr().err
         assert e.value.code == utils.USER_ERROR_EXIT and message in err and "Traceback" not in err, err
 
 
-@pytest.mark.parametrize("tool,key,expected", [
-    ("eval_knn", "teacher,,student", "expected distinct, non-empty keys separated by commas, got 'teacher,,student'"),
-    ("eval_linear", "teacher,teacher", "expected distinct, non-empty keys separated by commas"),
-    ("export", "teacher,student", "expected one key such as 'teacher', got 'teacher,student' (a comma-separated "
-     "list is for eval_knn.py and eval_linear.py"),
-    ("attention", "teacher,student", "expected one key such as 'teacher'"),
-])
+@pytest.mark.parametrize(
+    "tool,key,expected",
+    [
+        (
+            "eval_knn",
+            "teacher,,student",
+            "expected distinct, non-empty keys separated by commas, got 'teacher,,student'",
+        ),
+        ("eval_linear", "teacher,teacher", "expected distinct, non-empty keys separated by commas"),
+        (
+            "export",
+            "teacher,student",
+            "expected one key such as 'teacher', got 'teacher,student' (a comma-separated "
+            "list is for eval_knn.py and eval_linear.py",
+        ),
+        ("attention", "teacher,student", "expected one key such as 'teacher'"),
+    ],
+)
 def test_checkpoint_key_lists_are_checked_where_they_are_parsed(tool, key, expected, capsys):
     from simpool import attention, export
+
     module = {"eval_knn": eval_knn, "eval_linear": eval_linear, "export": export, "attention": attention}[tool]
     with pytest.raises(SystemExit) as e:
         module.get_args_parser().parse_args(["--checkpoint_key", key])
@@ -164,11 +234,32 @@ def test_checkpoint_key_lists_are_checked_where_they_are_parsed(tool, key, expec
 
 def test_subset_starts_picks_attmasks_low_shot_images(checkpoint, tmp_path):
     # AttMask's low-shot k-NN: --subset N --subset_starts S keeps images S .. S+N-1 of each class
-    common = ["--pretrained_weights", str(checkpoint), "--data_path", "fashion-mnist", "--val_subset", "2",
-              "--nb_knn", "1"]
-    eval_knn.main(common + ["--subset", "5", "--output_dir", str(tmp_path / "a"), "--dump_features", str(tmp_path / "a")])
-    eval_knn.main(common + ["--subset", "2", "--subset_starts", "3", "--output_dir", str(tmp_path / "b"),
-                            "--dump_features", str(tmp_path / "b")])
+    common = [
+        "--pretrained_weights",
+        str(checkpoint),
+        "--data_path",
+        "fashion-mnist",
+        "--val_subset",
+        "2",
+        "--nb_knn",
+        "1",
+    ]
+    eval_knn.main(
+        common + ["--subset", "5", "--output_dir", str(tmp_path / "a"), "--dump_features", str(tmp_path / "a")]
+    )
+    eval_knn.main(
+        common
+        + [
+            "--subset",
+            "2",
+            "--subset_starts",
+            "3",
+            "--output_dir",
+            str(tmp_path / "b"),
+            "--dump_features",
+            str(tmp_path / "b"),
+        ]
+    )
     read = lambda folder, name: torch.load(tmp_path / folder / name, weights_only=True)  # noqa: E731
     five, five_y = read("a", "trainfeat.pth"), read("a", "trainlabels.pth")
     two, two_y = read("b", "trainfeat.pth"), read("b", "trainlabels.pth")

@@ -1,19 +1,24 @@
 """Backbone export / import (simpool/export.py, simpool/checkpoints.py): exact round trips,
 timm compatibility, strict loading with named keys, official checkpoint layouts, and
 files that are not checkpoints (nothing in them runs)."""
+
 import logging
 import os
 import pickle
 
 import pytest
 import torch
-
-import utils
-import vision_transformer as vits
 from full_disk import FullDisk
-from checkpoint_factory import (one_thread, save_flat_backbone, save_official_checkpoint, save_training_checkpoint,
-                                tiny_backbone)
-from simpool import export
+
+from checkpoint_factory import (
+    one_thread,
+    save_flat_backbone,
+    save_official_checkpoint,
+    save_training_checkpoint,
+    tiny_backbone,
+)
+from simpool import export, utils
+from simpool import vision_transformer as vits
 from simpool.checkpoints import CheckpointError, load_backbone_weights, load_pretrained, read_checkpoint
 
 
@@ -86,8 +91,16 @@ def test_export_cli_and_bad_input_is_one_line_error(trained, tmp_path, capsys):
     export.main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "b.safetensors")])
     # re-exporting an export: the weights' source is the file itself, whatever --checkpoint_key says
     # (before: "b.safetensors [student]", a key such a file does not have)
-    export.main(["--checkpoint", str(tmp_path / "b.safetensors"), "--checkpoint_key", "student",
-                 "--output", str(tmp_path / "c.pth")])
+    export.main(
+        [
+            "--checkpoint",
+            str(tmp_path / "b.safetensors"),
+            "--checkpoint_key",
+            "student",
+            "--output",
+            str(tmp_path / "c.pth"),
+        ]
+    )
     log = capsys.readouterr().out
     assert f"from {ckpt} [teacher] to {tmp_path / 'b.safetensors'}" in log, log
     assert f"from {tmp_path / 'b.safetensors'} [exported backbone] to" in log, log
@@ -134,14 +147,16 @@ def test_timm_vit_small_gives_equal_patch_tokens():
     torch.manual_seed(0)
     with one_thread():
         ours = vits.build_vit("vit_small", patch_size=16, img_size=224, mode="simpool").eval()
-        theirs = timm.create_model("vit_small_patch16_224", class_token=False, global_pool="", num_classes=0,
-                                   pretrained=False).eval()
+        theirs = timm.create_model(
+            "vit_small_patch16_224", class_token=False, global_pool="", num_classes=0, pretrained=False
+        ).eval()
     theirs.load_state_dict(export.to_timm_state_dict(ours), strict=True)
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         # the same blocks (LayerNorm eps 1e-6 in both): equal to float rounding
-        torch.testing.assert_close(theirs.forward_features(x), ours.forward_features(x)["patch_tokens"],
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            theirs.forward_features(x), ours.forward_features(x)["patch_tokens"], rtol=1e-5, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("mode,patch", [("simpool", 7), ("official", 4)])
@@ -158,7 +173,7 @@ def test_build_timm_vit_is_exact(tmp_path, mode, patch):
     pooled, patches = features(backbone, x)
     # the same computation up to float32 rounding: timm embeds patches by convolution, we by one
     # matrix product (different summation order: ~2e-6 on tokens of magnitude ~1)
-    torch.testing.assert_close(tokens[:, model.num_prefix_tokens:], patches, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tokens[:, model.num_prefix_tokens :], patches, rtol=1e-5, atol=1e-5)
     if mode == "official":  # timm's normed [CLS] token is our pooled vector
         torch.testing.assert_close(tokens[:, 0], pooled, rtol=1e-5, atol=1e-5)
 
@@ -181,8 +196,11 @@ def test_wrong_mode_or_patch_size_is_a_clear_error(trained):
     _, ckpt = trained
     with pytest.raises(CheckpointError, match=r"missing keys: cls_token.*unexpected keys: simpool\..*--mode simpool"):
         load_pretrained(str(ckpt), mode="official")
-    with pytest.raises(CheckpointError, match=r"patch_embed.proj.weight \(checkpoint \[192, 3, 7, 7\], model "
-                                              r"\[192, 3, 4, 4\]\).*--patch_size"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"patch_embed.proj.weight \(checkpoint \[192, 3, 7, 7\], model "
+        r"\[192, 3, 4, 4\]\).*--patch_size",
+    ):
         load_pretrained(str(ckpt), patch_size=4)
 
 
@@ -218,8 +236,14 @@ def test_official_simpool_checkpoint_reads_gamma_from_its_args(tmp_path):
     save_official_checkpoint(tmp_path / "simpool.pth", backbone, gamma=1.25)
     model, info = load_pretrained(str(tmp_path / "simpool.pth"))
     assert info["mode"] == "simpool" and info["gamma"] == 1.25 and "cls_token" not in model.state_dict()
-    x = torch.randn(2, 3, 28, 28)
-    assert torch.equal(features(backbone, x)[0], features(model, x)[0])
+    # the official code's positions are resampled at every size (tests/test_official_simpool_positions.py)
+    assert info["resample_native_pos"] and model.resample_native_pos
+    backbone.resample_native_pos = True
+    try:
+        x = torch.randn(2, 3, 28, 28)
+        assert torch.equal(features(backbone, x)[0], features(model, x)[0])
+    finally:
+        backbone.resample_native_pos = False  # the factory's backbone is cached and shared
 
 
 class _Payload:
@@ -235,8 +259,12 @@ class _Payload:
 def test_non_checkpoints_fail_cleanly_and_never_run_code(trained, tmp_path):
     _, ckpt = trained
     marker = str(tmp_path / "PWNED")
-    cases = {"random.pth": os.urandom(2048), "random.safetensors": os.urandom(2048),
-             "truncated.pth": ckpt.read_bytes()[:5000], "empty.pth": b""}
+    cases = {
+        "random.pth": os.urandom(2048),
+        "random.safetensors": os.urandom(2048),
+        "truncated.pth": ckpt.read_bytes()[:5000],
+        "empty.pth": b"",
+    }
     for name, data in cases.items():
         (tmp_path / name).write_bytes(data)
     with open(tmp_path / "code.pkl", "wb") as f:
@@ -270,6 +298,9 @@ def test_a_misspelt_checkpoint_key_is_an_error_not_the_teacher(tmp_path):
     # before: "no 'studnet' entry; using 'teacher'" and the teacher evaluated (and exported as [studnet])
     backbone = tiny_backbone("official", patch_size=4, img_size=28, seed=3)
     save_official_checkpoint(tmp_path / "dino.pth", backbone)
-    with pytest.raises(CheckpointError, match=r"has no 'studnet' entry \(it holds: .*student.*teacher.*\); choose "
-                                              r"one with --checkpoint_key"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"has no 'studnet' entry \(it holds: .*student.*teacher.*\); choose "
+        r"one with --checkpoint_key",
+    ):
         load_pretrained(str(tmp_path / "dino.pth"), checkpoint_key="studnet")

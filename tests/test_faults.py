@@ -7,6 +7,7 @@ skipped, the previous checkpoint kept, one clear line, the run resuming where it
 with the weights an uninterrupted run reaches. The multi-process tests go through
 ``./launch`` and are marked slow.
 """
+
 import hashlib
 import io
 import json
@@ -26,13 +27,13 @@ import torch
 from PIL import Image
 
 import main_dino
-import utils
+from simpool import utils
 from simpool.data import InMemoryImages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_train import TINY  # noqa: E402  (the tiny complete run: 100 images, 4 steps/epoch at batch 25)
 from full_disk import FullDisk  # noqa: E402
+from test_train import TINY  # noqa: E402  (the tiny complete run: 100 images, 4 steps/epoch at batch 25)
 
 RUN = TINY + ["--epochs", "2", "--saveckp_iters", "2"]  # checkpoints after iterations 2, 4, 6, 8
 STEPS = 8
@@ -104,6 +105,7 @@ def reference(tmp_path_factory):
 def no_distributed(monkeypatch):
     def fail(args):
         raise AssertionError("init_distributed_mode was called")
+
     monkeypatch.setattr(utils, "init_distributed_mode", fail)
 
 
@@ -122,8 +124,12 @@ def run_together(*cmds, timeout=TIMEOUT):
     """Run the commands side by side, each in its own session so that a timeout kills the
     torchrun agent and its workers; returns [(returncode, stdout + stderr)]."""
     logs = [tempfile.TemporaryFile(mode="w+") for _ in cmds]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True) for cmd, log in zip(cmds, logs)]
+    procs = [
+        subprocess.Popen(
+            cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+        for cmd, log in zip(cmds, logs)
+    ]
     try:
         deadline = time.time() + timeout
         for p in procs:
@@ -160,7 +166,7 @@ def test_mid_epoch_crash_resumes_without_repeating_or_skipping_a_sample(tmp_path
     assert len(crashed) == 3
     ckpt = load(tmp_path / "checkpoint.pth")
     assert (ckpt["epoch"], ckpt["epoch_step"], ckpt["iteration"], ckpt["sampler_position"]) == (0, 2, 2, 50)
-    covered = crashed[:ckpt["iteration"]]
+    covered = crashed[: ckpt["iteration"]]
 
     with monkeypatch.context() as m:
         resumed = record_fetches(m)
@@ -168,7 +174,7 @@ def test_mid_epoch_crash_resumes_without_repeating_or_skipping_a_sample(tmp_path
     assert len(resumed) == STEPS - 2
     assert covered + resumed == reference.batches  # same samples, same order, nothing twice or lost
     for epoch in range(2):  # each of the 100 samples exactly once per epoch
-        assert sorted(sum(reference.batches[4 * epoch: 4 * epoch + 4], [])) == list(range(100))
+        assert sorted(sum(reference.batches[4 * epoch : 4 * epoch + 4], [])) == list(range(100))
     assert reference.batches[:4] != reference.batches[4:]  # epochs are shuffled differently
 
     final = load(tmp_path / "checkpoint.pth")
@@ -223,7 +229,8 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, capsys, r
     log = capsys.readouterr().out
     assert f"Resumed from {out / 'checkpoint.pth'} at epoch 0, step 2 (iteration 2)" in log
     assert [line for line in log.splitlines() if str(stale) in line] == [  # removed at start, in one line
-        f"Removed {stale} ({size} bytes), left by a checkpoint write that was interrupted."]
+        f"Removed {stale} ({size} bytes), left by a checkpoint write that was interrupted."
+    ]
     assert not stale.exists() and not [p for p in out.iterdir() if ".tmp" in p.name]
     final = load(out / "checkpoint.pth")
     assert final["iteration"] == STEPS
@@ -237,9 +244,11 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys, ref
     assert (newest["iteration"], previous["iteration"]) == (8, 6)
     data = (reference.out / "checkpoint.pth").read_bytes()
     (tmp_path / "checkpoint.pth.1").write_bytes((reference.out / "checkpoint.pth.1").read_bytes())
-    (tmp_path / "checkpoint.pth").write_bytes({"truncated": data[: len(data) // 2],
-                                              "random_bytes": np.random.default_rng(0).bytes(len(data)),
-                                              "empty": b""}[damage])
+    (tmp_path / "checkpoint.pth").write_bytes(
+        {"truncated": data[: len(data) // 2], "random_bytes": np.random.default_rng(0).bytes(len(data)), "empty": b""}[
+            damage
+        ]
+    )
     main_dino.main(RUN + ["--output_dir", str(tmp_path)])
     out = capsys.readouterr().out
     warnings = [line for line in out.splitlines() if "checkpoint.pth" in line and "Resumed" not in line]
@@ -279,8 +288,10 @@ def test_load_latest_checkpoint_unit(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="simpool"):  # one warning per skipped file, then the readable one
         state, found = utils.load_latest_checkpoint(path, keep=3)
     assert (state["epoch"], found) == (1, path + ".2")
-    assert [r.getMessage().split(" is not a")[0] for r in caplog.records] == ["warning: " + path,
-                                                                              "warning: " + path + ".1"]
+    assert [r.getMessage().split(" is not a")[0] for r in caplog.records] == [
+        "warning: " + path,
+        "warning: " + path + ".1",
+    ]
     # a kept file beyond --keep_checkpoints (an earlier run kept more) is still a fallback
     state, found = utils.load_latest_checkpoint(path, keep=1)
     assert (state["epoch"], found) == (1, path + ".2")
@@ -299,9 +310,18 @@ def test_load_latest_checkpoint_unit(tmp_path, caplog):
 
 def test_remove_stale_temporaries_only_touches_our_own_names(tmp_path, caplog):
     ours = [".checkpoint.pth.tmp12345", ".checkpoint0010.pth.tmp7", f".checkpoint.pth.tmp{os.getpid()}"]
-    others = ["checkpoint.pth", "checkpoint.pth.1", ".checkpoint.pth.tmp", ".checkpoint.pth.tmpabc",
-              ".checkpoint.pth.tmp1.bak", "checkpoint.pth.tmp1", ".teacher.pth.tmp1", ".features.pth.tmp3",
-              ".write_test1", "notes.tmp1"]
+    others = [
+        "checkpoint.pth",
+        "checkpoint.pth.1",
+        ".checkpoint.pth.tmp",
+        ".checkpoint.pth.tmpabc",
+        ".checkpoint.pth.tmp1.bak",
+        "checkpoint.pth.tmp1",
+        ".teacher.pth.tmp1",
+        ".features.pth.tmp3",
+        ".write_test1",
+        "notes.tmp1",
+    ]
     for name in ours + others:
         (tmp_path / name).write_bytes(b"x" * 3)
     (tmp_path / ".checkpoint.pth.tmp99").mkdir()  # not a file
@@ -313,7 +333,8 @@ def test_remove_stale_temporaries_only_touches_our_own_names(tmp_path, caplog):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others + [".checkpoint.pth.tmp99", "sub"])
     assert (tmp_path / "sub" / ".checkpoint.pth.tmp5").exists()
     assert [r.getMessage() for r in caplog.records] == [
-        f"Removed {tmp_path / n} (3 bytes), left by a checkpoint write that was interrupted." for n in sorted(ours)]
+        f"Removed {tmp_path / n} (3 bytes), left by a checkpoint write that was interrupted." for n in sorted(ours)
+    ]
     assert utils.remove_stale_temporaries(str(tmp_path / "missing")) == []
 
 
@@ -328,8 +349,11 @@ def make_image_folder(root, n_good=27):
         img.save(root / "train" / ("cat", "dog")[i % 2] / f"{i}.jpg", quality=90)
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(buf, "JPEG")
-    bad = [root / "train" / "cat" / "truncated.jpg", root / "train" / "dog" / "random.jpg",
-           root / "train" / "dog" / "notes.png"]
+    bad = [
+        root / "train" / "cat" / "truncated.jpg",
+        root / "train" / "dog" / "random.jpg",
+        root / "train" / "dog" / "notes.png",
+    ]
     bad[0].write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     bad[1].write_bytes(rng.bytes(3000))
     bad[2].write_text("this is not an image\n")
@@ -339,8 +363,23 @@ def make_image_folder(root, n_good=27):
 def test_bad_images_are_skipped_counted_and_named_once(tmp_path, capsys):
     bad = make_image_folder(tmp_path / "data")  # 27 good + 3 bad = 3 full batches of 10
     out = tmp_path / "out"
-    main_dino.main(TINY + ["--data_path", str(tmp_path / "data"), "--subset", "-1", "--batch_size_per_gpu", "10",
-                           "--epochs", "2", "--num_workers", "2", "--output_dir", str(out)])  # bad paths cross workers
+    main_dino.main(
+        TINY
+        + [
+            "--data_path",
+            str(tmp_path / "data"),
+            "--subset",
+            "-1",
+            "--batch_size_per_gpu",
+            "10",
+            "--epochs",
+            "2",
+            "--num_workers",
+            "2",
+            "--output_dir",
+            str(out),
+        ]
+    )  # bad paths cross workers
     log = capsys.readouterr().out
     for path in bad:
         assert log.count(path) == 1, path
@@ -357,8 +396,23 @@ def test_online_knn_leaves_out_unreadable_images(tmp_path, capsys):
     bad = make_image_folder(tmp_path / "data")
     shutil.copytree(tmp_path / "data" / "train", tmp_path / "data" / "val")  # bad files in both splits
     out = tmp_path / "out"
-    main_dino.main(TINY + ["--data_path", str(tmp_path / "data"), "--subset", "-1", "--batch_size_per_gpu", "10",
-                           "--epochs", "1", "--eval_every", "1", "--output_dir", str(out)])
+    main_dino.main(
+        TINY
+        + [
+            "--data_path",
+            str(tmp_path / "data"),
+            "--subset",
+            "-1",
+            "--batch_size_per_gpu",
+            "10",
+            "--epochs",
+            "1",
+            "--eval_every",
+            "1",
+            "--output_dir",
+            str(out),
+        ]
+    )
     records = read_log(out)
     assert len(records) == 2 and all(np.isfinite(r["knn_top1"]) for r in records)  # before and after training
     # the 3 bad files of train/ and of val/ left out of both k-NN passes, each named in the log
@@ -371,9 +425,10 @@ SKIP_A_WHOLE_BATCH_ON_RANK_1 = """
 import os, sys
 sys.path.insert(0, {root!r})
 import main_dino
+from simpool import data
 
 rank, calls = int(os.environ["RANK"]), [0]
-real_collate = main_dino.skip_bad_collate
+real_collate = data.skip_bad_collate
 
 def skip_bad_collate(inner):
     collate = real_collate(inner)
@@ -385,7 +440,7 @@ def skip_bad_collate(inner):
         return batch, bad
     return collate_on_rank
 
-main_dino.skip_bad_collate = skip_bad_collate
+data.skip_bad_collate = skip_bad_collate
 main_dino.main(sys.argv[1:])
 """
 
@@ -397,8 +452,22 @@ def test_a_rank_without_one_readable_image_skips_the_step_with_all_ranks(tmp_pat
     driver.write_text(SKIP_A_WHOLE_BATCH_ON_RANK_1.format(root=ROOT))
     out = tmp_path / "out"
     # before the fix the ranks' collectives fell out of step: a hang until this timeout, or a crash
-    rc, text = launch("--nproc_per_node", "2", str(driver), *TINY, "--data_path", str(tmp_path / "data"),
-                      "--subset", "-1", "--batch_size_per_gpu", "5", "--epochs", "2", output_dir=out, timeout=600)
+    rc, text = launch(
+        "--nproc_per_node",
+        "2",
+        str(driver),
+        *TINY,
+        "--data_path",
+        str(tmp_path / "data"),
+        "--subset",
+        "-1",
+        "--batch_size_per_gpu",
+        "5",
+        "--epochs",
+        "2",
+        output_dir=out,
+        timeout=600,
+    )
     assert rc == 0, text[-3000:]
     records = read_log(out)
     assert [r["epoch"] for r in records] == [0, 1]
@@ -411,8 +480,22 @@ def test_image_folder_crops_depend_on_neither_workers_nor_resume(tmp_path, monke
     # of (--seed, epoch, index), so 0 or 2 workers, and a resume in the middle of an epoch (whose
     # workers start afresh), all end at the uninterrupted run's teacher.
     make_image_folder(tmp_path / "data")  # 3 steps of 10 per epoch
-    flags = TINY + ["--data_path", str(tmp_path / "data"), "--subset", "-1", "--batch_size_per_gpu", "10",
-                    "--epochs", "2", "--saveckp_iters", "2", "--lr", "0.1", "--momentum_teacher", "0.9"]
+    flags = TINY + [
+        "--data_path",
+        str(tmp_path / "data"),
+        "--subset",
+        "-1",
+        "--batch_size_per_gpu",
+        "10",
+        "--epochs",
+        "2",
+        "--saveckp_iters",
+        "2",
+        "--lr",
+        "0.1",
+        "--momentum_teacher",
+        "0.9",
+    ]
     main_dino.main(flags + ["--num_workers", "2", "--output_dir", str(tmp_path / "two_workers")])
     main_dino.main(flags + ["--num_workers", "0", "--output_dir", str(tmp_path / "no_workers")])
     calls, real_loss = [0], main_dino.distillation_loss
@@ -470,8 +553,19 @@ def test_a_folder_of_unreadable_files_is_a_one_line_error(tmp_path, capsys):
         for i in range(10):
             (tmp_path / "data" / "train" / c / f"{i}.jpg").write_text("not an image\n")
     with pytest.raises(SystemExit) as e:
-        main_dino.main(TINY + ["--data_path", str(tmp_path / "data"), "--subset", "-1", "--batch_size_per_gpu", "10",
-                               "--output_dir", str(tmp_path / "out")])
+        main_dino.main(
+            TINY
+            + [
+                "--data_path",
+                str(tmp_path / "data"),
+                "--subset",
+                "-1",
+                "--batch_size_per_gpu",
+                "10",
+                "--output_dir",
+                str(tmp_path / "out"),
+            ]
+        )
     assert e.value.code == utils.USER_ERROR_EXIT
     err = one_line_error(capsys)
     assert err.startswith("error: no training image of epoch 0 could be read (20 unreadable files in")
@@ -485,8 +579,21 @@ def test_evaluation_split_with_other_class_folders_is_a_one_line_error(tmp_path,
         (tmp_path / "data" / "val" / c).mkdir(parents=True)
         Image.new("RGB", (32, 32)).save(tmp_path / "data" / "val" / c / "0.jpg")
     with pytest.raises(SystemExit) as e:
-        main_dino.main(TINY + ["--data_path", str(tmp_path / "data"), "--subset", "-1", "--batch_size_per_gpu", "10",
-                               "--eval_every", "1", "--output_dir", str(tmp_path / "out")])
+        main_dino.main(
+            TINY
+            + [
+                "--data_path",
+                str(tmp_path / "data"),
+                "--subset",
+                "-1",
+                "--batch_size_per_gpu",
+                "10",
+                "--eval_every",
+                "1",
+                "--output_dir",
+                str(tmp_path / "out"),
+            ]
+        )
     assert e.value.code == utils.USER_ERROR_EXIT
     err = one_line_error(capsys)
     assert "only in train: dog; only in the evaluation split: bird" in err
@@ -515,8 +622,10 @@ def test_fewer_images_than_one_global_batch_fails_before_distributed_init(tmp_pa
         main_dino.main(argv)
     assert e.value.code == utils.USER_ERROR_EXIT
     err = one_line_error(capsys)
-    assert (f"100 training images in fashion-mnist are fewer than one global batch of {batch * world} "
-            f"(--batch_size_per_gpu {batch} x {world} process(es))") in err
+    assert (
+        f"100 training images in fashion-mnist are fewer than one global batch of {batch * world} "
+        f"(--batch_size_per_gpu {batch} x {world} process(es))"
+    ) in err
     assert not out.exists()  # stopped before anything was created
 
 
@@ -579,8 +688,19 @@ def ddp_reference(tmp_path_factory):
 def test_ddp_trains_plain_dino_whose_patch_head_and_mask_token_get_no_gradient(tmp_path):
     # --pred_ratio 0 leaves masked_embed and the patch head's last layer out of the loss: DDP must
     # be told (static_graph), or its second backward fails waiting for their gradients
-    rc, text = launch("--nproc_per_node", "2", "main_dino.py", *TINY, "--epochs", "1", "--batch_size_per_gpu", "10",
-                      "--pred_ratio", "0", output_dir=tmp_path)
+    rc, text = launch(
+        "--nproc_per_node",
+        "2",
+        "main_dino.py",
+        *TINY,
+        "--epochs",
+        "1",
+        "--batch_size_per_gpu",
+        "10",
+        "--pred_ratio",
+        "0",
+        output_dir=tmp_path,
+    )
     assert rc == 0 and "Training time" in text, text[-4000:]
     assert "find_unused_parameters" not in text, text[-4000:]
     assert utils.load_checkpoint(str(tmp_path / "checkpoint.pth"))["iteration"] == 5
@@ -594,7 +714,8 @@ import main_dino
 real_build = main_dino.build_student_teacher
 
 def digest(module):
-    return hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in module.state_dict().values())).hexdigest()
+    data = b"".join(t.detach().cpu().numpy().tobytes() for t in module.state_dict().values())
+    return hashlib.sha256(data).hexdigest()
 
 def build(args, device):  # note what each rank starts from, then stop
     student, student_ddp, teacher = real_build(args, device)
@@ -658,8 +779,12 @@ def test_nan_on_one_rank_stops_both_and_keeps_the_checkpoint(tmp_path):
     assert text.count("loss is nan at iteration 7") == 1, text[-3000:]
     errors = [line for line in text.splitlines() if line.startswith("error: ")]
     # rank 0's loss was finite: if it gets to speak before torchrun stops it, it names the other rank
-    assert all(line.startswith(("error: loss is nan at iteration 7 ",
-                                "error: loss is not finite on 1 other rank(s) at iteration 7 ")) for line in errors), errors
+    assert all(
+        line.startswith(
+            ("error: loss is nan at iteration 7 ", "error: loss is not finite on 1 other rank(s) at iteration 7 ")
+        )
+        for line in errors
+    ), errors
     # rank 0 (finite loss) stopped too: it never finished the epoch or wrote a later checkpoint
     assert "Training time" not in text and not (out / "log.txt").read_text().count('"epoch": 1')
     ckpt = utils.load_checkpoint(str(out / "checkpoint.pth"))
@@ -718,11 +843,14 @@ main_dino.main(sys.argv[1:])
 def test_killed_rank_is_restarted_by_torchrun_and_resumes(tmp_path, ddp_reference):
     driver = tmp_path / "driver.py"
     delay = 2.0
-    driver.write_text(KILL_RANK_1_ONCE.format(root=ROOT, kill_call=9, delay=delay))  # dies in iteration 8 (epoch 1, step 3)
+    driver.write_text(
+        KILL_RANK_1_ONCE.format(root=ROOT, kill_call=9, delay=delay)
+    )  # dies in iteration 8 (epoch 1, step 3)
     out = tmp_path / "out"
     t0 = time.time()
-    rc, text = launch("--nproc_per_node", "2", "--max_restarts", "1", str(driver), *DDP_RUN, "--saveckp_iters", "2",
-                      output_dir=out)
+    rc, text = launch(
+        "--nproc_per_node", "2", "--max_restarts", "1", str(driver), *DDP_RUN, "--saveckp_iters", "2", output_dir=out
+    )
     wall = time.time() - t0
     assert rc == 0, text[-4000:]
     killed = json.loads((out / "killed.json").read_text())
@@ -735,10 +863,12 @@ def test_killed_rank_is_restarted_by_torchrun_and_resumes(tmp_path, ddp_referenc
     assert final["iteration"] == DDP_STEPS
     assert [r["epoch"] for r in read_log(out)] == [0, 1]
     assert_same_weights(ddp_reference, final, rtol=1e-5, atol=1e-5)
-    print(f"elastic restart: killed in iteration {killed['iteration']}, resumed from iteration {resumed_at} "
-          f"({redone} completed step(s) redone); kill -> new rank 0 started {resumed['started'] - killed['time']:.1f}s, "
-          f"kill -> first step after restart {resumed['time'] - killed['time'] - delay:.1f}s (without the injected "
-          f"{delay:.0f}s delay); whole run {wall:.1f}s")
+    print(
+        f"elastic restart: killed in iteration {killed['iteration']}, resumed from iteration {resumed_at} "
+        f"({redone} completed step(s) redone); kill -> new rank 0 started {resumed['started'] - killed['time']:.1f}s, "
+        f"kill -> first step after restart {resumed['time'] - killed['time'] - delay:.1f}s (without the injected "
+        f"{delay:.0f}s delay); whole run {wall:.1f}s"
+    )
 
 
 STALL_ONE_NODE_KILL_THE_OTHER = """
@@ -776,8 +906,22 @@ def test_two_nodes_on_c10d_restart_together_when_one_loses_its_worker(tmp_path, 
     driver = tmp_path / "driver.py"
     driver.write_text(STALL_ONE_NODE_KILL_THE_OTHER.format(root=ROOT, kill_call=9))  # iteration 8
     out, port = tmp_path / "out", str(free_port())
-    node = LAUNCH + ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_endpoint", f"127.0.0.1:{port}",
-                     "--max_restarts", "1", str(driver), *DDP_RUN, "--saveckp_iters", "2", "--output_dir", str(out)]
+    node = LAUNCH + [
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "1",
+        "--rdzv_endpoint",
+        f"127.0.0.1:{port}",
+        "--max_restarts",
+        "1",
+        str(driver),
+        *DDP_RUN,
+        "--saveckp_iters",
+        "2",
+        "--output_dir",
+        str(out),
+    ]
     t0 = time.time()
     (rc0, log0), (rc1, log1) = run_together(node, node, timeout=600)
     print(f"two-node c10d restart: {time.time() - t0:.1f}s")

@@ -1,4 +1,5 @@
 """Weighted k-NN (simpool/knn.py) against a brute-force torch vote, and eval_knn.py end to end."""
+
 import json
 
 import pytest
@@ -6,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import eval_knn
-import utils
 from checkpoint_factory import one_thread, save_training_checkpoint, tiny_backbone
+from simpool import utils
 from simpool.data import InMemoryImages
 from simpool.knn import extract_features, knn_classify, knn_search
 
@@ -70,6 +71,7 @@ def test_extract_features_normalises_on_request():
 
 def _features_on_rank(rank, store, world, out):
     import torch.distributed as dist
+
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
@@ -88,8 +90,9 @@ def test_more_ranks_than_images_gather_every_feature_once(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5))
     images = torch.arange(2 * 16, dtype=torch.uint8).view(2, 1, 4, 4)
-    alone = extract_features(model, InMemoryImages(images, torch.tensor([7, 8]), ["a"] * 9, (0.5,) * 3,
-                                                   (0.25,) * 3), batch_size=4)
+    alone = extract_features(
+        model, InMemoryImages(images, torch.tensor([7, 8]), ["a"] * 9, (0.5,) * 3, (0.25,) * 3), batch_size=4
+    )
     for rank in range(3):
         feats, labels = torch.load(tmp_path / f"f.{rank}", weights_only=True)
         assert torch.equal(labels, torch.tensor([7, 8]))
@@ -104,10 +107,31 @@ def checkpoint(tmp_path_factory):
 
 
 def test_eval_knn_cli_end_to_end_and_feature_reuse(checkpoint, tmp_path, capsys):
-    common = ["--data_path", "fashion-mnist", "--subset", "6", "--val_subset", "3", "--nb_knn", "5", "10", "20",
-              "--batch_size_per_gpu", "64"]
-    first = eval_knn.main(["--pretrained_weights", str(checkpoint), "--output_dir", str(tmp_path / "a"),
-                           "--dump_features", str(tmp_path / "feats")] + common)
+    common = [
+        "--data_path",
+        "fashion-mnist",
+        "--subset",
+        "6",
+        "--val_subset",
+        "3",
+        "--nb_knn",
+        "5",
+        "10",
+        "20",
+        "--batch_size_per_gpu",
+        "64",
+    ]
+    first = eval_knn.main(
+        [
+            "--pretrained_weights",
+            str(checkpoint),
+            "--output_dir",
+            str(tmp_path / "a"),
+            "--dump_features",
+            str(tmp_path / "feats"),
+        ]
+        + common
+    )
     out = capsys.readouterr().out
     assert "    k   top-1   top-5" in out and "   20  " in out
     record = json.loads((tmp_path / "a" / "knn.json").read_text())
@@ -115,21 +139,39 @@ def test_eval_knn_cli_end_to_end_and_feature_reuse(checkpoint, tmp_path, capsys)
     assert record["model"]["arch"] == "vit_nano" and record["model"]["image_size"] == 28
     again = eval_knn.main(["--load_features", str(tmp_path / "feats"), "--output_dir", str(tmp_path / "b")] + common)
     assert again == first
-    torch_search = eval_knn.main(["--load_features", str(tmp_path / "feats"), "--knn_backend", "torch",
-                                  "--output_dir", str(tmp_path / "c")] + common)
+    torch_search = eval_knn.main(
+        ["--load_features", str(tmp_path / "feats"), "--knn_backend", "torch", "--output_dir", str(tmp_path / "c")]
+        + common
+    )
     assert torch_search == first  # both searches are exact: same neighbours, same votes
 
 
 def test_use_cuda_false_keeps_the_search_off_the_gpu(checkpoint, tmp_path, monkeypatch):
     # DINO's --use_cuda: on a CUDA run (faked here: features are loaded, so no model runs) the
     # search goes to the GPU unless --use_cuda False keeps it in host memory
-    eval_knn.main(["--pretrained_weights", str(checkpoint), "--data_path", "fashion-mnist", "--subset", "2",
-                   "--val_subset", "1", "--output_dir", str(tmp_path / "a"), "--dump_features", str(tmp_path / "f")])
+    eval_knn.main(
+        [
+            "--pretrained_weights",
+            str(checkpoint),
+            "--data_path",
+            "fashion-mnist",
+            "--subset",
+            "2",
+            "--val_subset",
+            "1",
+            "--output_dir",
+            str(tmp_path / "a"),
+            "--dump_features",
+            str(tmp_path / "f"),
+        ]
+    )
     seen = []
-    monkeypatch.setattr(eval_knn, "knn_classify", lambda *a, use_gpu, **kw: seen.append(use_gpu) or {20: {
-        "top1": 0.0, "top5": 0.0}})
-    monkeypatch.setattr(eval_knn.utils, "init_distributed_mode", lambda args: setattr(args, "device",
-                                                                                      torch.device("cuda")))
+    monkeypatch.setattr(
+        eval_knn, "knn_classify", lambda *a, use_gpu, **kw: seen.append(use_gpu) or {20: {"top1": 0.0, "top5": 0.0}}
+    )
+    monkeypatch.setattr(
+        eval_knn.utils, "init_distributed_mode", lambda args: setattr(args, "device", torch.device("cuda"))
+    )
     for flag in ("True", "False"):
         eval_knn.main(["--load_features", str(tmp_path / "f"), "--use_cuda", flag, "--output_dir", str(tmp_path / "b")])
     assert seen == [True, False]
@@ -138,8 +180,11 @@ def test_use_cuda_false_keeps_the_search_off_the_gpu(checkpoint, tmp_path, monke
 def test_eval_knn_errors_are_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"\x00garbage" * 50)
-    for argv in (["--pretrained_weights", str(bad)], ["--load_features", str(tmp_path)],
-                 ["--pretrained_weights", "", "--arch", "vit_nano", "--data_path", str(tmp_path / "nowhere")]):
+    for argv in (
+        ["--pretrained_weights", str(bad)],
+        ["--load_features", str(tmp_path)],
+        ["--pretrained_weights", "", "--arch", "vit_nano", "--data_path", str(tmp_path / "nowhere")],
+    ):
         with pytest.raises(SystemExit) as e:
             eval_knn.main(argv + ["--output_dir", str(tmp_path)])
         assert e.value.code == utils.USER_ERROR_EXIT
@@ -148,8 +193,24 @@ def test_eval_knn_errors_are_one_line(tmp_path, capsys):
 
 
 def test_random_init_is_announced(tmp_path, capsys):
-    eval_knn.main(["--arch", "vit_nano", "--patch_size", "7", "--image_size", "28", "--subset", "3",
-                   "--val_subset", "2", "--nb_knn", "3", "--output_dir", str(tmp_path)])
+    eval_knn.main(
+        [
+            "--arch",
+            "vit_nano",
+            "--patch_size",
+            "7",
+            "--image_size",
+            "28",
+            "--subset",
+            "3",
+            "--val_subset",
+            "2",
+            "--nb_knn",
+            "3",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
     assert "WARNING: no --pretrained_weights given: evaluating a RANDOMLY INITIALISED" in capsys.readouterr().out
     assert json.loads((tmp_path / "knn.json").read_text())["pretrained_weights"] is None
 
@@ -157,6 +218,7 @@ def test_random_init_is_announced(tmp_path, capsys):
 def test_imagefolder_with_an_unreadable_file(checkpoint, tmp_path, capsys):
     import numpy as np
     from PIL import Image
+
     rng = np.random.default_rng(0)
     for split, n in (("train", 4), ("val", 2)):
         for c in ("cat", "dog"):
@@ -165,8 +227,20 @@ def test_imagefolder_with_an_unreadable_file(checkpoint, tmp_path, capsys):
             for i in range(n):
                 Image.fromarray(rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     (tmp_path / "data" / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
-    results = eval_knn.main(["--pretrained_weights", str(checkpoint), "--data_path", str(tmp_path / "data"),
-                             "--nb_knn", "3", "--num_workers", "0", "--output_dir", str(tmp_path)])
+    results = eval_knn.main(
+        [
+            "--pretrained_weights",
+            str(checkpoint),
+            "--data_path",
+            str(tmp_path / "data"),
+            "--nb_knn",
+            "3",
+            "--num_workers",
+            "0",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     assert "skipped unreadable image" in out and "broken.jpg" in out and "1 unreadable images left out" in out
     assert json.loads((tmp_path / "knn.json").read_text())["n_train"] == 8 and 3 in results
@@ -217,8 +291,15 @@ def test_search_unnormalised_features_and_backends_agree():
     labels = torch.arange(500) % 7
     test_y = torch.arange(60) % 7
     a = knn_classify(F.normalize(bank, dim=1), labels, F.normalize(queries, dim=1), test_y, ks=(5, 20), num_classes=7)
-    b = knn_classify(F.normalize(bank, dim=1), labels, F.normalize(queries, dim=1), test_y, ks=(5, 20), num_classes=7,
-                     backend="faiss")
+    b = knn_classify(
+        F.normalize(bank, dim=1),
+        labels,
+        F.normalize(queries, dim=1),
+        test_y,
+        ks=(5, 20),
+        num_classes=7,
+        backend="faiss",
+    )
     assert a == b
 
 
@@ -227,6 +308,7 @@ def test_cuda_search_forces_fp32_accumulation_and_restores_the_callers_settings(
     # bf16 and the fp32 rescoring may run in TF32 unless told otherwise. (The settings are
     # process-wide flags, settable without a GPU.)
     from simpool.knn import _exact_cuda_matmuls
+
     settings = torch.backends.cuda.matmul
     saved = settings.allow_bf16_reduced_precision_reduction, settings.fp32_precision
     try:

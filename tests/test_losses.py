@@ -1,4 +1,5 @@
 """Tests for simpool/losses.py: DINO and iBOT patch losses against naive float64 definitions."""
+
 import math
 
 import pytest
@@ -26,11 +27,11 @@ def naive_dino(student, teacher, center, ncrops, teacher_temp, student_temp=0.1,
     B = teacher.shape[0] // global_crops
     total, n_pairs = 0.0, 0
     for iq in range(global_crops):
-        q = _softmax((teacher[iq * B:(iq + 1) * B] - center) / teacher_temp)
+        q = _softmax((teacher[iq * B : (iq + 1) * B] - center) / teacher_temp)
         for v in range(ncrops):
             if v == iq:
                 continue
-            logp = _log_softmax(student[v * B:(v + 1) * B] / student_temp)
+            logp = _log_softmax(student[v * B : (v + 1) * B] / student_temp)
             per_sample = torch.stack([-(q[b] * logp[b]).sum() for b in range(B)])
             total = total + per_sample.mean()
             n_pairs += 1
@@ -58,8 +59,9 @@ def test_dino_loss_with_other_global_crop_counts(global_crops, ncrops):
     s = torch.randn(ncrops * B, K, dtype=torch.float64)
     t = torch.randn(global_crops * B, K, dtype=torch.float64)
     loss = DINOLoss(K, ncrops, global_crops=global_crops)(s, t, teacher_temp=0.2)
-    torch.testing.assert_close(loss.double(), naive_dino(s, t, torch.zeros(1, K), ncrops, 0.2,
-                                                         global_crops=global_crops), **TOL)
+    torch.testing.assert_close(
+        loss.double(), naive_dino(s, t, torch.zeros(1, K), ncrops, 0.2, global_crops=global_crops), **TOL
+    )
     for bad in ((ncrops + 1, ncrops), (0, ncrops), (1, 1)):
         with pytest.raises(ValueError, match="make no pair of different views"):
             DINOLoss(K, bad[1], global_crops=bad[0])
@@ -150,10 +152,10 @@ def _patch_case(seed, V=2, B=3, N=10, K=5):
     student = torch.randn(V, B, N, K, generator=g, dtype=torch.float64)
     teacher = torch.randn(V, B, N, K, generator=g, dtype=torch.float64)
     mask = torch.rand(V, B, N, generator=g) < 0.4
-    mask[0, 1] = False           # a sample with no masked token counts as 0
+    mask[0, 1] = False  # a sample with no masked token counts as 0
     mask[1, 0] = False
-    mask[1, 0, 3] = True         # a sample with exactly one masked token
-    mask[1, 2] = True            # a fully masked sample
+    mask[1, 0, 3] = True  # a sample with exactly one masked token
+    mask[1, 2] = True  # a fully masked sample
     return student, teacher, mask
 
 
@@ -225,6 +227,7 @@ def test_dino_loss_backprops_and_center_keeps_no_graph():
 
 def _patch_center_on_rank(rank, store, tokens, out):
     import torch.distributed as dist
+
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         loss_fn = PatchLoss(2, center_momentum=0.9)
@@ -239,8 +242,68 @@ def test_patch_center_weighs_every_masked_token_of_every_rank_alike(tmp_path):
     # Rank 0 masked one token, rank 1 three: the batch centre is the mean of all four, as one
     # process with the whole batch computes it (a mean of the ranks' means weighs rank 0's 3x).
     tokens = [torch.tensor([[4.0, 0.0]]), torch.tensor([[0.0, 8.0]] * 3)]
-    torch.multiprocessing.spawn(_patch_center_on_rank, args=(str(tmp_path / "store"), tokens, str(tmp_path / "c")),
-                                nprocs=2)
+    torch.multiprocessing.spawn(
+        _patch_center_on_rank, args=(str(tmp_path / "store"), tokens, str(tmp_path / "c")), nprocs=2
+    )
     expected = 0.1 * torch.tensor([[1.0, 6.0]])
     for rank in range(2):
         torch.testing.assert_close(torch.load(tmp_path / f"c.{rank}", weights_only=True), expected)
+
+
+# ---------------------------------------------------------------- DINOv2's Sinkhorn-Knopp centring and KoLeo
+def sinkhorn_reference(logits, temp, iterations=3):
+    """Float64 transcription of DINOv2's routine: Q is K x B, rows are prototypes."""
+    q = torch.exp(logits.double() / temp).T
+    B, K = q.shape[1], q.shape[0]
+    q /= q.sum()
+    for _ in range(iterations):
+        q /= q.sum(dim=1, keepdim=True)
+        q /= K
+        q /= q.sum(dim=0, keepdim=True)
+        q /= B
+    return (q * B).T
+
+
+def test_sinkhorn_knopp_matches_the_float64_routine_and_balances_the_prototypes():
+    from simpool.losses import sinkhorn_knopp
+
+    logits = torch.randn(24, 10) * 3
+    q = sinkhorn_knopp(logits, 0.1)
+    torch.testing.assert_close(q.double(), sinkhorn_reference(logits, 0.1), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(q.sum(-1), torch.ones(24))
+    # at a mild temperature 3 rounds nearly balance it: every prototype close to B / K of the mass
+    assert (sinkhorn_knopp(logits, 3.0).sum(0) - 24 / 10).abs().max() < 0.1
+    # a one-prototype batch (collapse) is spread out, where a softmax would keep it
+    collapsed = torch.zeros(24, 10)
+    collapsed[:, 0] = 5.0
+    assert sinkhorn_knopp(collapsed, 0.1)[:, 0].mean() < 0.2
+
+
+def test_dino_loss_with_sinkhorn_targets_is_the_cross_entropy_against_them():
+    from simpool.losses import sinkhorn_knopp
+
+    torch.manual_seed(0)
+    B, K, ncrops = 5, 12, 4
+    s, t = torch.randn(ncrops * B, K), torch.randn(2 * B, K)
+    loss = DINOLoss(K, ncrops, centering="sinkhorn_knopp")(s, t, 0.05)
+    q = sinkhorn_knopp(t, 0.05).view(2, B, K)
+    log_p = torch.log_softmax(s / 0.1, -1).view(ncrops, B, K)
+    pairs = [-(q[i] * log_p[v]).sum(-1).mean() for i in range(2) for v in range(ncrops) if v != i]
+    torch.testing.assert_close(loss, sum(pairs) / len(pairs))
+
+
+def test_koleo_loss_is_minus_the_mean_log_nearest_neighbour_distance():
+    from simpool.losses import koleo_loss
+
+    torch.manual_seed(0)
+    x = torch.randn(9, 5, dtype=torch.float64)
+    u = x / x.norm(dim=1, keepdim=True)
+    nearest = [min((u[i] - u[j]).norm() for j in range(9) if j != i) for i in range(9)]
+    expected = -torch.stack([torch.log(d + 1e-8) for d in nearest]).mean()
+    torch.testing.assert_close(koleo_loss(x), expected)
+    # the gradient pushes the closest pair apart
+    y = torch.tensor([[1.0, 0.0], [0.99, 0.141], [-1.0, 0.0]], requires_grad=True)
+    koleo_loss(y).backward()
+    step = y - 0.01 * y.grad
+    assert (step[0] / step[0].norm() - step[1] / step[1].norm()).norm() > (y[0] - y[1] / y[1].norm()).norm()
+    assert koleo_loss(torch.randn(1, 4)).item() == 0.0

@@ -1,5 +1,6 @@
 """Tests for simpool/masking.py: AttMask high/low/hint, random and block masks, with the
 semantics of AttMask's attmask.py / main_attmask.py and iBOT's loader.py."""
+
 import math
 import random
 
@@ -24,13 +25,22 @@ def _topk_mask(attn, k, largest):
 
 # ---------------------------------------------------------------- counts and ratio draws
 
+
 @pytest.mark.parametrize("pred_shape", ["attmask_high", "attmask_low", "attmask_hint", "rand"])
 @pytest.mark.parametrize("grid,ratio", [((7, 7), 0.3), ((14, 14), 0.5), ((4, 6), 0.25), ((5, 5), 0.1)])
 def test_requested_counts_with_masking_prob_one(pred_shape, grid, ratio):
     torch.manual_seed(0)
     N = grid[0] * grid[1]
-    mask = make_masks(_attention(6, N), grid, pred_shape, pred_ratio=ratio, pred_ratio_var=0.0,
-                      masking_prob=1.0, show_max=0.1, show_ratio=0.0)
+    mask = make_masks(
+        _attention(6, N),
+        grid,
+        pred_shape,
+        pred_ratio=ratio,
+        pred_ratio_var=0.0,
+        masking_prob=1.0,
+        show_max=0.1,
+        show_ratio=0.0,
+    )
     assert mask.shape == (6, N) and mask.dtype == torch.bool
     assert mask.sum(1).tolist() == [int(ratio * N)] * 6
 
@@ -41,8 +51,9 @@ def test_attmask_draws_one_ratio_per_batch():
     N, counts = 100, set()
     for _ in range(30):
         for shape in ATTMASK:
-            mask = make_masks(_attention(32, N), (10, 10), shape, 0.3, 0.2, masking_prob=1.0, show_ratio=0.0,
-                              generator=g)
+            mask = make_masks(
+                _attention(32, N), (10, 10), shape, 0.3, 0.2, masking_prob=1.0, show_ratio=0.0, generator=g
+            )
             per_crop = set(mask.sum(1).tolist())
             assert len(per_crop) == 1, shape
             counts |= per_crop
@@ -66,10 +77,10 @@ def test_rand_and_block_draw_a_ratio_per_crop(pred_shape):
 def test_draw_pred_ratios_scalar_and_list():
     g = torch.Generator().manual_seed(2)
     assert draw_pred_ratios(0.3, 0.0, 5, g) == [0.3] * 5
-    assert draw_pred_ratios([0.3], [0.0], 3, g) == [0.3] * 3       # one-element lists are their element
+    assert draw_pred_ratios([0.3], [0.0], 3, g) == [0.3] * 3  # one-element lists are their element
     r = torch.tensor(draw_pred_ratios(0.3, 0.2, 4000, g))
     assert r.min() >= 0.1 and r.max() <= 0.5
-    assert r.mean().item() == pytest.approx(0.3, abs=0.01)          # SE ~0.002
+    assert r.mean().item() == pytest.approx(0.3, abs=0.01)  # SE ~0.002
     # iBOT's recipe: half no masking, half 0.3 +- 0.2
     r = torch.tensor(draw_pred_ratios([0, 0.3], [0, 0.2], 4000, g))
     zero = r == 0
@@ -86,8 +97,12 @@ def test_list_pred_ratio_masks_nothing_in_about_half_the_draws():
     g = torch.Generator().manual_seed(3)
     N = 196
     # attmask: one ratio per call, so a call masks either nothing or int(0.3 * N) in every crop
-    calls = [make_masks(_attention(4, N, seed=i), (14, 14), "attmask_high", [0, 0.3], [0, 0], masking_prob=1.0,
-                        generator=g).sum(1).tolist() for i in range(400)]
+    calls = [
+        make_masks(_attention(4, N, seed=i), (14, 14), "attmask_high", [0, 0.3], [0, 0], masking_prob=1.0, generator=g)
+        .sum(1)
+        .tolist()
+        for i in range(400)
+    ]
     assert all(c in ([0] * 4, [58] * 4) for c in calls)
     assert sum(c[0] == 0 for c in calls) / 400 == pytest.approx(0.5, abs=0.1)
     # rand: a ratio per crop
@@ -106,15 +121,18 @@ def test_one_element_lists_equal_scalars():
         assert torch.equal(a, b), shape
 
 
-@pytest.mark.parametrize("ratio,var,message", [
-    (0.3, 0.4, "pred_ratio_var 0.4 exceeds pred_ratio 0.3: the ratio would go below 0"),
-    ([0, 0.3], [0.1, 0.2], "pred_ratio_var 0.1 exceeds pred_ratio 0.0"),
-    (0.9, 0.2, "exceeds 1"),
-    ([0.1, 0.2, 0.3], [0.1, 0.1], "pred_ratio has 3 values but pred_ratio_var has 2"),
-    (0.3, [0.1, 0.1], "pred_ratio has 1 values but pred_ratio_var has 2"),
-    (-0.1, 0.0, "must be >= 0"),
-    ([], 0.0, "must not be empty"),
-])
+@pytest.mark.parametrize(
+    "ratio,var,message",
+    [
+        (0.3, 0.4, "pred_ratio_var 0.4 exceeds pred_ratio 0.3: the ratio would go below 0"),
+        ([0, 0.3], [0.1, 0.2], "pred_ratio_var 0.1 exceeds pred_ratio 0.0"),
+        (0.9, 0.2, "exceeds 1"),
+        ([0.1, 0.2, 0.3], [0.1, 0.1], "pred_ratio has 3 values but pred_ratio_var has 2"),
+        (0.3, [0.1, 0.1], "pred_ratio has 1 values but pred_ratio_var has 2"),
+        (-0.1, 0.0, "must be >= 0"),
+        ([], 0.0, "must not be empty"),
+    ],
+)
 def test_bad_ratios_raise(ratio, var, message):
     with pytest.raises(ValueError, match=message):
         make_masks(_attention(2, 49), (7, 7), "attmask_high", ratio, var)
@@ -129,6 +147,7 @@ def test_full_range_ratio_is_allowed():
 
 
 # ---------------------------------------------------------------- masking_prob
+
 
 @pytest.mark.parametrize("pred_shape", ATTMASK)
 def test_masking_prob_zero_gives_empty_attmask_masks(pred_shape):
@@ -153,8 +172,9 @@ def test_rand_and_block_ignore_masking_prob(pred_shape):
 def test_masking_prob_half_masks_about_half_the_samples(pred_shape):
     torch.manual_seed(4)
     B, N = 1000, 16
-    mask = make_masks(_attention(B, N), (4, 4), pred_shape, pred_ratio=0.5, masking_prob=0.5,
-                      show_max=0.25, show_ratio=0.125)
+    mask = make_masks(
+        _attention(B, N), (4, 4), pred_shape, pred_ratio=0.5, masking_prob=0.5, show_max=0.25, show_ratio=0.125
+    )
     masked = mask.any(1)
     assert 400 < int(masked.sum()) < 600
     # the masked samples have their full count, the others none
@@ -177,6 +197,7 @@ def test_masks_are_reproducible_with_generator(pred_shape):
 
 
 # ---------------------------------------------------------------- AttMask high / low / hint
+
 
 @pytest.mark.parametrize("pred_shape,largest", [("attmask_high", True), ("attmask_low", False)])
 def test_attmask_high_low_select_extreme_tokens(pred_shape, largest):
@@ -204,13 +225,14 @@ def test_attmask_hint_explicit_show_ratio_reveals_tokens_among_the_top():
     attn = _attention(B, N, seed=7)
     show_max, show_ratio = 0.2, 0.1
     high = make_masks(attn, (10, 10), "attmask_high", pred_ratio=0.5, masking_prob=1.0)
-    hint = make_masks(attn, (10, 10), "attmask_hint", pred_ratio=0.5, masking_prob=1.0,
-                      show_max=show_max, show_ratio=show_ratio)
+    hint = make_masks(
+        attn, (10, 10), "attmask_hint", pred_ratio=0.5, masking_prob=1.0, show_max=show_max, show_ratio=show_ratio
+    )
     top = _topk_mask(attn, int(show_max * N), True)
-    assert not (hint & ~high).any()                 # hint masks a subset of the high mask
+    assert not (hint & ~high).any()  # hint masks a subset of the high mask
     revealed = high & ~hint
     assert revealed.sum(1).tolist() == [int(show_ratio * N)] * B
-    assert not (revealed & ~top).any()              # revealed tokens are among the top show_max
+    assert not (revealed & ~top).any()  # revealed tokens are among the top show_max
 
 
 def test_attmask_hint_never_reveals_more_than_the_top():
@@ -235,7 +257,7 @@ def test_attmask_hint_default_follows_attmask_reveal_rule():
         assert not (hint & ~high).any()
         revealed = high & ~hint
         assert not (revealed & ~top).any()
-        assert (hint & top).sum(1).tolist() == [14] * B   # some top tokens stay masked
+        assert (hint & top).sum(1).tolist() == [14] * B  # some top tokens stay masked
         times_revealed += revealed
     # uniform among the top 19: each revealed with probability 5/19 (SE ~0.008 over 3200 draws)
     freq = times_revealed[top].view(B, 19).sum(0) / (B * calls)
@@ -257,7 +279,7 @@ def test_attmask_hint_recipe_reveals_a_second_ratio_draw():
         revealed = (high & ~hint).sum(1)
         masked = high.any(1)
         assert (revealed[~masked] == 0).all()
-        assert len(set(revealed[masked].tolist())) <= 1   # one second ratio for the whole batch
+        assert len(set(revealed[masked].tolist())) <= 1  # one second ratio for the whole batch
         assert len(set(hint[masked].sum(1).tolist())) <= 1
         assert not ((high & ~hint) & ~_topk_mask(attn, 19, True)).any()
         reveals += revealed[masked][:1].tolist()
@@ -270,8 +292,10 @@ def test_attmask_hint_recipe_reveals_a_second_ratio_draw():
 def test_attmask_hint_reveal_is_random_between_calls():
     torch.manual_seed(8)
     attn = _attention(4, 100, seed=8)
-    masks = [make_masks(attn, (10, 10), "attmask_hint", 0.5, masking_prob=1.0, show_max=0.3, show_ratio=0.1)
-             for _ in range(3)]
+    masks = [
+        make_masks(attn, (10, 10), "attmask_hint", 0.5, masking_prob=1.0, show_max=0.3, show_ratio=0.1)
+        for _ in range(3)
+    ]
     assert not (torch.equal(masks[0], masks[1]) and torch.equal(masks[1], masks[2]))
 
 
@@ -294,6 +318,7 @@ def test_rand_positions_are_uniform():
 
 # ---------------------------------------------------------------- block (iBOT's loader)
 
+
 def _reference_block(H, W, high, rng):
     """iBOT's loader.py block loop, written out plainly (numpy + loops) as the reference."""
     mask = np.zeros((H, W), dtype=bool)
@@ -310,7 +335,7 @@ def _reference_block(H, W, high, rng):
             if w < W and h < H:
                 top = rng.randint(0, H - h)
                 left = rng.randint(0, W - w)
-                num_masked = mask[top:top + h, left:left + w].sum()
+                num_masked = mask[top : top + h, left : left + w].sum()
                 if 0 < h * w - num_masked <= max_mask_patches:
                     for i in range(top, top + h):
                         for j in range(left, left + w):
@@ -325,8 +350,16 @@ def _reference_block(H, W, high, rng):
     return mask.reshape(-1)
 
 
-@pytest.mark.parametrize("grid,ratios", [((14, 14), (0.1, 0.3, 0.3 + 0.2 * 0.37, 0.5)), ((7, 7), (0.3, 0.45)),
-                                         ((4, 6), (0.25, 0.6)), ((3, 3), (0.0, 0.3, 1.0)), ((1, 8), (0.5,))])
+@pytest.mark.parametrize(
+    "grid,ratios",
+    [
+        ((14, 14), (0.1, 0.3, 0.3 + 0.2 * 0.37, 0.5)),
+        ((7, 7), (0.3, 0.45)),
+        ((4, 6), (0.25, 0.6)),
+        ((3, 3), (0.0, 0.3, 1.0)),
+        ((1, 8), (0.5,)),
+    ],
+)
 def test_block_mask_equals_the_reference_loop(grid, ratios):
     H, W = grid
     for ratio in ratios:
@@ -345,8 +378,9 @@ def test_make_masks_block_equals_the_reference_per_crop():
     # high = ratio * H * W from Python's random, crop after crop.
     B, H, W = 16, 14, 14
     random.seed(12)
-    ours = make_masks(torch.zeros(B, H * W), (H, W), "block", [0, 0.3], [0, 0.2],
-                      generator=torch.Generator().manual_seed(12))
+    ours = make_masks(
+        torch.zeros(B, H * W), (H, W), "block", [0, 0.3], [0, 0.2], generator=torch.Generator().manual_seed(12)
+    )
     ratios = draw_pred_ratios([0, 0.3], [0, 0.2], B, torch.Generator().manual_seed(12))
     rng = random.Random(12)
     ref = np.stack([_reference_block(H, W, r * H * W, rng) for r in ratios])
@@ -386,7 +420,7 @@ def test_block_rectangles_fit_strictly_inside_the_grid():
     for _ in range(200):
         block_mask((4, 4), 16.0, rng=rng)
         block_mask((5, 3), 9.0, rng=rng)
-    assert Recorder.bounds and min(Recorder.bounds) >= 1   # top <= H - h with h <= H - 1, same for w
+    assert Recorder.bounds and min(Recorder.bounds) >= 1  # top <= H - h with h <= H - 1, same for w
     # a grid one patch high can take no rectangle at all
     random.seed(14)
     assert not any(block_mask((1, 8), 4.0).any() for _ in range(20))
@@ -407,6 +441,7 @@ def test_block_masks_vary_and_are_blocky():
 
 
 # ---------------------------------------------------------------- argument checks
+
 
 def test_attention_grid_mismatch_raises():
     with pytest.raises(ValueError):

@@ -1,4 +1,5 @@
 """Tests for simpool/optim.py and utils.py: optimisers, gradient rules, EMA, schedules, checkpoint I/O."""
+
 import argparse
 import errno
 import math
@@ -11,10 +12,17 @@ import pytest
 import torch
 import torch.nn as nn
 
-from simpool.optim import (LARS, build_optimizer, cancel_last_layer_gradients, clip_gradients, ema_update,
-                           param_groups)
-from utils import (CheckpointError, bool_flag, cosine_scheduler, linear_warmup_constant, load_checkpoint,
-                   load_latest_checkpoint, number, save_checkpoint)
+from simpool.optim import LARS, build_optimizer, cancel_last_layer_gradients, clip_gradients, ema_update, param_groups
+from simpool.utils import (
+    CheckpointError,
+    bool_flag,
+    cosine_scheduler,
+    linear_warmup_constant,
+    load_checkpoint,
+    load_latest_checkpoint,
+    number,
+    save_checkpoint,
+)
 
 
 # ---------------------------------------------------------------- schedules
@@ -79,7 +87,9 @@ def test_linear_warmup_constant():
 # ---------------------------------------------------------------- EMA / gradient rules
 def _pair(seed):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3)).double(), nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3)).double()
+    return nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3)).double(), nn.Sequential(
+        nn.Linear(4, 3), nn.LayerNorm(3)
+    ).double()
 
 
 def test_ema_update_formula():
@@ -141,8 +151,9 @@ class _WithHead(nn.Module):
         self.last_layer2 = nn.Linear(3, 2)
 
 
-@pytest.mark.parametrize("epoch,freeze,dropped", [(0, 1, True), (2, 3, True), (3, 3, False), (5, 1, False),
-                                                  (0, 0, False)])
+@pytest.mark.parametrize(
+    "epoch,freeze,dropped", [(0, 1, True), (2, 3, True), (3, 3, False), (5, 1, False), (0, 0, False)]
+)
 def test_cancel_last_layer_gradients(epoch, freeze, dropped):
     model = _WithHead()
     for p in model.parameters():
@@ -161,7 +172,10 @@ def test_param_groups_no_decay_for_biases_and_1d():
     model.register_parameter("embed", nn.Parameter(torch.zeros(1, 3)))
     model.register_parameter("frozen", nn.Parameter(torch.zeros(2, 2), requires_grad=False))
     decay, no_decay = param_groups(model)
-    ids = lambda ps: {id(p) for p in ps}
+
+    def ids(ps):
+        return {id(p) for p in ps}
+
     assert ids(decay["params"]) == ids([model[0].weight, model[2].weight, model.embed])
     assert ids(no_decay["params"]) == ids([model[0].bias, model[1].weight, model[1].bias, model.scale])
     assert no_decay["weight_decay"] == 0.0 and no_decay["lars_exclude"] is True
@@ -205,15 +219,23 @@ def test_lars_step_hand_computed():
 def test_lars_excluded_group_is_plain_momentum_sgd():
     b = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
     z = torch.zeros(2, 2, dtype=torch.float64, requires_grad=True)  # zero weight: trust ratio 1
-    opt = LARS([{"params": [b], "weight_decay": 0.3, "lars_exclude": True}, {"params": [z]}], lr=0.5,
-               weight_decay=0.3, momentum=0.9)
+    opt = LARS(
+        [{"params": [b], "weight_decay": 0.3, "lars_exclude": True}, {"params": [z]}],
+        lr=0.5,
+        weight_decay=0.3,
+        momentum=0.9,
+    )
     for step in range(2):
         b.grad = torch.tensor([0.2, 0.4], dtype=torch.float64)
         z.grad = torch.ones(2, 2, dtype=torch.float64)
         opt.step()
     # mu after 2 steps = g * (1 + 0.9); b <- b - lr*(g) - lr*(1.9 g) (no decay, no trust ratio)
-    torch.testing.assert_close(b.detach(), torch.tensor([1.0, -2.0], dtype=torch.float64)
-                               - 0.5 * torch.tensor([0.2, 0.4], dtype=torch.float64) * 2.9, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        b.detach(),
+        torch.tensor([1.0, -2.0], dtype=torch.float64) - 0.5 * torch.tensor([0.2, 0.4], dtype=torch.float64) * 2.9,
+        rtol=1e-12,
+        atol=1e-12,
+    )
     # z: step 1 at |w| = 0 takes trust 1, u = g = 1: mu = 1, z = -0.5. Step 2: u = 1 + 0.3*(-0.5) = 0.85,
     # |z| = 1, |u| = 1.7, trust = 0.001/1.7: mu = 0.9 + 0.85*0.001/1.7 = 0.9005, z = -0.5 - 0.5*0.9005
     torch.testing.assert_close(z.detach(), torch.full((2, 2), -0.95025, dtype=torch.float64), rtol=0, atol=1e-12)
@@ -243,8 +265,14 @@ def _state():
     opt = LARS(param_groups(model), lr=0.1)
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
-    return {"student": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 3, "iteration": 30,
-            "args": {"arch": "vit_nano", "lr": 5e-4, "crops": (0.4, 1.0)}, "scaler": None}
+    return {
+        "student": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "epoch": 3,
+        "iteration": 30,
+        "args": {"arch": "vit_nano", "lr": 5e-4, "crops": (0.4, 1.0)},
+        "scaler": None,
+    }
 
 
 def test_checkpoint_round_trip_and_no_temp_left(tmp_path):
@@ -365,9 +393,15 @@ def test_load_checkpoint_does_not_run_pickled_code(tmp_path, use_torch_save):
 def test_number_bounds():
     assert number(int, low=1)("1") == 1 and number(int, low=0)("0") == 0
     assert number(float, low=0, high=1)("1") == 1.0 and number(float, above=0)("1e-9") == 1e-9
-    for parse, text in [(number(int, low=1), "0"), (number(float, above=0), "0"), (number(float, low=0), "-0.1"),
-                        (number(float, low=0, high=1), "1.5"), (number(float, low=0, below=1), "1"),
-                        (number(float, low=0), "nan"), (number(int, low=-1), "-2")]:
+    for parse, text in [
+        (number(int, low=1), "0"),
+        (number(float, above=0), "0"),
+        (number(float, low=0), "-0.1"),
+        (number(float, low=0, high=1), "1.5"),
+        (number(float, low=0, below=1), "1"),
+        (number(float, low=0), "nan"),
+        (number(int, low=-1), "-2"),
+    ]:
         with pytest.raises(argparse.ArgumentTypeError, match=f"got {text}$"):
             parse(text)
     with pytest.raises(ValueError):
@@ -379,9 +413,11 @@ def test_number_in_argparse_is_a_one_line_usage_error(capsys):
     parser.add_argument("--epochs", type=number(int, low=1))
     parser.add_argument("--scale", type=number(float, above=0, high=1), nargs=2)
     assert parser.parse_args(["--epochs", "3", "--scale", "0.5", "1"]).scale == [0.5, 1.0]
-    for argv, expected in [(["--epochs", "0"], "argument --epochs: expected an integer >= 1, got 0"),
-                           (["--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
-                           (["--scale", "0", "1"], "argument --scale: expected a number > 0 and <= 1, got 0")]:
+    for argv, expected in [
+        (["--epochs", "0"], "argument --epochs: expected an integer >= 1, got 0"),
+        (["--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
+        (["--scale", "0", "1"], "argument --scale: expected a number > 0 and <= 1, got 0"),
+    ]:
         with pytest.raises(SystemExit) as e:
             parser.parse_args(argv)
         assert e.value.code == 2
@@ -389,9 +425,21 @@ def test_number_in_argparse_is_a_one_line_usage_error(capsys):
 
 
 # ---------------------------------------------------------------- bool_flag
-@pytest.mark.parametrize("text,value", [("True", True), ("true", True), ("1", True), ("yes", True), ("on", True),
-                                        ("False", False), ("FALSE", False), ("0", False), ("no", False),
-                                        ("off", False)])
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        ("True", True),
+        ("true", True),
+        ("1", True),
+        ("yes", True),
+        ("on", True),
+        ("False", False),
+        ("FALSE", False),
+        ("0", False),
+        ("no", False),
+        ("off", False),
+    ],
+)
 def test_bool_flag(text, value):
     assert bool_flag(text) is value
 

@@ -1,4 +1,5 @@
 """Tests for simpool/pooling.py: SimPool against an independent float64 reading of the paper's equations."""
+
 import math
 
 import pytest
@@ -14,7 +15,9 @@ def _randomise(module, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5 + (1.0 if p.ndim == 1 and p.numel() > 1 else 0.0))
+            p.copy_(
+                torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5 + (1.0 if p.ndim == 1 and p.numel() > 1 else 0.0)
+            )
         if getattr(module, "beta", None) is not None:
             module.beta.fill_(0.37)
     return module
@@ -30,7 +33,7 @@ def _reference(module, x, num_heads, gamma, scale=None):
     x = x.double()
     B, N, d = x.shape
     hd = d // num_heads
-    scale = hd ** -0.5 if scale is None else scale
+    scale = hd**-0.5 if scale is None else scale
     ln = module.norm_patches
     mu = x.mean(-1, keepdim=True)
     var = ((x - mu) ** 2).mean(-1, keepdim=True)  # biased variance, as LayerNorm
@@ -207,10 +210,10 @@ def test_logits_and_pooling_in_fp32_under_bf16_autocast(gamma):
         out, attn = m(torch.randn(B, N, d) * 3, return_attention=True)
     assert seen["q"].dtype == torch.bfloat16  # the projections did run in bf16
     q, k, v = (seen[key].double() for key in ("q", "k", "v"))
-    expected_attn = ((k @ q.unsqueeze(-1)).squeeze(-1) * d ** -0.5).softmax(-1)
+    expected_attn = ((k @ q.unsqueeze(-1)).squeeze(-1) * d**-0.5).softmax(-1)
     if gamma is not None:
         v = v - v.reshape(B, -1).min(1).values.view(B, 1, 1) + EPS
-        expected = (expected_attn.unsqueeze(1) @ v ** gamma).squeeze(1) ** (1 / gamma)
+        expected = (expected_attn.unsqueeze(1) @ v**gamma).squeeze(1) ** (1 / gamma)
     else:
         expected = (expected_attn.unsqueeze(1) @ v).squeeze(1)
     assert attn.dtype == torch.float32 and out.dtype == torch.float32
@@ -240,4 +243,4 @@ def test_dim_not_divisible_by_heads_raises():
 
 def test_default_scale_uses_head_dim():
     m = SimPool(64, num_heads=4)
-    assert math.isclose(m.scale, 16 ** -0.5)
+    assert math.isclose(m.scale, 16**-0.5)

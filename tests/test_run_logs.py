@@ -1,6 +1,7 @@
 """Run logs (utils.TensorboardScalars, utils.append_json_line): TensorBoard event files that
 read back with the values written, and a full disk that stops a run with one line instead of
 hanging it."""
+
 import io
 import json
 import os
@@ -12,22 +13,23 @@ import sys
 import pytest
 
 import main_dino
-import utils
+from simpool import utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_train import TINY  # noqa: E402
 from full_disk import FullDisk  # noqa: E402
+from test_train import TINY  # noqa: E402
 
 
 def read_events(path):
     """(tag, step, value) of every scalar in a TFRecord event file, parsed here: records are
     <u64 length><u32 crc><payload><u32 crc>, the payload an Event protocol buffer."""
     from tensorboardX.proto.event_pb2 import Event
+
     with open(path, "rb") as f:
         data, pos, out = f.read(), 0, []
     while pos < len(data):
         (length,) = struct.unpack_from("<Q", data, pos)
-        event = Event.FromString(data[pos + 12:pos + 12 + length])
+        event = Event.FromString(data[pos + 12 : pos + 12 + length])
         pos += 12 + length + 4
         out += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
     assert pos == len(data)  # no torn record at the end
@@ -70,13 +72,22 @@ def test_full_disk_for_run_logs_is_one_line_error_not_a_hang(tmp_path, monkeypat
     # tensorboardX's SummaryWriter hung here: its writer thread died on ENOSPC and add_scalar
     # then waited forever on the full queue.
     import tensorboardX.record_writer
+
     budget = 600  # the file header and a few scalars fit
     if target == "events":
         monkeypatch.setattr(tensorboardX.record_writer, "open_file", lambda path: FullDisk(path, "wb", budget))
     else:
         real_open = open
-        monkeypatch.setattr(utils, "open", lambda path, mode="r", *a, **k: io.TextIOWrapper(FullDisk(path, mode, budget))
-                            if path.endswith("log.txt") else real_open(path, mode, *a, **k), raising=False)
+        monkeypatch.setattr(
+            utils,
+            "open",
+            lambda path, mode="r", *a, **k: (
+                io.TextIOWrapper(FullDisk(path, mode, budget))
+                if path.endswith("log.txt")
+                else real_open(path, mode, *a, **k)
+            ),
+            raising=False,
+        )
 
     def hung(signum, frame):
         raise TimeoutError("training hung on the full disk")
@@ -103,8 +114,9 @@ def test_write_json_is_atomic_and_a_full_disk_is_one_line(tmp_path, monkeypatch)
         utils.write_json(str(path), {"top1": object()})
     assert [p.name for p in tmp_path.iterdir()] == ["knn.json"]
     budget = 8  # '{\n  "top1' fits, the rest does not
-    monkeypatch.setattr(utils, "open", lambda p, mode="r": io.TextIOWrapper(FullDisk(p, mode.replace("w", "wb"), budget)),
-                        raising=False)
+    monkeypatch.setattr(
+        utils, "open", lambda p, mode="r": io.TextIOWrapper(FullDisk(p, mode.replace("w", "wb"), budget)), raising=False
+    )
     with pytest.raises(utils.RunError, match=r"^could not write .*knn\.json \(No space left on device\)$"):
         utils.write_json(str(path), {"top1": 70.0, "per_k": list(range(100))})
     assert json.loads(path.read_text()) == {"top1": 61.5}  # the previous file, whole
@@ -113,12 +125,30 @@ def test_write_json_is_atomic_and_a_full_disk_is_one_line(tmp_path, monkeypatch)
 
 def test_eval_knn_on_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
     import eval_knn
+
     budget = 0
-    monkeypatch.setattr(utils, "open", lambda p, mode="r": io.TextIOWrapper(FullDisk(p, mode.replace("w", "wb"), budget)),
-                        raising=False)
+    monkeypatch.setattr(
+        utils, "open", lambda p, mode="r": io.TextIOWrapper(FullDisk(p, mode.replace("w", "wb"), budget)), raising=False
+    )
     with pytest.raises(SystemExit) as e:
-        eval_knn.main(["--arch", "vit_nano", "--patch_size", "7", "--image_size", "28", "--subset", "3",
-                       "--val_subset", "2", "--nb_knn", "3", "--output_dir", str(tmp_path)])
+        eval_knn.main(
+            [
+                "--arch",
+                "vit_nano",
+                "--patch_size",
+                "7",
+                "--image_size",
+                "28",
+                "--subset",
+                "3",
+                "--val_subset",
+                "2",
+                "--nb_knn",
+                "3",
+                "--output_dir",
+                str(tmp_path),
+            ]
+        )
     assert e.value.code == utils.USER_ERROR_EXIT
     err = capsys.readouterr().err.strip()
     assert err == f"error: could not write {tmp_path / 'knn.json'} (No space left on device)"
@@ -129,12 +159,14 @@ def test_a_test_run_on_a_nearly_full_disk_stops_with_one_line(tmp_path, monkeypa
     from collections import namedtuple
 
     from conftest import free_disk_problem
+
     usage = namedtuple("usage", "total used free")
     assert free_disk_problem(str(tmp_path)) is None  # this machine has room
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2 ** 40, 2 ** 40 - 2 ** 29, 2 ** 29))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**40 - 2**29, 2**29))
     assert free_disk_problem(str(tmp_path)) == (
         f"only 0.5 GiB free in {tmp_path}; the test run writes up to ~1 GB of checkpoints there "
-        "(free some space or pass --basetemp on a disk with 1.5 GiB free)")
+        "(free some space or pass --basetemp on a disk with 1.5 GiB free)"
+    )
 
 
 def test_faiss_library_probing_stays_out_of_the_log():

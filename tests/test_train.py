@@ -1,4 +1,5 @@
 """End-to-end behaviour of main_dino.py: recipes parse and train, resume is exact, DDP on gloo, k-NN gain."""
+
 import json
 import os
 import shutil
@@ -14,16 +15,44 @@ from torch.utils.checkpoint import checkpoint
 
 import eval_knn
 import main_dino
-import utils
-import vision_transformer
+from simpool import resume, utils, vision_transformer
+from simpool.losses import collapse_warning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny but complete run: every stage of the step (multi-crop, AttMask from SimPool's map,
 # iBOT + DINO losses, EMA, checkpoint) in a few seconds.
-TINY = ["--data_path", "fashion-mnist", "--subset", "10", "--arch", "vit_nano", "--patch_size", "7",
-        "--global_crops_size", "28", "--local_crops_size", "14", "--local_crops_number", "2",
-        "--out_dim", "64", "--patch_out_dim", "32", "--batch_size_per_gpu", "25", "--warmup_epochs", "0",
-        "--pred_shape", "attmask_high", "--masking_prob", "1.0", "--num_workers", "0", "--eval_every", "0"]
+TINY = [
+    "--data_path",
+    "fashion-mnist",
+    "--subset",
+    "10",
+    "--arch",
+    "vit_nano",
+    "--patch_size",
+    "7",
+    "--global_crops_size",
+    "28",
+    "--local_crops_size",
+    "14",
+    "--local_crops_number",
+    "2",
+    "--out_dim",
+    "64",
+    "--patch_out_dim",
+    "32",
+    "--batch_size_per_gpu",
+    "25",
+    "--warmup_epochs",
+    "0",
+    "--pred_shape",
+    "attmask_high",
+    "--masking_prob",
+    "1.0",
+    "--num_workers",
+    "0",
+    "--eval_every",
+    "0",
+]
 
 
 def read_log(folder):
@@ -56,24 +85,25 @@ def test_rng_state_round_trip_includes_the_gpu_generator(monkeypatch):
     # No GPU here: a stand-in CUDA generator checks that its state is saved after the CPU and
     # Python ones and handed back on resume, and that a CPU checkpoint resumes on CUDA.
     import random
+
     gpu_state = {"now": torch.arange(16, dtype=torch.uint8)}
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: gpu_state["now"].clone())
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: gpu_state.__setitem__("now", state))
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     torch.manual_seed(3)
     random.seed(4)
-    saved = main_dino.rng_state(cuda)
+    saved = resume.rng_state(cuda)
     expected = (torch.rand(3), random.random())
     torch.manual_seed(99)
     random.seed(99)
     gpu_state["now"] = torch.zeros(16, dtype=torch.uint8)
-    main_dino.restore_rng(saved, 0, cuda)
+    resume.restore_rng(saved, 0, cuda)
     assert torch.equal(gpu_state["now"], torch.arange(16, dtype=torch.uint8))
     assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
-    cpu_saved = main_dino.rng_state(cpu)
+    cpu_saved = resume.rng_state(cpu)
     assert cpu_saved[0].numel() == saved[0].numel() - 16
     gpu_state["now"] = torch.zeros(16, dtype=torch.uint8)
-    main_dino.restore_rng(cpu_saved, 0, cuda)  # written on CPU: the GPU generator keeps its seed
+    resume.restore_rng(cpu_saved, 0, cuda)  # written on CPU: the GPU generator keeps its seed
     assert not gpu_state["now"].any()
 
 
@@ -82,9 +112,13 @@ def test_resume_with_other_arch_is_a_one_line_error(tmp_path, capsys):
     capsys.readouterr()
     # each of these changes the saved weights' or optimizer state's layout (before: a load traceback,
     # or a KeyError in the first step for another optimizer)
-    for flag, saved, asked in (("--out_dim", "64", "128"), ("--use_bn_in_head", "False", "True"),
-                               ("--use_beta", "False", "True"), ("--norm_last_layer", "True", "False"),
-                               ("--optimizer", "adamw", "sgd")):
+    for flag, saved, asked in (
+        ("--out_dim", "64", "128"),
+        ("--use_bn_in_head", "False", "True"),
+        ("--use_beta", "False", "True"),
+        ("--norm_last_layer", "True", "False"),
+        ("--optimizer", "adamw", "sgd"),
+    ):
         with pytest.raises(SystemExit) as e:
             main_dino.main(TINY + ["--epochs", "2", flag, asked, "--output_dir", str(tmp_path)])
         assert e.value.code == utils.USER_ERROR_EXIT
@@ -94,13 +128,16 @@ def test_resume_with_other_arch_is_a_one_line_error(tmp_path, capsys):
 
 def test_resume_from_an_export_or_with_another_crop_size_is_a_one_line_error(tmp_path, capsys):
     from simpool.export import export_backbone
+
     main_dino.main(TINY + ["--epochs", "1", "--output_dir", str(tmp_path)])
     capsys.readouterr()
     # a crop size that changes pos_embed (not among the checked flags; before: a load_state_dict traceback)
     with pytest.raises(SystemExit) as e:
         main_dino.main(TINY + ["--epochs", "2", "--global_crops_size", "35", "--output_dir", str(tmp_path)])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == utils.USER_ERROR_EXIT and err.count("\n") == 0 and "size mismatch for backbone.pos_embed" in err, err
+    assert (
+        e.value.code == utils.USER_ERROR_EXIT and err.count("\n") == 0 and "size mismatch for backbone.pos_embed" in err
+    ), err
     # export refuses to write the backbone over a training checkpoint (it would lose the resume state)
     ckpt = str(tmp_path / "checkpoint.pth")
     before = (tmp_path / "checkpoint.pth").read_bytes()
@@ -156,11 +193,22 @@ def test_outputs_and_log_format(tmp_path):
     main_dino.main(TINY + ["--epochs", "1", "--eval_every", "1", "--output_dir", str(tmp_path)])
     records = read_log(tmp_path)
     assert records[0]["epoch"] == -1 and {"knn_top1", "knn_top5"} <= set(records[0])
-    assert records[1]["epoch"] == 0 and {"train_loss", "train_dino_loss", "train_patch_loss", "knn_top1"} <= set(records[1])
+    assert records[1]["epoch"] == 0 and {"train_loss", "train_dino_loss", "train_patch_loss", "knn_top1"} <= set(
+        records[1]
+    )
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
     ckpt = load(tmp_path / "checkpoint.pth")
-    assert {"student", "teacher", "optimizer", "scaler", "dino_loss", "patch_loss", "epoch", "iteration",
-            "args"} <= set(ckpt)
+    assert {
+        "student",
+        "teacher",
+        "optimizer",
+        "scaler",
+        "dino_loss",
+        "patch_loss",
+        "epoch",
+        "iteration",
+        "args",
+    } <= set(ckpt)
     assert ckpt["args"]["arch"] == "vit_nano" and ckpt["iteration"] == 4
 
 
@@ -171,30 +219,56 @@ def test_plain_dino_when_masking_is_off(tmp_path):
 
 def test_official_mode_trains_with_cls_guided_masking(tmp_path, capsys):
     # SimPool's README turns its recipes into the [CLS] baseline by changing --mode alone, --gamma kept
-    main_dino.main(TINY + ["--epochs", "1", "--mode", "official", "--pred_shape", "attmask_hint", "--gamma", "1.25",
-                           "--use_beta", "True", "--output_dir", str(tmp_path)])
+    main_dino.main(
+        TINY
+        + [
+            "--epochs",
+            "1",
+            "--mode",
+            "official",
+            "--pred_shape",
+            "attmask_hint",
+            "--gamma",
+            "1.25",
+            "--use_beta",
+            "True",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
     logged = capsys.readouterr()
-    assert "--gamma 1.25 and --use_beta True ignored: --mode official pools with the [CLS] token, without SimPool" \
+    assert (
+        "--gamma 1.25 and --use_beta True ignored: --mode official pools with the [CLS] token, without SimPool"
         in logged.out + logged.err
+    )
     ckpt = load(tmp_path / "checkpoint.pth")
     assert "backbone.cls_token" in ckpt["teacher"] and "backbone.simpool.wq.weight" not in ckpt["teacher"]
     assert ckpt["args"]["gamma"] is None and ckpt["args"]["use_beta"] is False  # what the model has
     # an official-mode run saved before this recorded the flags it ignored: resuming it is no mismatch
-    main_dino.check_compatible(dict(ckpt["args"], gamma=1.25, use_beta=True),
-                               main_dino.parse_args(TINY + ["--mode", "official"]), "old.pth")
+    resume.check_compatible(
+        dict(ckpt["args"], gamma=1.25, use_beta=True), main_dino.parse_args(TINY + ["--mode", "official"]), "old.pth"
+    )
     assert np.isfinite(read_log(tmp_path)[0]["train_patch_loss"])
 
 
-@pytest.mark.parametrize("flags,expected", [
-    (["--pred_ratio", "0.3", "--pred_ratio_var", "0.4"], "error: --pred_ratio_var 0.4 exceeds pred_ratio 0.3: the ratio would go below 0"),
-    (["--pred_ratio", "0", "0.3", "--pred_ratio_var", "0", "0.1", "0.2"], "error: --pred_ratio has 2 values but "
-     "pred_ratio_var has 3: give one var, or one per ratio"),
-    (["--batch_size_per_gpu", "0"], "argument --batch_size_per_gpu: expected an integer >= 1, got 0"),
-    (["--local_crops_number", "-1"], "argument --local_crops_number: expected an integer >= 0, got -1"),
-    (["--teacher_temp", "0"], "argument --teacher_temp: expected a number > 0, got 0"),
-    (["--global_crops_scale", "0.9", "0.4"], "--global_crops_scale takes the low end first (MIN MAX), got 0.9 0.4"),
-    (["--local_crops_size", "6"], "--local_crops_size 6 is smaller than one patch (--patch_size 7)"),
-])
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        (
+            ["--pred_ratio", "0.3", "--pred_ratio_var", "0.4"],
+            "error: --pred_ratio_var 0.4 exceeds pred_ratio 0.3: the ratio would go below 0",
+        ),
+        (
+            ["--pred_ratio", "0", "0.3", "--pred_ratio_var", "0", "0.1", "0.2"],
+            "error: --pred_ratio has 2 values but pred_ratio_var has 3: give one var, or one per ratio",
+        ),
+        (["--batch_size_per_gpu", "0"], "argument --batch_size_per_gpu: expected an integer >= 1, got 0"),
+        (["--local_crops_number", "-1"], "argument --local_crops_number: expected an integer >= 0, got -1"),
+        (["--teacher_temp", "0"], "argument --teacher_temp: expected a number > 0, got 0"),
+        (["--global_crops_scale", "0.9", "0.4"], "--global_crops_scale takes the low end first (MIN MAX), got 0.9 0.4"),
+        (["--local_crops_size", "6"], "--local_crops_size 6 is smaller than one patch (--patch_size 7)"),
+    ],
+)
 def test_out_of_range_flags_are_one_line_errors(tmp_path, capsys, flags, expected):
     # the demo recipe (vit_nano/7, 28-px crops) with one bad flag: stopped before any data or model is built
     with pytest.raises(SystemExit) as e:
@@ -229,26 +303,34 @@ def make_image_folder(root, n_per_class=4, size=64):
 # crops, a 50-epoch temperature warm-up and the drop-path rate 0.4 its ConvNeXt is built with; its
 # ResNet-50 has no stochastic depth (--drop_path_rate 0). SimPool's code is plain DINO; here masking is on
 # by default, so its ViT recipe adds --pred_ratio 0.
-SIMPOOL_VIT_S = ("--arch vit_small --mode simpool --gamma 1.25 --optimizer adamw --use_bn_in_head False "
-                 "--out_dim 65536 --batch_size_per_gpu 100 --local_crops_number 6 --epochs 100 --lr 0.0005 "
-                 "--min_lr 0.00001 --global_crops_scale 0.25 1.0 --local_crops_scale 0.05 0.25 "
-                 "--norm_last_layer False --warmup_teacher_temp_epochs 30 --weight_decay 0.04 --weight_decay_end 0.4 "
-                 "--teacher_temp 0.07 --clip_grad 0 --pred_ratio 0")
-ATTMASK_VIT_S = ("--batch_size_per_gpu 60 --norm_last_layer False --momentum_teacher 0.996 --eval_every 20 "
-                 "--arch vit_small --teacher_temp 0.07 --warmup_teacher_temp_epochs 30 --epochs 100 "
-                 "--shared_head True --out_dim 8192 --local_crops_number 10 --global_crops_scale 0.25 1 "
-                 "--local_crops_scale 0.05 0.25 --pred_ratio 0.3 --pred_ratio_var 0.2 --masking_prob 0.5 "
-                 "--pred_shape attmask_hint --show_max 0.1")
-SIMPOOL_RESNET50 = ("--arch resnet50 --mode simpool --batch_size_per_gpu 90 --out_dim 60000 --use_bn_in_head True "
-                    "--teacher_temp 0.07 --warmup_teacher_temp_epochs 50 --use_fp16 False --weight_decay 0.000001 "
-                    "--weight_decay_end 0.000001 --clip_grad 0.0 --epochs 100 --lr 0.3 --min_lr 0.0048 "
-                    "--optimizer lars --global_crops_scale 0.14 1.0 --local_crops_number 6 --local_crops_scale 0.05 0.14 "
-                    "--drop_path_rate 0")
-SIMPOOL_CONVNEXT_S = ("--arch convnext_small --mode simpool --batch_size_per_gpu 60 --out_dim 65536 "
-                      "--use_bn_in_head False --weight_decay 0.04 --weight_decay_end 0.4 --clip_grad 0.3 --epochs 100 "
-                      "--min_lr 2e-6 --optimizer adamw --lr 0.001 --freeze_last_layer 3 "
-                      "--teacher_temp 0.07 --warmup_teacher_temp_epochs 50 --global_crops_scale 0.14 1.0 "
-                      "--local_crops_scale 0.05 0.14 --local_crops_number 6 --drop_path_rate 0.4")
+SIMPOOL_VIT_S = (
+    "--arch vit_small --mode simpool --gamma 1.25 --optimizer adamw --use_bn_in_head False "
+    "--out_dim 65536 --batch_size_per_gpu 100 --local_crops_number 6 --epochs 100 --lr 0.0005 "
+    "--min_lr 0.00001 --global_crops_scale 0.25 1.0 --local_crops_scale 0.05 0.25 "
+    "--norm_last_layer False --warmup_teacher_temp_epochs 30 --weight_decay 0.04 --weight_decay_end 0.4 "
+    "--teacher_temp 0.07 --clip_grad 0 --pred_ratio 0"
+)
+ATTMASK_VIT_S = (
+    "--batch_size_per_gpu 60 --norm_last_layer False --momentum_teacher 0.996 --eval_every 20 "
+    "--arch vit_small --teacher_temp 0.07 --warmup_teacher_temp_epochs 30 --epochs 100 "
+    "--shared_head True --out_dim 8192 --local_crops_number 10 --global_crops_scale 0.25 1 "
+    "--local_crops_scale 0.05 0.25 --pred_ratio 0.3 --pred_ratio_var 0.2 --masking_prob 0.5 "
+    "--pred_shape attmask_hint --show_max 0.1"
+)
+SIMPOOL_RESNET50 = (
+    "--arch resnet50 --mode simpool --batch_size_per_gpu 90 --out_dim 60000 --use_bn_in_head True "
+    "--teacher_temp 0.07 --warmup_teacher_temp_epochs 50 --use_fp16 False --weight_decay 0.000001 "
+    "--weight_decay_end 0.000001 --clip_grad 0.0 --epochs 100 --lr 0.3 --min_lr 0.0048 "
+    "--optimizer lars --global_crops_scale 0.14 1.0 --local_crops_number 6 --local_crops_scale 0.05 0.14 "
+    "--drop_path_rate 0"
+)
+SIMPOOL_CONVNEXT_S = (
+    "--arch convnext_small --mode simpool --batch_size_per_gpu 60 --out_dim 65536 "
+    "--use_bn_in_head False --weight_decay 0.04 --weight_decay_end 0.4 --clip_grad 0.3 --epochs 100 "
+    "--min_lr 2e-6 --optimizer adamw --lr 0.001 --freeze_last_layer 3 "
+    "--teacher_temp 0.07 --warmup_teacher_temp_epochs 50 --global_crops_scale 0.14 1.0 "
+    "--local_crops_scale 0.05 0.14 --local_crops_number 6 --drop_path_rate 0.4"
+)
 # run at a test's size: batch 2, one epoch, 32-px crops for the convnets, two local crops
 TEST_SIZES = "--batch_size_per_gpu 2 --epochs 1 --eval_every 0"
 CONVNET_TEST_SIZES = "--global_crops_size 32 --local_crops_size 32 --local_crops_number 2 --drop_path_rate 0.0"
@@ -256,13 +338,23 @@ CONVNET_TEST_SIZES = "--global_crops_size 32 --local_crops_size 32 --local_crops
 
 def test_official_flags_parse_to_their_values():
     args = main_dino.parse_args(SIMPOOL_VIT_S.split() + ["--data_path", "x"])
-    assert (args.arch, args.gamma, args.out_dim, args.norm_last_layer, args.global_crops_scale) == \
-        ("vit_small", 1.25, 65536, False, [0.25, 1.0])
+    assert (args.arch, args.gamma, args.out_dim, args.norm_last_layer, args.global_crops_scale) == (
+        "vit_small",
+        1.25,
+        65536,
+        False,
+        [0.25, 1.0],
+    )
     assert args.local_crops_number == 6 and args.weight_decay_end == 0.4 and args.warmup_teacher_temp_epochs == 30
     assert (args.teacher_temp, args.clip_grad) == (0.07, 0.0)  # SimPool's script defaults, not DINO's
     args = main_dino.parse_args(ATTMASK_VIT_S.split() + ["--data_path", "x"])
-    assert (args.pred_shape, args.show_max, args.pred_ratio, args.pred_ratio_var, args.masking_prob) == \
-        ("attmask_hint", 0.1, [0.3], [0.2], 0.5)
+    assert (args.pred_shape, args.show_max, args.pred_ratio, args.pred_ratio_var, args.masking_prob) == (
+        "attmask_hint",
+        0.1,
+        [0.3],
+        [0.2],
+        0.5,
+    )
     assert args.show_ratio is None  # AttMask's rule: --show_max x a second ratio draw
     assert args.shared_head is True and args.out_dim == 8192 and args.local_crops_number == 10
     # iBOT's and AttMask's names: --drop_path for DINO's --drop_path_rate, --backend
@@ -273,15 +365,30 @@ def test_official_flags_parse_to_their_values():
 def test_ibot_head_flags(tmp_path, capsys):
     """iBOT's and AttMask's --norm_in_head, --act_in_head and --shared_head_teacher train, are
     recorded and resume; the --shared_head_teacher teacher has no patch layer of its own."""
-    flags = TINY + ["--out_dim", "32", "--norm_in_head", "ln", "--act_in_head", "relu", "--shared_head", "False",
-                    "--shared_head_teacher", "True", "--output_dir", str(tmp_path)]
+    flags = TINY + [
+        "--out_dim",
+        "32",
+        "--norm_in_head",
+        "ln",
+        "--act_in_head",
+        "relu",
+        "--shared_head",
+        "False",
+        "--shared_head_teacher",
+        "True",
+        "--output_dir",
+        str(tmp_path),
+    ]
     main_dino.main(flags + ["--epochs", "1"])
     ckpt = load(tmp_path / "checkpoint.pth")
     assert "head.last_layer2.weight_v" in ckpt["student"] and "head.last_layer2.weight_v" not in ckpt["teacher"]
     assert ckpt["teacher"]["head.mlp.1.weight"].shape == (2048,) and "head.mlp.1.running_mean" not in ckpt["teacher"]
     assert ckpt["patch_loss"]["center"].shape == (1, 32)
-    assert (ckpt["args"]["norm_in_head"], ckpt["args"]["act_in_head"], ckpt["args"]["shared_head_teacher"]) == \
-        ("ln", "relu", True)
+    assert (ckpt["args"]["norm_in_head"], ckpt["args"]["act_in_head"], ckpt["args"]["shared_head_teacher"]) == (
+        "ln",
+        "relu",
+        True,
+    )
     assert not torch.equal(ckpt["teacher"]["head.mlp.0.weight"], ckpt["student"]["head.mlp.0.weight"])  # an EMA
     # iBOT's one LayerNorm after both hidden layers: trained, and still one (separate ones would drift apart)
     for net in ("student", "teacher"):
@@ -291,40 +398,47 @@ def test_ibot_head_flags(tmp_path, capsys):
     assert load(tmp_path / "checkpoint.pth")["epoch"] == 2
     with pytest.raises(SystemExit):  # the other teacher projection does not fit these weights
         main_dino.main(flags + ["--shared_head_teacher", "False", "--epochs", "3"])
-    assert capsys.readouterr().err.strip().endswith("was trained with --shared_head_teacher True but this run asks "
-                                                    "for --shared_head_teacher False; use another --output_dir or "
-                                                    "the same flags")
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            "was trained with --shared_head_teacher True but this run asks "
+            "for --shared_head_teacher False; use another --output_dir or "
+            "the same flags"
+        )
+    )
 
     args = main_dino.parse_args(flags)
-    with pytest.raises(utils.RunError, match="was trained with --act_in_head relu but this run asks for "
-                                             "--act_in_head gelu"):
-        main_dino.check_compatible(ckpt["args"], main_dino.parse_args(flags + ["--act_in_head", "gelu"]), "x.pth")
+    with pytest.raises(
+        utils.RunError, match="was trained with --act_in_head relu but this run asks for --act_in_head gelu"
+    ):
+        resume.check_compatible(ckpt["args"], main_dino.parse_args(flags + ["--act_in_head", "gelu"]), "x.pth")
     assert main_dino.build_network(args, 0.0, teacher=True).head.last_layer2 is None
     assert main_dino.build_network(args, 0.0).head.last_layer2 is not None
     # DINO's BatchNorm per hidden layer, iBOT's one shared BatchNorm (syncbn is the same layer)
-    for extra, recorded in ((["--use_bn_in_head", "True"], (None, True, False)),
-                            (["--norm_in_head", "syncbn"], ("bn", False, True)),
-                            (["--norm_in_head", "bn"], ("bn", False, True)),
-                            (["--norm_in_head", "None"], (None, False, False))):
+    for extra, recorded in (
+        (["--use_bn_in_head", "True"], (None, True, False)),
+        (["--norm_in_head", "syncbn"], ("bn", False, True)),
+        (["--norm_in_head", "bn"], ("bn", False, True)),
+        (["--norm_in_head", "None"], (None, False, False)),
+    ):
         args = main_dino.parse_args(["--data_path", "x"] + extra)
         assert (args.norm_in_head, args.use_bn_in_head, args.head_norm_shared) == recorded
         mlp = main_dino.build_network(args, 0.0).head.mlp
         assert (mlp[1] is mlp[4]) == recorded[2] and isinstance(mlp[1], torch.nn.BatchNorm1d) == (extra[1] != "None")
     assert main_dino.parse_args([]).use_bn_in_head  # the demo recipe's BatchNorm head (DINO's)
-    with pytest.raises(utils.RunError, match=r"--use_bn_in_head True \(DINO's head: a BatchNorm of its own after each "
-                                             r"hidden layer\) and --norm_in_head bn \(iBOT's: one norm shared by the "
-                                             r"hidden layers\) both choose the head's norm; pass one of them"):
+    with pytest.raises(
+        utils.RunError,
+        match=r"--use_bn_in_head True \(DINO's head: a BatchNorm of its own after each "
+        r"hidden layer\) and --norm_in_head bn \(iBOT's: one norm shared by the "
+        r"hidden layers\) both choose the head's norm; pass one of them",
+    ):
         main_dino.parse_args(["--data_path", "x", "--use_bn_in_head", "True", "--norm_in_head", "bn"])
-    # checkpoints written before the shared norm: DINO's --use_bn_in_head was recorded as both flags
-    old_dino = dict(ckpt["args"], norm_in_head="bn", use_bn_in_head=True)
-    old_dino.pop("head_norm_shared")
-    main_dino.check_compatible(old_dino, main_dino.parse_args(flags + ["--norm_in_head", "None", "--use_bn_in_head",
-                                                                       "True"]), "old.pth")  # resumes
-    old_ln = dict(old_dino, norm_in_head="ln", use_bn_in_head=False)  # one LayerNorm per layer in its weights
-    with pytest.raises(utils.RunError, match="old.pth has a head with a norm of its own after each hidden layer"):
-        main_dino.check_compatible(old_ln, main_dino.parse_args(flags), "old.pth")  # --norm_in_head ln, now shared
-    with pytest.raises(utils.RunError, match=r"to --out_dim 65536 values and the student's \(--shared_head False\) "
-                                             "to --patch_out_dim 8192; make the two equal"):
+    with pytest.raises(
+        utils.RunError,
+        match=r"to --out_dim 65536 values and the student's \(--shared_head False\) "
+        "to --patch_out_dim 8192; make the two equal",
+    ):
         main_dino.parse_args(["--data_path", "x", "--shared_head_teacher", "True"])
 
 
@@ -332,6 +446,7 @@ def test_use_masked_im_modeling_false_keeps_crops_whole_and_the_patch_loss(monke
     """iBOT's --use_masked_im_modeling False: the masks are drawn, the student sees the global
     crops without them, and the iBOT loss compares the tokens at the masked positions."""
     from simpool.losses import DINOLoss, PatchLoss
+
     drawn, seen = [], []
     make_masks = main_dino.make_masks
     monkeypatch.setattr(main_dino, "make_masks", lambda *a, **k: drawn.append(make_masks(*a, **k)) or drawn[-1])
@@ -344,12 +459,15 @@ def test_use_masked_im_modeling_false_keeps_crops_whole_and_the_patch_loss(monke
         teacher = main_dino.build_network(args, 0.0, teacher=True)
         main_dino.init_teacher(teacher, student)
         student_features = student.backbone.forward_features
-        monkeypatch.setattr(student.backbone, "forward_features",
-                            lambda x, mask=None, **kw: seen.append((x.shape[-1], mask))
-                            or student_features(x, mask=mask, **kw))
+        monkeypatch.setattr(
+            student.backbone,
+            "forward_features",
+            lambda x, mask=None, **kw: seen.append((x.shape[-1], mask)) or student_features(x, mask=mask, **kw),
+        )
         patch_loss = PatchLoss(main_dino.patch_logit_dim(args))
-        _, parts = main_dino.distillation_loss(student, teacher, DINOLoss(args.out_dim, 4), patch_loss, globals_,
-                                               locals_, True, 0.04, 0.07, None, args)
+        _, parts = main_dino.distillation_loss(
+            student, teacher, DINOLoss(args.out_dim, 4), patch_loss, globals_, locals_, True, 0.04, 0.07, None, args
+        )
         masks = drawn[-1]
         assert 0 < masks.sum() < masks.numel()
         assert seen[-2:] == [(28, masks if hide else None), (14, None)]  # global crops, then local ones
@@ -371,16 +489,24 @@ def test_three_global_crops_train(tmp_path, monkeypatch, capsys):
     pairs each with the 2 other globals and 2 locals, and all 3 are masked from its map."""
     shapes = []
     make_masks = main_dino.make_masks
-    monkeypatch.setattr(main_dino, "make_masks", lambda attn, *a, **k: shapes.append(attn.shape) or
-                        make_masks(attn, *a, **k))
+    monkeypatch.setattr(
+        main_dino, "make_masks", lambda attn, *a, **k: shapes.append(attn.shape) or make_masks(attn, *a, **k)
+    )
     main_dino.main(TINY + ["--epochs", "1", "--global_crops_number", "3", "--output_dir", str(tmp_path)])
     assert shapes == [(75, 16)] * 4  # 3 views x 25 images, 4x4 patches; 4 steps
     assert np.isfinite(read_log(tmp_path)[0]["train_patch_loss"])
     with pytest.raises(SystemExit):
-        main_dino.main(TINY + ["--global_crops_number", "1", "--local_crops_number", "0", "--output_dir",
-                               str(tmp_path / "one")])
-    assert capsys.readouterr().err.strip().endswith("error: one crop per image leaves the DINO loss no pair of views; "
-                                                    "use --global_crops_number 2 or add local crops")
+        main_dino.main(
+            TINY + ["--global_crops_number", "1", "--local_crops_number", "0", "--output_dir", str(tmp_path / "one")]
+        )
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            "error: one crop per image leaves the DINO loss no pair of views; "
+            "use --global_crops_number 2 or add local crops"
+        )
+    )
 
 
 def test_load_from_starts_a_run_from_another_checkpoint(tmp_path, capsys):
@@ -393,12 +519,16 @@ def test_load_from_starts_a_run_from_another_checkpoint(tmp_path, capsys):
     ckpt = load(second / "checkpoint.pth")
     assert (ckpt["epoch"], ckpt["iteration"]) == (2, 8)
     assert [r["epoch"] for r in read_log(second)] == [1]  # epoch 0 was the first run's
-    assert "Resumed from " + os.path.join(str(second), "..", "first", "checkpoint.pth") + " at epoch 1" in \
-        capsys.readouterr().out
+    assert (
+        "Resumed from " + os.path.join(str(second), "..", "first", "checkpoint.pth") + " at epoch 1"
+        in capsys.readouterr().out
+    )
     main_dino.main(flags + ["--epochs", "3"])
     assert load(second / "checkpoint.pth")["epoch"] == 3
-    assert f"--load_from ../first/checkpoint.pth not used: {second} has a checkpoint of its own." in \
-        capsys.readouterr().out
+    assert (
+        f"--load_from ../first/checkpoint.pth not used: {second} has a checkpoint of its own."
+        in capsys.readouterr().out
+    )
     # iBOT's usual --load_from checkpoint.pth is the run's own resume point: fresh start, then resume
     main_dino.main(TINY + ["--epochs", "1", "--output_dir", str(tmp_path / "own"), "--load_from", "checkpoint.pth"])
     assert [r["epoch"] for r in read_log(tmp_path / "own")] == [0] and "not used" not in capsys.readouterr().out
@@ -411,17 +541,20 @@ def test_load_from_starts_a_run_from_another_checkpoint(tmp_path, capsys):
     torch.save({"format": "simpool-ssl-backbone"}, tmp_path / "backbone.pth")
     with pytest.raises(SystemExit):
         main_dino.main(TINY + ["--output_dir", str(tmp_path / "third"), "--load_from", str(tmp_path / "backbone.pth")])
-    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'backbone.pth'} is an exported backbone, so "
-                                               "there is nothing to resume; pass --load_from a checkpoint.pth of "
-                                               "main_dino.py")
+    assert capsys.readouterr().err.strip() == (
+        f"error: {tmp_path / 'backbone.pth'} is an exported backbone, so "
+        "there is nothing to resume; pass --load_from a checkpoint.pth of "
+        "main_dino.py"
+    )
 
 
 @pytest.mark.parametrize("use_cuda", [True, False])
 def test_online_knn_takes_attmasks_feature_flags(monkeypatch, use_cuda):
     """main_attmask.py's --n_last_blocks, --avgpool_patchtokens and --use_cuda reach the online
     k-NN (CUDA faked: the feature extraction and the search are stand-ins that record their input)."""
-    args = main_dino.parse_args(TINY + ["--mode", "official", "--n_last_blocks", "2", "--avgpool_patchtokens", "2",
-                                        "--use_cuda", str(use_cuda)])
+    args = main_dino.parse_args(
+        TINY + ["--mode", "official", "--n_last_blocks", "2", "--avgpool_patchtokens", "2", "--use_cuda", str(use_cuda)]
+    )
     args.device = torch.device("cuda")
     seen = {}
 
@@ -432,6 +565,7 @@ def test_online_knn_takes_attmasks_feature_flags(monkeypatch, use_cuda):
     def classify(*a, use_gpu, **kw):
         seen["use_gpu"] = use_gpu
         return {20: {"top1": 50.0, "top5": 90.0}}
+
     monkeypatch.setattr(main_dino, "extract_features", extract)
     monkeypatch.setattr(main_dino, "knn_classify", classify)
     backbone = main_dino.build_network(args, 0.0).backbone
@@ -463,13 +597,41 @@ def test_dinos_data_path_form_and_deit_names(tmp_path, capsys):
     takes deit_tiny/deit_small for vit_tiny/vit_small; both work as in DINO."""
     data = make_image_folder(tmp_path / "data")
     out = tmp_path / "out"
-    main_dino.main(["--arch", "deit_tiny", "--patch_size", "16", "--data_path", str(data / "train"), "--output_dir",
-                    str(out), "--global_crops_size", "32", "--local_crops_size", "16", "--local_crops_number", "2",
-                    "--batch_size_per_gpu", "2", "--epochs", "1", "--out_dim", "64", "--patch_out_dim", "32",
-                    "--num_workers", "0", "--eval_every", "1"])
+    main_dino.main(
+        [
+            "--arch",
+            "deit_tiny",
+            "--patch_size",
+            "16",
+            "--data_path",
+            str(data / "train"),
+            "--output_dir",
+            str(out),
+            "--global_crops_size",
+            "32",
+            "--local_crops_size",
+            "16",
+            "--local_crops_number",
+            "2",
+            "--batch_size_per_gpu",
+            "2",
+            "--epochs",
+            "1",
+            "--out_dim",
+            "64",
+            "--patch_out_dim",
+            "32",
+            "--num_workers",
+            "0",
+            "--eval_every",
+            "1",
+        ]
+    )
     printed = "".join(capsys.readouterr())
-    assert f"--data_path {data / 'train'} has class folders and no 'train/' folder: it is the train split itself" \
+    assert (
+        f"--data_path {data / 'train'} has class folders and no 'train/' folder: it is the train split itself"
         in printed
+    )
     assert "Data: 9 training images" in printed
     assert f"No val/ folder in {data / 'train'}: online k-NN is off." in printed
     ckpt = load(out / "checkpoint.pth")
@@ -495,20 +657,31 @@ def test_gamma_auto_is_resolved_when_parsing():
     assert main_dino.parse_args(["--data_path", "x", "--arch", "resnet50"]).gamma == 2.0
     assert main_dino.parse_args(["--data_path", "x", "--arch", "fcvit_tiny", "--gamma", "1.5"]).gamma == 1.5
     assert main_dino.parse_args(["--data_path", "x", "--arch", "convnext_tiny", "--gamma", "None"]).gamma is None
-    # runs saved before the resolution recorded 'auto': resuming them is not a mismatch
-    vit = main_dino.parse_args(["--data_path", "x", "--arch", "vit_nano"])
-    main_dino.check_compatible({"arch": "vit_nano", "gamma": "auto"}, vit, "old.pth")
     cnn = main_dino.parse_args(["--data_path", "x", "--arch", "resnet50"])
-    main_dino.check_compatible({"arch": "resnet50", "gamma": "auto"}, cnn, "old.pth")
+    resume.check_compatible({"arch": "resnet50", "gamma": 2.0}, cnn, "old.pth")
     with pytest.raises(main_dino.utils.RunError, match="--gamma 2.0 but this run asks for --gamma 1.5"):
-        main_dino.check_compatible({"arch": "resnet50", "gamma": "auto"},
-                                   main_dino.parse_args(["--data_path", "x", "--arch", "resnet50", "--gamma", "1.5"]),
-                                   "old.pth")
+        resume.check_compatible(
+            {"arch": "resnet50", "gamma": 2.0},
+            main_dino.parse_args(["--data_path", "x", "--arch", "resnet50", "--gamma", "1.5"]),
+            "old.pth",
+        )
 
 
 def test_convnet_crops_below_32_pixels_are_a_one_line_error(tmp_path, capsys):
-    ok = main_dino.parse_args(["--data_path", "x", "--arch", "fcvit_tiny", "--global_crops_size", "32",
-                               "--local_crops_size", "16", "--local_crops_number", "0"])  # no local crops
+    ok = main_dino.parse_args(
+        [
+            "--data_path",
+            "x",
+            "--arch",
+            "fcvit_tiny",
+            "--global_crops_size",
+            "32",
+            "--local_crops_size",
+            "16",
+            "--local_crops_number",
+            "0",
+        ]
+    )  # no local crops
     assert ok.global_crops_size == 32
     assert main_dino.parse_args(["--arch", "vit_nano"]).local_crops_size == 14  # ViTs: the demo's 14-px crops
     with pytest.raises(main_dino.utils.RunError, match=r"--local_crops_size 16; pass --local_crops_size 32"):
@@ -517,21 +690,34 @@ def test_convnet_crops_below_32_pixels_are_a_one_line_error(tmp_path, capsys):
         main_dino.main(["--arch", "convnext_tiny", "--output_dir", str(tmp_path)])
     assert e.value.code == utils.USER_ERROR_EXIT
     err = capsys.readouterr().err.strip()
-    assert err == ("error: --arch convnext_tiny needs crops of at least 32 pixels, got --global_crops_size 28 and "
-                   "--local_crops_size 14; pass --global_crops_size 32 --local_crops_size 32 or larger "
-                   "(docs/backbones.md)")
+    assert err == (
+        "error: --arch convnext_tiny needs crops of at least 32 pixels, got --global_crops_size 28 and "
+        "--local_crops_size 14; pass --global_crops_size 32 --local_crops_size 32 or larger "
+        "(docs/backbones.md)"
+    )
     assert not (tmp_path / "log.txt").exists()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", [SIMPOOL_VIT_S, ATTMASK_VIT_S, SIMPOOL_RESNET50 + " " + CONVNET_TEST_SIZES,
-                                    SIMPOOL_CONVNEXT_S + " " + CONVNET_TEST_SIZES],
-                         ids=["simpool_vit_s", "attmask_vit_s", "simpool_resnet50", "simpool_convnext_s"])
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        SIMPOOL_VIT_S,
+        ATTMASK_VIT_S,
+        SIMPOOL_RESNET50 + " " + CONVNET_TEST_SIZES,
+        SIMPOOL_CONVNEXT_S + " " + CONVNET_TEST_SIZES,
+    ],
+    ids=["simpool_vit_s", "attmask_vit_s", "simpool_resnet50", "simpool_convnext_s"],
+)
 def test_official_recipes_train_on_an_image_folder(tmp_path, recipe):
     data = make_image_folder(tmp_path / "data")
     out = tmp_path / "out"
-    main_dino.main(["--drop_path_rate", "0.1"] + recipe.split() + TEST_SIZES.split()
-                   + ["--data_path", str(data), "--output_dir", str(out), "--num_workers", "0"])
+    main_dino.main(
+        ["--drop_path_rate", "0.1"]
+        + recipe.split()
+        + TEST_SIZES.split()
+        + ["--data_path", str(data), "--output_dir", str(out), "--num_workers", "0"]
+    )
     records = read_log(out)
     assert len(records) == 1 and np.isfinite(records[0]["train_loss"])
     assert load(out / "checkpoint.pth")["epoch"] == 1
@@ -541,9 +727,16 @@ def test_official_recipes_train_on_an_image_folder(tmp_path, recipe):
 def test_two_processes_on_gloo(tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch"), "--nproc_per_node", "2", "main_dino.py"]
-                          + TINY + ["--epochs", "2", "--batch_size_per_gpu", "10", "--output_dir", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "launch"), "--nproc_per_node", "2", "main_dino.py"]
+        + TINY
+        + ["--epochs", "2", "--batch_size_per_gpu", "10", "--output_dir", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ckpt = load(out / "checkpoint.pth")
     assert ckpt["args"]["world_size"] == 2 and ckpt["iteration"] == 10  # 100 images / (2 x 10) per step
@@ -554,20 +747,31 @@ def test_two_processes_on_gloo(tmp_path):
 def test_short_run_beats_random_init_on_knn(tmp_path):
     """Two minutes of the demo recipe (312 steps of batch 64 on 10 000 Fashion-MNIST images)
     lift the teacher's k-NN: measured 68.50% -> 71.74% on this machine."""
-    main_dino.main(["--subset", "1000", "--epochs", "2", "--batch_size_per_gpu", "64", "--eval_every", "2",
-                    "--output_dir", str(tmp_path)])
+    main_dino.main(
+        [
+            "--subset",
+            "1000",
+            "--epochs",
+            "2",
+            "--batch_size_per_gpu",
+            "64",
+            "--eval_every",
+            "2",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
     knn = [r["knn_top1"] for r in read_log(tmp_path) if "knn_top1" in r]
     assert len(knn) == 2 and knn[-1] > knn[0] + 1.0, knn
 
 
-def test_collapse_warnings(caplog):
+def test_collapse_warnings():
     k = 1024
-    with caplog.at_level("WARNING", logger="simpool"):
-        main_dino.warn_if_collapsed({"teacher_entropy": 0.99 * np.log(k), "teacher_batch_entropy": np.log(k)}, k)
-        main_dino.warn_if_collapsed({"teacher_entropy": 0.1, "teacher_batch_entropy": 0.05}, k)
-        main_dino.warn_if_collapsed({"teacher_entropy": 2.0, "teacher_batch_entropy": 6.0}, k)  # healthy
-    messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 2 and "nearly uniform" in messages[0] and "few prototypes" in messages[1]
+    assert "nearly uniform" in collapse_warning(
+        {"teacher_entropy": 0.99 * np.log(k), "teacher_batch_entropy": np.log(k)}, k
+    )
+    assert "few prototypes" in collapse_warning({"teacher_entropy": 0.1, "teacher_batch_entropy": 0.05}, k)
+    assert collapse_warning({"teacher_entropy": 2.0, "teacher_batch_entropy": 6.0}, k) is None  # healthy
 
 
 def test_teacher_entropy_monitors_match_their_definition():
@@ -593,12 +797,15 @@ def test_grad_checkpointing_trains_exactly_like_the_plain_run(tmp_path):
     run ends with the very same teacher."""
     calls = {"plain": 0, "checkpointed": 0}
     for run, flags in (("plain", []), ("checkpointed", ["--grad_checkpointing", "True"])):
+
         def counted(*a, run=run, **kw):
             calls[run] += 1
             return checkpoint(*a, **kw)
+
         with mock.patch.object(vision_transformer, "checkpoint", counted):
-            main_dino.main(TINY + ["--epochs", "1", "--drop_path_rate", "0.2", "--output_dir", str(tmp_path / run)]
-                           + flags)
+            main_dino.main(
+                TINY + ["--epochs", "1", "--drop_path_rate", "0.2", "--output_dir", str(tmp_path / run)] + flags
+            )
     # the student's blocks really ran checkpointed (one call per block per student forward), the plain run never
     assert calls["plain"] == 0 and calls["checkpointed"] > 0
     plain, checkpointed = (load(tmp_path / d / "checkpoint.pth") for d in ("plain", "checkpointed"))
@@ -627,3 +834,24 @@ def test_compile_without_a_cpu_compiler_is_a_one_line_error(tmp_path, capsys, mo
     assert exit_info.value.code != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no-such-compiler++ is not on PATH" in err[0], err
+
+
+def test_dinov2_centering_and_koleo_train_and_log_their_parts(tmp_path):
+    main_dino.main(
+        TINY
+        + [
+            "--epochs",
+            "1",
+            "--centering",
+            "sinkhorn_knopp",
+            "--koleo_loss_weight",
+            "0.1",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
+    record = read_log(tmp_path)[-1]
+    assert record["train_koleo_loss"] != 0 and np.isfinite(record["train_loss"])
+    # the total is the weighted sum of the logged parts (means over the same steps)
+    parts = record["train_dino_loss"] + record["train_patch_loss"] + 0.1 * record["train_koleo_loss"]
+    assert abs(record["train_loss"] - parts) < 1e-3 * abs(parts)

@@ -10,6 +10,7 @@ a per-parameter clip, for-loop AdamW and a per-parameter EMA loop. fp32, a fixed
 steps: the losses agree to float32 tolerance, and the final weights to well under one
 optimizer step.
 """
+
 import math
 
 import pytest
@@ -18,17 +19,43 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
 import main_dino
-import vision_transformer
 from bench.reference import RefDINOLoss
 from checkpoint_factory import one_thread
+from simpool import vision_transformer
 from simpool.losses import DINOLoss, PatchLoss
 from simpool.optim import build_optimizer, param_groups
 
 # 56-px global crops: 64 tokens, where the optimised ViT takes the fused attention kernel (fp32)
-ARGS = ["--data_path", "synthetic", "--arch", "vit_nano", "--patch_size", "7", "--global_crops_size", "56",
-        "--local_crops_size", "28", "--local_crops_number", "2", "--out_dim", "64", "--patch_out_dim", "32",
-        "--batch_size_per_gpu", "3", "--precision", "fp32", "--pred_shape", "rand",
-        "--masking_prob", "1.0", "--clip_grad", "0.05", "--freeze_last_layer", "0"]
+ARGS = [
+    "--data_path",
+    "synthetic",
+    "--arch",
+    "vit_nano",
+    "--patch_size",
+    "7",
+    "--global_crops_size",
+    "56",
+    "--local_crops_size",
+    "28",
+    "--local_crops_number",
+    "2",
+    "--out_dim",
+    "64",
+    "--patch_out_dim",
+    "32",
+    "--batch_size_per_gpu",
+    "3",
+    "--precision",
+    "fp32",
+    "--pred_shape",
+    "rand",
+    "--masking_prob",
+    "1.0",
+    "--clip_grad",
+    "0.05",
+    "--freeze_last_layer",
+    "0",
+]
 STEPS = 3
 
 
@@ -76,8 +103,9 @@ def _crops(args, seed=1):
 def optimised_run(args, crops, masking, monkeypatch):
     fused_calls = []
     sdpa = F.scaled_dot_product_attention
-    monkeypatch.setattr(vision_transformer.F, "scaled_dot_product_attention",
-                        lambda *a, **kw: fused_calls.append(1) or sdpa(*a, **kw))
+    monkeypatch.setattr(
+        vision_transformer.F, "scaled_dot_product_attention", lambda *a, **kw: fused_calls.append(1) or sdpa(*a, **kw)
+    )
     student, teacher = _setup(args)
     optimizer = build_optimizer("adamw", param_groups(student))
     assert optimizer.defaults["fused"] or any(gr.get("fused") for gr in optimizer.param_groups)
@@ -131,8 +159,9 @@ def plain_run(args, crops, masking, monkeypatch):
     return losses, student, teacher
 
 
-@pytest.mark.parametrize("masking,drop_path", [(False, 0.0), (True, 0.0), (True, 0.5)],
-                         ids=["dino", "dino+ibot", "dino+ibot+drop-path"])
+@pytest.mark.parametrize(
+    "masking,drop_path", [(False, 0.0), (True, 0.0), (True, 0.5)], ids=["dino", "dino+ibot", "dino+ibot+drop-path"]
+)
 def test_optimised_step_equals_plain_step(masking, drop_path, monkeypatch):
     args = main_dino.parse_args(ARGS + ["--pred_ratio", "0.4" if masking else "0", "--drop_path_rate", str(drop_path)])
     crops = _crops(args)
@@ -185,8 +214,9 @@ def test_attmask_hides_the_tokens_the_teacher_attends_to_most(mode):
     """The student's masks are the top --pred_ratio of the teacher's map on the same crop: the
     last block's [CLS] row averaged over heads (official), SimPool's map (simpool), each
     recomputed here from the layers' weights in float64."""
-    args = main_dino.parse_args(ARGS + ["--mode", mode, "--pred_shape", "attmask_high", "--pred_ratio", "0.4",
-                                        "--pred_ratio_var", "0"])
+    args = main_dino.parse_args(
+        ARGS + ["--mode", mode, "--pred_shape", "attmask_high", "--pred_ratio", "0.4", "--pred_ratio_var", "0"]
+    )
     student, teacher = _setup(args)
     g, l = _crops(args)[0]
     seen, inputs = [], {}
@@ -196,22 +226,37 @@ def test_attmask_hides_the_tokens_the_teacher_attends_to_most(mode):
     last = bb.blocks[-1] if mode == "official" else bb.simpool
     hook = last.register_forward_pre_hook(lambda m, a: inputs.update(x=a[0].detach().double()))  # returns None
     with torch.no_grad():
-        main_dino.distillation_loss(student, teacher, DINOLoss(args.out_dim, 4), PatchLoss(args.patch_out_dim), g, l,
-                                    True, 0.04, 0.07, None, args)
+        main_dino.distillation_loss(
+            student,
+            teacher,
+            DINOLoss(args.out_dim, 4),
+            PatchLoss(args.patch_out_dim),
+            g,
+            l,
+            True,
+            0.04,
+            0.07,
+            None,
+            args,
+        )
     hook.remove()
     x = inputs["x"]
     with torch.no_grad():
         if mode == "official":  # explicit softmax(q k^T / sqrt(d)) of the last block, the [CLS] query row
             B, T, C = x.shape
             h = last.attn.num_heads
-            qkv = F.linear(F.layer_norm(x, (C,), last.norm1.weight.double(), last.norm1.bias.double(), last.norm1.eps),
-                           last.attn.qkv.weight.double(), last.attn.qkv.bias.double())
+            qkv = F.linear(
+                F.layer_norm(x, (C,), last.norm1.weight.double(), last.norm1.bias.double(), last.norm1.eps),
+                last.attn.qkv.weight.double(),
+                last.attn.qkv.bias.double(),
+            )
             q, k, _ = qkv.reshape(B, T, 3, h, C // h).permute(2, 0, 3, 1, 4)
             attn = (q @ k.transpose(-2, -1) * (C // h) ** -0.5).softmax(-1)[:, :, 0, 1:].mean(1)
         else:  # SimPool: query from the mean token, keys from the layer-normalised tokens
             sp = last
-            tokens = F.layer_norm(x, (x.shape[-1],), sp.norm_patches.weight.double(), sp.norm_patches.bias.double(),
-                                  sp.norm_patches.eps)
+            tokens = F.layer_norm(
+                x, (x.shape[-1],), sp.norm_patches.weight.double(), sp.norm_patches.bias.double(), sp.norm_patches.eps
+            )
             q = x.mean(1) @ sp.wq.weight.double().T
             k = tokens @ sp.wk.weight.double().T
             attn = (torch.einsum("bd,bnd->bn", q, k) * sp.scale).softmax(-1)

@@ -1,20 +1,34 @@
 """Tests for vision_transformer.py: [CLS]-free SimPool ViT, attention layers and the DINO/iBOT heads."""
+
 from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-import vision_transformer
 from timm.models.vision_transformer import Block
-from vision_transformer import (ARCHS, DINOHead, FusedAttention, SkippingBlock, VisionTransformer, WeightNormLinear,
-                                build_vit, cls_attention, embed_patches, vit_nano, vit_small, vit_tiny)
+
+from simpool import vision_transformer
+from simpool.vision_transformer import (
+    ARCHS,
+    DINOHead,
+    FusedAttention,
+    SkippingBlock,
+    VisionTransformer,
+    WeightNormLinear,
+    build_vit,
+    cls_attention,
+    embed_patches,
+    vit_nano,
+    vit_small,
+    vit_tiny,
+)
 
 
 def _vit(mode="simpool", patch_size=4, img_size=16, embed_dim=24, depth=2, num_heads=3, **kw):
     torch.manual_seed(0)
-    return VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                             num_heads=num_heads, mode=mode, **kw).eval()
+    return VisionTransformer(
+        img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mode=mode, **kw
+    ).eval()
 
 
 def _randomise_(module, seed=1, std=0.3):
@@ -103,10 +117,22 @@ def test_fully_masked_images_are_indistinguishable(mode):
 # ---------------------------------------------------------------- names / builders
 def test_state_dict_names():
     keys = set(_vit("simpool", gamma=1.25, use_beta=True).state_dict())
-    for k in ("patch_embed.proj.weight", "patch_embed.proj.bias", "blocks.0.attn.qkv.weight", "blocks.1.attn.proj.weight",
-              "blocks.0.norm1.weight", "blocks.0.mlp.fc1.weight", "norm.weight", "norm.bias", "pos_embed",
-              "simpool.wq.weight", "simpool.wk.weight", "simpool.norm_patches.weight", "simpool.beta",
-              "masked_embed"):
+    for k in (
+        "patch_embed.proj.weight",
+        "patch_embed.proj.bias",
+        "blocks.0.attn.qkv.weight",
+        "blocks.1.attn.proj.weight",
+        "blocks.0.norm1.weight",
+        "blocks.0.mlp.fc1.weight",
+        "norm.weight",
+        "norm.bias",
+        "pos_embed",
+        "simpool.wq.weight",
+        "simpool.wk.weight",
+        "simpool.norm_patches.weight",
+        "simpool.beta",
+        "masked_embed",
+    ):
         assert k in keys, k
     assert not any("cls_token" in k for k in keys)
     official = set(_vit("official").state_dict())
@@ -157,8 +183,9 @@ def test_skipping_block_equals_timm_drop_path(autocast):
     """Same draws, outputs and gradients as timm's Block with DropPath, while the dropped
     samples never enter the branch."""
     torch.manual_seed(0)
-    kw = dict(dim=24, num_heads=3, drop_path=0.5, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-              attn_layer=FusedAttention)
+    kw = dict(
+        dim=24, num_heads=3, drop_path=0.5, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), attn_layer=FusedAttention
+    )
     fast = _randomise_(SkippingBlock(**kw), std=0.2).train()
     dense = Block(**kw).train()
     dense.load_state_dict(fast.state_dict())
@@ -233,7 +260,7 @@ def _manual_attention(x, attn):
     hd = C // h
     qkv = x @ attn.qkv.weight.double().T + attn.qkv.bias.double()
     q, k, v = qkv.reshape(B, T, 3, h, hd).permute(2, 0, 3, 1, 4)
-    logits = q @ k.transpose(-2, -1) / hd ** 0.5
+    logits = q @ k.transpose(-2, -1) / hd**0.5
     weights = torch.exp(logits - logits.amax(-1, keepdim=True))
     weights = weights / weights.sum(-1, keepdim=True)
     out = (weights @ v).transpose(1, 2).reshape(B, T, C)
@@ -336,15 +363,18 @@ def test_dino_head_forward_formula():
     torch.testing.assert_close(head(x), z @ w.T)
 
 
-@pytest.mark.parametrize("norm,act,share", [("ln", "relu", True), ("ln", "gelu", False), ("bn", "gelu", True),
-                                            ("bn", "relu", False), (None, "relu", False)])
+@pytest.mark.parametrize(
+    "norm,act,share",
+    [("ln", "relu", True), ("ln", "gelu", False), ("bn", "gelu", True), ("bn", "relu", False), (None, "relu", False)],
+)
 def test_dino_head_norm_and_activation_options(norm, act, share):
     """iBOT's --norm_in_head / --act_in_head: Linear -> norm -> activation per hidden layer, in
     iBOT's layer order (so its state-dict names), against the formula in float64; one norm
     module shared by the hidden layers as iBOT builds it, or one each as DINO's use_bn."""
     torch.manual_seed(7)
-    head = _randomise_(DINOHead(8, 6, hidden_dim=16, bottleneck_dim=4, nlayers=3, norm=norm, act=act,
-                                share_norm=share)).double()
+    head = _randomise_(
+        DINOHead(8, 6, hidden_dim=16, bottleneck_dim=4, nlayers=3, norm=norm, act=act, share_norm=share)
+    ).double()
     head.eval()  # BatchNorm: the running statistics, made non-trivial below
     norms = [m for m in head.mlp if isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm1d))]
     assert len(norms) == (2 if norm else 0)
@@ -365,6 +395,7 @@ def test_dino_head_norm_and_activation_options(norm, act, share):
         if norm == "bn":
             return (h - m.running_mean) / (m.running_var + m.eps).sqrt() * m.weight + m.bias
         return h
+
     h = f(normed(l1(x), norms[0] if norms else None))
     h = f(normed(l2(h), norms[1] if norms else None))
     z = F.normalize(l3(h), dim=-1)
@@ -374,8 +405,9 @@ def test_dino_head_norm_and_activation_options(norm, act, share):
         names = {"mlp.0.weight", "mlp.1.weight", "mlp.3.weight", "mlp.4.weight", "mlp.6.weight"}
         assert names <= set(head.state_dict())
     # DINO's use_bn is the 'bn' norm; unknown names are errors
-    assert [type(m) for m in DINOHead(8, 6, hidden_dim=16, bottleneck_dim=4, use_bn=True).mlp] == \
-        [type(m) for m in DINOHead(8, 6, hidden_dim=16, bottleneck_dim=4, norm="bn").mlp]
+    assert [type(m) for m in DINOHead(8, 6, hidden_dim=16, bottleneck_dim=4, use_bn=True).mlp] == [
+        type(m) for m in DINOHead(8, 6, hidden_dim=16, bottleneck_dim=4, norm="bn").mlp
+    ]
     with pytest.raises(ValueError, match="unknown head norm 'gn'"):
         DINOHead(8, 6, norm="gn")
     with pytest.raises(ValueError, match="unknown head activation 'tanh'"):
@@ -405,6 +437,7 @@ def test_other_image_sizes_give_dinos_features(size):
     # (n + 0.1) / 14 and no antialiasing; timm's resample (used before) antialiases when shrinking,
     # which changed every local crop's positions (0.37 relative on a smooth 14 -> 6 grid)
     from bench.reference import RefVisionTransformer
+
     torch.manual_seed(0)
     ref = RefVisionTransformer(img_size=224, patch_size=16, embed_dim=48, depth=2, num_heads=3).eval()
     ours = VisionTransformer(img_size=224, patch_size=16, embed_dim=48, depth=2, num_heads=3, mode="official").eval()
@@ -425,8 +458,8 @@ def test_weight_normed_layer_starts_as_dinos_nn_linear():
     # Adam's steps turn each row (before: std 0.02, rows ~1.8x shorter, turning ~1.8x faster)
     torch.manual_seed(0)
     v = WeightNormLinear(256, 4096).weight_v.detach().double()
-    bound = 1 / 256 ** 0.5
+    bound = 1 / 256**0.5
     assert v.abs().max() <= bound and v.abs().max() > 0.99 * bound
-    assert abs(v.std().item() - bound / 3 ** 0.5) < 1e-3  # a uniform's std
+    assert abs(v.std().item() - bound / 3**0.5) < 1e-3  # a uniform's std
     ref = torch.nn.Linear(256, 4096, bias=False).weight.detach().double()
     assert abs(v.norm(dim=1).mean() - ref.norm(dim=1).mean()) < 0.01
