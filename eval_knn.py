@@ -111,15 +111,7 @@ def get_args_parser():
     g.add_argument("--output_dir", default=".", type=str, help="Where knn.json is written.")
     add_precision_arg(g)
     g.add_argument("--cpu", action="store_true", help="Run on CPU even when CUDA is available.")
-    utils.add_backend_arg(g)
-    g.add_argument("--dist_url", default="env://", type=str, help="Process-group rendezvous URL (torchrun).")
-    g.add_argument(
-        "--local_rank",
-        "--local-rank",
-        default=0,
-        type=int,
-        help="Set by torch.distributed.launch; ignored (LOCAL_RANK is read from the environment).",
-    )
+    utils.add_launch_args(g)
     return p
 
 

@@ -520,15 +520,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--num_workers", default=10, type=n(int, low=0), help="Data-loading processes per rank (ImageFolder)."
     )
-    utils.add_backend_arg(g)
-    g.add_argument("--dist_url", default="env://", type=str, help="Process-group rendezvous URL.")
-    g.add_argument(
-        "--local_rank",
-        "--local-rank",
-        default=0,
-        type=int,
-        help="Set by torch.distributed.launch; ignored (LOCAL_RANK is read from the environment).",
-    )
+    utils.add_launch_args(g)
     g.add_argument(
         "--eval_every",
         default=0,

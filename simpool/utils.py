@@ -49,8 +49,19 @@ def launch_environment() -> tuple[int, int, int, int]:
     return 0, 1, 0, 1
 
 
-def add_backend_arg(group: argparse._ActionsContainer) -> None:
-    """``--backend``, as iBOT's and AttMask's scripts spell it."""
+def add_launch_args(group: argparse._ActionsContainer) -> None:
+    """The process-group flags every command takes: ``--backend`` (as iBOT's and AttMask's scripts
+    spell it), ``--dist_url`` and the ``--local_rank`` that torch.distributed.launch passes."""
+    group.add_argument(
+        "--dist_url", default="env://", type=str, help="Process-group rendezvous URL (torchrun sets env://)."
+    )
+    group.add_argument(
+        "--local_rank",
+        "--local-rank",
+        default=0,
+        type=int,
+        help="Set by torch.distributed.launch; ignored (LOCAL_RANK is read from the environment).",
+    )
     group.add_argument(
         "--backend",
         default=None,
