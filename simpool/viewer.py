@@ -33,6 +33,8 @@ Example:
     (180, 240, 3)
 """
 
+from __future__ import annotations
+
 import argparse
 import atexit
 import collections
@@ -53,6 +55,7 @@ import tempfile
 import threading
 import time
 import warnings
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -96,6 +99,15 @@ from simpool.knn import extract_features, knn_search
 from simpool.masking import PRED_SHAPES, make_masks
 from simpool.utils import number, subset_size
 
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from types import ModuleType
+    from typing import BinaryIO
+
+    import gradio
+
+    from simpool.data import InMemoryImages, SafeImageFolder
+
 logger = logging.getLogger("simpool")
 __all__ = [
     "ViewerError",
@@ -136,7 +148,7 @@ class ViewerError(ValueError):
 
 
 # ---------------------------------------------------------------- images
-def read_image(source, max_side=MAX_SIDE):
+def read_image(source: str | os.PathLike[str] | BinaryIO, max_side: int = MAX_SIDE) -> tuple[np.ndarray, str]:
     """An uploaded file (path or file object) as uint8 RGB (H, W, 3) and a note ('' or one
     line on what was done to it). Grayscale, 16-bit, palette and CMYK images become RGB,
     transparency is composited on white, EXIF rotation applied; an image whose longer side
@@ -181,7 +193,7 @@ def read_image(source, max_side=MAX_SIDE):
     return np.asarray(rgb).copy(), "; ".join(notes)
 
 
-def _to_rgb(im):
+def _to_rgb(im: Image.Image) -> tuple[Image.Image, str]:
     """(RGB PIL image, note) from any decoded PIL image."""
     try:
         im = ImageOps.exif_transpose(im)
@@ -201,7 +213,7 @@ def _to_rgb(im):
     return im.convert("RGB"), note
 
 
-def for_display(image, side=DISPLAY_SIDE):
+def for_display(image: np.ndarray, side: int = DISPLAY_SIDE) -> np.ndarray:
     """A uint8 (H, W, 3) image enlarged by the largest whole factor (nearest) that keeps its
     longer side within ``side``; images at least that large come back as they are."""
     longest = max(image.shape[:2])
@@ -211,7 +223,7 @@ def for_display(image, side=DISPLAY_SIDE):
     return np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
 
 
-def _as_rgb(chw):
+def _as_rgb(chw: torch.Tensor | np.ndarray) -> np.ndarray:
     """uint8 (C, H, W) tensor, C 1 or 3 -> numpy (H, W, 3)."""
     a = torch.as_tensor(chw).as_subclass(torch.Tensor).cpu()
     if a.shape[0] == 1:
@@ -219,7 +231,7 @@ def _as_rgb(chw):
     return a.permute(1, 2, 0).contiguous().numpy()
 
 
-def _resize_bool(mask, size):
+def _resize_bool(mask: torch.Tensor | np.ndarray, size: Sequence[int]) -> torch.Tensor:
     """Boolean (h, w) mask (tensor or array) -> bool tensor at ``size`` = (H, W), nearest, as
     ``simpool.attention.folder_set`` resizes a mask to its image."""
     m = np.asarray(torch.as_tensor(mask).bool().cpu().numpy(), dtype=np.uint8) * 255
@@ -229,7 +241,7 @@ def _resize_bool(mask, size):
 
 
 # ---------------------------------------------------------------- examples
-def example_names(data_path):
+def example_names(data_path: str) -> list[str]:
     """The bundled examples: scikit-image's photos always; Fashion-MNIST test items and
     ``--evaluate``'s textured composites (which come with object masks) when ``data_path``
     is Fashion-MNIST (the files the viewer may read)."""
@@ -240,7 +252,7 @@ def example_names(data_path):
     return names
 
 
-def load_example(name, composite_size=28):
+def load_example(name: str, composite_size: int = 28) -> tuple[np.ndarray, np.ndarray | None, str]:
     """(uint8 (H, W, 3), bool (H, W) object mask or None, description) of an example of
     ``example_names``; composites are ``synthetic_set(COMPOSITES, composite_size, seed=0)``."""
     if name.startswith("photo: ") and name[7:] in PHOTOS:
@@ -271,12 +283,12 @@ def load_example(name, composite_size=28):
 
 
 @functools.lru_cache(maxsize=1)
-def _fashion_test():
+def _fashion_test() -> tuple[torch.Tensor, torch.Tensor]:
     return load_fashion_mnist("test")
 
 
 @functools.lru_cache(maxsize=4)
-def _composites(size):
+def _composites(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return synthetic_set(COMPOSITES, size, seed=0)
 
 
@@ -313,27 +325,27 @@ class Backbone:
     tag: str = "A"
     bank: Bank = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.features = FrozenFeatures(self.model)  # the k-NN evaluation's features (n_last_blocks 1)
 
     @property
-    def cell(self):
+    def cell(self) -> int:
         """Pixels per map cell (a ViT's patch, a convnet's 32-pixel stride)."""
         return map_cell_size(self.model)
 
     @property
-    def has_map(self):
+    def has_map(self) -> bool:
         return not (isinstance(self.model, ConvNetBackbone) and self.model.simpool is None)
 
     @property
-    def label(self):
+    def label(self) -> str:
         i = self.info
         arch = i["arch"] if i.get("patch_size") is None else f"{i['arch']}/{i['patch_size']}"
         epoch = f", epoch {i['epoch']}" if i.get("epoch") is not None else ""
         return f"{self.tag}: {arch} ({i['mode']}) at {i['image_size']} px{epoch} - {os.path.basename(self.path)}"
 
     @property
-    def map_kind(self):
+    def map_kind(self) -> str:
         if not self.has_map:
             return "no attention map: this convnet pools by global average (official mode)"
         if isinstance(self.model, ConvNetBackbone):
@@ -342,25 +354,25 @@ class Backbone:
             return "[CLS] attention of the last block: mean of the heads, then each head"
         return "SimPool attention"
 
-    def autocast(self):
+    def autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None)
 
 
 def load_backbone(
-    path,
-    checkpoint_key="teacher",
-    device="cpu",
-    dtype=None,
-    precision="fp32",
-    tag="A",
-    normalize="auto",
-    image_size=None,
-    arch=None,
-    patch_size=None,
-    mode=None,
-    gamma=AUTO,
-    resample_native_pos=None,
-):
+    path: str,
+    checkpoint_key: str = "teacher",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    precision: str = "fp32",
+    tag: str = "A",
+    normalize: str = "auto",
+    image_size: int | None = None,
+    arch: str | None = None,
+    patch_size: int | None = None,
+    mode: str | None = None,
+    gamma: str | float | None = AUTO,
+    resample_native_pos: bool | None = None,
+) -> Backbone:
     """``load_pretrained`` with the viewer's settings: a ``Backbone`` on ``device``."""
     model, info = load_pretrained(
         path,
@@ -378,11 +390,13 @@ def load_backbone(
 
 
 # ---------------------------------------------------------------- neighbours' features
-def _cache_key(bb, data_path, subset, dataset):
+def _cache_key(
+    bb: Backbone, data_path: str, subset: int | None, dataset: InMemoryImages | SafeImageFolder
+) -> dict[str, Any]:
     st = os.stat(bb.path)
     files = (
         hashlib.sha1("\n".join(p for p, _ in dataset.samples).encode()).hexdigest()
-        if hasattr(dataset, "samples")
+        if not is_in_memory(dataset)
         else None
     )
     return {
@@ -404,7 +418,7 @@ def _cache_key(bb, data_path, subset, dataset):
     }
 
 
-def feature_cache_path(bb, key):
+def feature_cache_path(bb: Backbone, key: dict[str, Any]) -> str:
     """``CKPT.viewer_features.<checkpoint key>.<hash>.pt``: one file per data set and feature
     settings; the checkpoint's size and mtime, kept inside, decide whether it is still valid."""
     stable = {k: v for k, v in key.items() if not k.startswith("checkpoint_") or k == "checkpoint_key"}
@@ -412,7 +426,14 @@ def feature_cache_path(bb, key):
     return f"{bb.path}.viewer_features.{bb.checkpoint_key}.{digest}.pt"
 
 
-def build_bank(bb, data_path, subset=-1, batch_size=256, num_workers=2, cache=True):
+def build_bank(
+    bb: Backbone,
+    data_path: str,
+    subset: int | None = -1,
+    batch_size: int = 256,
+    num_workers: int = 2,
+    cache: bool = True,
+) -> Bank:
     """The ``Bank`` of ``data_path``'s training split for ``bb``: features from
     ``simpool.knn.extract_features`` (progress logged), read from / written to
     ``feature_cache_path`` beside the checkpoint (atomically) while the checkpoint, the data
@@ -471,7 +492,7 @@ def build_bank(bb, data_path, subset=-1, batch_size=256, num_workers=2, cache=Tr
     return bank
 
 
-def _read_cache(path, key):
+def _read_cache(path: str, key: dict[str, Any]) -> dict[str, Any] | None:
     if not os.path.exists(path):
         return None
     try:
@@ -501,7 +522,7 @@ class Analysis:
 
 
 @torch.no_grad()
-def analyse(bb, image):
+def analyse(bb: Backbone, image: np.ndarray) -> Analysis:
     """The model's passes over ``image`` (uint8 (H, W, 3)): an ``Analysis``."""
     pixels = torch.from_numpy(
         np.asarray(resize_for_model(Image.fromarray(image), bb.info["image_size"], bb.cell)).copy()
@@ -522,7 +543,7 @@ def analyse(bb, image):
     return out
 
 
-def attention_views(bb, image, an):
+def attention_views(bb: Backbone, image: np.ndarray, an: Analysis) -> list[tuple[np.ndarray, str]]:
     """[(overlay uint8 (H, W, 3) at the image's size, caption)]: the pooling map (the mean of
     the heads), then each head where there are several (``simpool.attention.overlay``)."""
     if an.maps is None:
@@ -539,7 +560,13 @@ def attention_views(bb, image, an):
     return views
 
 
-def threshold_view(bb, image, mask, an, threshold=THRESHOLD):
+def threshold_view(
+    bb: Backbone,
+    image: np.ndarray,
+    mask: np.ndarray | torch.Tensor | None,
+    an: Analysis,
+    threshold: float = THRESHOLD,
+) -> tuple[np.ndarray | None, str, float | None, torch.Tensor | None]:
     """(uint8 (H, W, 3): the image where the kept tokens are, dimmed elsewhere; one-line
     caption; Jaccard or None; kept token mask (gh, gw)). The kept tokens hold ``threshold``
     of the pooling map's mass (``mass_mask``); with an object ``mask`` (H, W), the Jaccard of
@@ -564,7 +591,14 @@ def threshold_view(bb, image, mask, an, threshold=THRESHOLD):
 _PY_RANDOM = threading.Lock()  # block masks draw from Python's global random, seeded per request
 
 
-def draw_mask(ranking, grid, pred_shape, pred_ratio, show_max=0.1, seed=0):
+def draw_mask(
+    ranking: torch.Tensor,
+    grid: tuple[int, int],
+    pred_shape: str,
+    pred_ratio: float,
+    show_max: float = 0.1,
+    seed: int = 0,
+) -> torch.Tensor:
     """One (N,) boolean mask (True = hidden) of ``make_masks`` for a crop ranked by
     ``ranking`` (1, N), with ``masking_prob`` 1 and a fixed ratio, from a CPU generator seeded
     with ``seed`` (and, for ``block``, Python's ``random`` seeded with it, restored after)."""
@@ -587,7 +621,9 @@ def draw_mask(ranking, grid, pred_shape, pred_ratio, show_max=0.1, seed=0):
             random.setstate(state)
 
 
-def mask_views(bb, image, an, pred_ratio=0.3, show_max=0.1, seed=0):
+def mask_views(
+    bb: Backbone, image: np.ndarray, an: Analysis, pred_ratio: float = 0.3, show_max: float = 0.1, seed: int = 0
+) -> list[tuple[str, torch.Tensor, np.ndarray, str]]:
     """[(pred_shape, mask (N,), uint8 (H, W, 3) with the hidden patches greyed, caption)] for
     every ``PRED_SHAPES`` mode (``rand`` and ``block`` only for a model without a map)."""
     N = an.grid[0] * an.grid[1]
@@ -605,7 +641,7 @@ def mask_views(bb, image, an, pred_ratio=0.3, show_max=0.1, seed=0):
     return out
 
 
-def neighbour_views(bb, an, k=8):
+def neighbour_views(bb: Backbone, an: Analysis, k: int = 8) -> list[tuple[np.ndarray, str, float, int, int]]:
     """[(uint8 (h, w, 3) training image, caption, cosine similarity, dataset index, label)] of
     the ``k`` nearest training images by pooled feature (``simpool.knn.knn_search``)."""
     if bb.bank is None or an.feature is None:
@@ -634,7 +670,16 @@ class Views:
     neighbours: list
 
 
-def compute_views(bb, image, mask=None, threshold=THRESHOLD, pred_ratio=0.3, show_max=0.1, seed=0, k=8):
+def compute_views(
+    bb: Backbone,
+    image: np.ndarray,
+    mask: np.ndarray | torch.Tensor | None = None,
+    threshold: float = THRESHOLD,
+    pred_ratio: float = 0.3,
+    show_max: float = 0.1,
+    seed: int = 0,
+    k: int = 8,
+) -> tuple[Analysis, Views]:
     """(``Analysis``, ``Views``) of ``image`` (uint8 (H, W, 3)) for ``bb``."""
     an = analyse(bb, image)
     kept, caption, score, _ = threshold_view(bb, image, mask, an, threshold)
@@ -649,7 +694,7 @@ def compute_views(bb, image, mask=None, threshold=THRESHOLD, pred_ratio=0.3, sho
 
 
 # ---------------------------------------------------------------- the page
-def _gradio():
+def _gradio() -> ModuleType:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no version check, no telemetry
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
@@ -666,14 +711,23 @@ class Page:
     """The page's event handlers over the pure views: each returns the values of its outputs
     (lists of (image, caption) for galleries, arrays for images, strings for text)."""
 
-    def __init__(self, backbones, data_path):
+    def __init__(self, backbones: Sequence[Backbone], data_path: str) -> None:
         self.backbones = backbones
         self.examples = example_names(data_path)
         S, p = backbones[0].info["image_size"], backbones[0].cell
         self.composite_size = max(p, round(S / p) * p)  # whole cells, as --evaluate makes them
 
     # one image: every view of every backbone
-    def open(self, kind, value, threshold, pred_ratio, show_max, seed, k):
+    def open(
+        self,
+        kind: str,
+        value: str | None,
+        threshold: float,
+        pred_ratio: float,
+        show_max: float,
+        seed: float | None,
+        k: float,
+    ) -> list[Any]:
         if not value:
             return self._unchanged("Upload an image or pick an example.")
         try:
@@ -702,26 +756,36 @@ class Page:
         status = f"{what}: {W}x{H}" + (f" ({note})" if note else "") + f"; views in {took:.2f} s"
         return [session, status, for_display(image)] + outputs
 
-    def _unchanged(self, status):
+    def _unchanged(self, status: str) -> list[Any]:
         gr = _gradio()
         return [gr.update(), status, gr.update()] + [gr.update()] * (5 * len(self.backbones))
 
-    def _attention(self, bb, image, an):
+    def _attention(self, bb: Backbone, image: np.ndarray, an: Analysis) -> list[list[tuple[np.ndarray, str]]]:
         views = attention_views(bb, image, an)
         return [[(for_display(v), c) for v, c in views]]
 
-    def _kept(self, bb, session, an, threshold):
+    def _kept(
+        self, bb: Backbone, session: dict[str, Any], an: Analysis, threshold: float
+    ) -> list[np.ndarray | str | None]:
         kept, caption, _, _ = threshold_view(bb, session["image"], session["mask"], an, threshold)
         return [None if kept is None else for_display(kept), caption]
 
-    def _masks(self, bb, image, an, pred_ratio, show_max, seed):
+    def _masks(
+        self,
+        bb: Backbone,
+        image: np.ndarray,
+        an: Analysis,
+        pred_ratio: float,
+        show_max: float,
+        seed: float | None,
+    ) -> list[tuple[np.ndarray, str]]:
         return [(for_display(d), c) for _, _, d, c in mask_views(bb, image, an, pred_ratio, show_max, int(seed or 0))]
 
-    def _neighbours(self, bb, an, k):
+    def _neighbours(self, bb: Backbone, an: Analysis, k: float) -> list[tuple[np.ndarray, str]]:
         return [(for_display(t, 128), c) for t, c, *_ in neighbour_views(bb, an, int(k))]
 
     # one setting changed: only the views it affects
-    def threshold(self, session, threshold):
+    def threshold(self, session: dict[str, Any] | None, threshold: float) -> list[Any]:
         if not session:
             return [_gradio().update()] * (2 * len(self.backbones))
         out = []
@@ -729,7 +793,9 @@ class Page:
             out += self._kept(bb, session, an, threshold)
         return out
 
-    def masks(self, session, pred_ratio, show_max, seed):
+    def masks(
+        self, session: dict[str, Any] | None, pred_ratio: float, show_max: float, seed: float | None
+    ) -> list[Any]:
         if not session:
             return [_gradio().update()] * len(self.backbones)
         return [
@@ -737,13 +803,13 @@ class Page:
             for bb, an in zip(self.backbones, session["analyses"])
         ]
 
-    def neighbours(self, session, k):
+    def neighbours(self, session: dict[str, Any] | None, k: float) -> list[Any]:
         if not session:
             return [_gradio().update()] * len(self.backbones)
         return [self._neighbours(bb, an, k) for bb, an in zip(self.backbones, session["analyses"])]
 
 
-def _one_line(e):
+def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
@@ -754,12 +820,12 @@ class ImageFiles:
     ~20 images of one photo in --compare). Only the newest ``keep`` files are kept; the folder
     goes at exit."""
 
-    def __init__(self, keep=2000):
+    def __init__(self, keep: int = 2000) -> None:
         self.folder = tempfile.mkdtemp(prefix="simpool-viewer-")
         atexit.register(shutil.rmtree, self.folder, ignore_errors=True)
         self.keep, self.written, self.lock = keep, collections.deque(), threading.Lock()
 
-    def path(self, image):
+    def path(self, image: np.ndarray) -> str:
         buffer = io.BytesIO()
         Image.fromarray(image).save(buffer, "JPEG", quality=92, subsampling=0)
         data = buffer.getvalue()
@@ -775,7 +841,7 @@ class ImageFiles:
                         os.remove(self.written.popleft())
         return path
 
-    def convert(self, value):
+    def convert(self, value: Any) -> Any:
         """An image array -> its file; a gallery's [(array, caption)] -> [(file, caption)]; others as they are."""
         if isinstance(value, np.ndarray):
             return self.path(value)
@@ -783,11 +849,11 @@ class ImageFiles:
             return [(self.path(v), c) for v, c in value]
         return value
 
-    def wrap(self, handler):
+    def wrap(self, handler: Callable[..., Sequence[Any]]) -> Callable[..., list[Any]]:
         return lambda *args: [self.convert(v) for v in handler(*args)]
 
 
-def build_app(backbones, data_path=FASHION_MNIST):
+def build_app(backbones: Sequence[Backbone], data_path: str = FASHION_MNIST) -> gradio.Blocks:
     """The Gradio page (a ``gradio.Blocks``) over ``backbones`` (one, or two side by side)."""
     gr = _gradio()
     page = Page(backbones, data_path)
@@ -908,7 +974,7 @@ def build_app(backbones, data_path=FASHION_MNIST):
     return demo
 
 
-def free_port(host="127.0.0.1"):
+def free_port(host: str = "127.0.0.1") -> int:
     """A port nobody listens on at ``host`` now (the OS's choice)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
@@ -916,7 +982,7 @@ def free_port(host="127.0.0.1"):
         return s.getsockname()[1]
 
 
-def serve(demo, host="127.0.0.1", port=7860):
+def serve(demo: gradio.Blocks, host: str = "127.0.0.1", port: int = 7860) -> str:
     """Start ``demo`` on host:port in the background (no share link, no analytics); its URL."""
     if port == 0:
         port = free_port(host)
@@ -950,7 +1016,7 @@ def serve(demo, host="127.0.0.1", port=7860):
 
 
 # ---------------------------------------------------------------- CLI
-def get_args_parser():
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m simpool.viewer",
         description="A local web page showing a backbone's attention map, the tokens it keeps, the masks AttMask "
@@ -1032,7 +1098,7 @@ def get_args_parser():
     return p
 
 
-def setup(args):
+def setup(args: argparse.Namespace) -> list[Backbone]:
     """The backbones (with their neighbour banks) of the parsed ``args``."""
     if not args.pretrained_weights:
         raise ViewerError("--pretrained_weights is required: the checkpoint whose maps to show")
@@ -1066,7 +1132,7 @@ def setup(args):
     return backbones
 
 
-def seconds_since_start():
+def seconds_since_start() -> float:
     """Seconds since this process started (its imports included), from /proc on Linux; else
     since the viewer's module was imported."""
     try:
@@ -1081,7 +1147,7 @@ def seconds_since_start():
 _IMPORTED = time.perf_counter()
 
 
-def run(args):
+def run(args: argparse.Namespace) -> str:
     utils.setup_logging()
     for name in ("httpx", "gradio", "uvicorn"):  # request logs of the page's own startup checks
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -1118,7 +1184,7 @@ def run(args):
     return url
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> str | None:
     args = get_args_parser().parse_args(argv)
     return utils.run_command(run, args, user_errors=(ViewerError, AttentionError, DataError, EvalError))
 

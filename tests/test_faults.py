@@ -745,7 +745,8 @@ def test_every_rank_starts_from_the_same_student_and_teacher(tmp_path):
 NAN_ON_RANK_1 = """
 import hashlib, os, sys
 sys.path.insert(0, {root!r})
-import main_dino, utils
+import main_dino
+from simpool import utils
 from simpool.losses import DINOLoss
 
 rank, calls = int(os.environ["RANK"]), [0]
