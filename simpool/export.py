@@ -204,7 +204,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
     utils.setup_logging()
-    utils.run_command(run, args, user_errors=(CheckpointError,))
+    utils.run_command(run, args)
 
 
 def run(args: argparse.Namespace) -> None:

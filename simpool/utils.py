@@ -124,20 +124,14 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
 USER_ERROR_EXIT = 2
 
 
-def run_command(
-    fn: Callable[..., Any],
-    *args: Any,
-    user_errors: tuple[type[BaseException], ...] = (),
-    interrupted: str = "interrupted",
-) -> Any:
-    """Run a command-line tool's ``fn(*args)``: a mistake the user can fix (a ``UserError``, or one of
-    the further classes ``user_errors``) prints one line ``error: ...`` and exits USER_ERROR_EXIT,
-    never a traceback;
-    Ctrl-C prints the line ``interrupted`` and exits 130 (the shell's code for SIGINT); the process
-    group, if one was joined, is left either way."""
+def run_command(fn: Callable[..., Any], *args: Any, interrupted: str = "interrupted") -> Any:
+    """Run a command-line tool's ``fn(*args)``: a mistake the user can fix (a ``UserError``) prints
+    one line ``error: ...`` and exits USER_ERROR_EXIT, never a traceback; Ctrl-C prints the line
+    ``interrupted`` and exits 130 (the shell's code for SIGINT); the process group, if one was
+    joined, is left either way."""
     try:
         return fn(*args)
-    except (UserError, *user_errors) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
     except KeyboardInterrupt:

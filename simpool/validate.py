@@ -419,7 +419,7 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: Sequence[str] | None = None) -> dict | None:
     args = get_args_parser().parse_args(argv)
     utils.setup_logging()
-    return utils.run_command(run, args, user_errors=(DataError, EvalError))
+    return utils.run_command(run, args)
 
 
 if __name__ == "__main__":

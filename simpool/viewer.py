@@ -82,13 +82,11 @@ from simpool.checkpoints import AUTO, add_model_args, load_pretrained
 from simpool.data import (
     FASHION_MNIST,
     FASHION_MNIST_CLASSES,
-    DataError,
     build_dataset,
     eval_transform,
     load_fashion_mnist,
 )
 from simpool.evaluation import (
-    EvalError,
     FrozenFeatures,
     add_precision_arg,
     is_in_memory,
@@ -143,7 +141,7 @@ NO_DATA = "none"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
-class ViewerError(ValueError):
+class ViewerError(utils.UserError, ValueError):
     """A user-facing problem (a bad upload, a busy port); its message is one line."""
 
 
@@ -1186,7 +1184,7 @@ def run(args: argparse.Namespace) -> str:
 
 def main(argv: Sequence[str] | None = None) -> str | None:
     args = get_args_parser().parse_args(argv)
-    return utils.run_command(run, args, user_errors=(ViewerError, AttentionError, DataError, EvalError))
+    return utils.run_command(run, args)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from simpool import utils
 
 
-class UserMistake(ValueError):
+class UserMistake(utils.UserError, ValueError):
     pass
 
 
@@ -28,7 +28,7 @@ def fail(error):
 def test_user_errors_are_one_line_and_exit_1(capsys):
     for error in (utils.RunError("disk full"), utils.CheckpointError("disk full"), UserMistake("disk full")):
         with pytest.raises(SystemExit) as stop:
-            utils.run_command(fail, error, user_errors=(UserMistake,))
+            utils.run_command(fail, error)
         assert stop.value.code == utils.USER_ERROR_EXIT
         assert capsys.readouterr().err == "error: disk full\n"
 
@@ -42,9 +42,9 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys):
 
 def test_bugs_keep_their_traceback_and_results_pass_through():
     with pytest.raises(ZeroDivisionError):
-        utils.run_command(lambda: 1 / 0, user_errors=(UserMistake,))
-    with pytest.raises(ValueError):  # only the classes named count as the user's
-        utils.run_command(fail, ValueError("bug"), user_errors=(UserMistake,))
+        utils.run_command(lambda: 1 / 0)
+    with pytest.raises(ValueError):  # only UserError's subclasses count as the user's
+        utils.run_command(fail, ValueError("bug"))
     assert utils.run_command(lambda a, b: a + b, 2, 3) == 5
 
 
