@@ -12,96 +12,31 @@ about 15 minutes at the ~76 GFLOP/s of fp32 matrix products on 2 Zen 3 cores; ex
 """
 
 import argparse
+import copy
 import os
 import sys
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import main_dino  # noqa: E402
-from simpool.augment import MultiCropAugmentation  # noqa: E402
+from bench.flops import count  # noqa: E402, F401  (tests count with it too)
+from bench.train_step import Ours  # noqa: E402
 from simpool.evaluation import FrozenFeatures  # noqa: E402
-from simpool.losses import DINOLoss, PatchLoss  # noqa: E402
-from simpool.optim import build_optimizer, param_groups  # noqa: E402
 
 DEMO_BUDGET_TFLOP = 50.0
 FASHION_MNIST_SPLITS = (60_000, 10_000)  # the demo's k-NN memory bank and queries
 
 
-def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-    """(B, H, N, d) queries against M keys: Q K^T and the weighted sum of values, 2 B H N M d each."""
-    b, h, n, d = query_shape
-    m, dv = key_shape[-2], value_shape[-1]
-    return 2 * b * h * n * m * d + 2 * b * h * n * m * dv
-
-
-def _attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-    """The four products of the backward (dV, dP, dQ, dK): twice the forward."""
-    return 2 * _attention_flops(query_shape, key_shape, value_shape)
-
-
-aten = torch.ops.aten
-# torch's counter has no formula for the CPU flash-attention kernels
-CPU_ATTENTION = {
-    aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
-    aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward_flops,
-}
-
-
-def count(fn):
-    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
 def step_flops(args, batch=32):
-    """FLOPs of one training step of ``args`` per image: teacher forward, masks, student forward
-    and backward, losses (the optimizer update and EMA are elementwise, not counted), measured
-    on ``batch`` random images in fp32 (FLOPs do not depend on the precision)."""
+    """FLOPs of one training step of ``args`` per image, as ``bench/train_step.py`` runs it (teacher
+    forward, masks, student forward and backward, losses; the optimizer update and EMA are
+    element-wise, not counted), on ``batch`` random images in fp32 (FLOPs do not depend on the
+    precision)."""
+    args = copy.copy(args)
+    args.batch_size_per_gpu, args.precision, args.use_fp16, args.device = batch, "fp32", False, torch.device("cpu")
     torch.manual_seed(args.seed)
-    student = main_dino.build_network(args, args.drop_path_rate)
-    teacher = main_dino.build_network(args, 0.0, teacher=True)
-    main_dino.init_teacher(teacher, student)
-    dino_loss = DINOLoss(
-        args.out_dim,
-        args.global_crops_number + args.local_crops_number,
-        global_crops=args.global_crops_number,
-        centering=args.centering,
-    )
-    patch_loss = PatchLoss(main_dino.patch_logit_dim(args), centering=args.centering)
-    augment = MultiCropAugmentation(
-        args.global_crops_scale,
-        args.local_crops_scale,
-        args.local_crops_number,
-        args.global_crops_size,
-        args.local_crops_size,
-        global_crops_number=args.global_crops_number,
-    )
-    size = args.global_crops_size
-    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
-    globals_, locals_ = augment.photometric(*augment.collate([augment.crop_image(im) for im in images]))
-    masking = main_dino.uses_masking(args, student.backbone)
-    optimizer = build_optimizer(args.optimizer, param_groups(student))
-
-    def step():
-        loss, _ = main_dino.distillation_loss(
-            student,
-            teacher,
-            dino_loss,
-            patch_loss,
-            globals_,
-            locals_,
-            masking,
-            args.teacher_temp,
-            args.teacher_patch_temp,
-            None,
-            args,
-        )
-        optimizer.zero_grad()
-        loss.backward()
-
-    return count(step) / batch
+    return count(Ours(args).step) / batch
 
 
 def feature_flops(args, batch=32):

@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import main_dino  # noqa: E402
-from bench.demo_flops import step_flops  # noqa: E402
+from bench.flops import count  # noqa: E402
 from bench.machine import describe, gemm_gflops  # noqa: E402
 from bench.reference import ReferenceStep  # noqa: E402
 from simpool.augment import MultiCropAugmentation  # noqa: E402
@@ -264,10 +264,10 @@ def child_peak(argv):
 
 
 def flops_line(runner, wall):
-    """The step's FLOPs (counted on a slice of the batch, scaled) and the fraction of this machine's
+    """The step's FLOPs (counted on one more step of the runner) and the fraction of this machine's
     matrix-product throughput in the step's precision that the step reaches, measured now."""
     args = runner.args
-    flops = step_flops(args, batch=min(args.batch_size_per_gpu, 16)) * args.batch_size_per_gpu
+    flops = count(runner.step)
     gemm = gemm_gflops(runner.amp_dtype, args.device)
     achieved = flops / wall / 1e9
     return (
