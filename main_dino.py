@@ -274,20 +274,13 @@ def distillation_loss(
                 if predict_patches:
                     t_patch = teacher.head.forward_patches(t_out["patch_tokens"][masks])
         # student: masked globals (unmasked with --use_masked_im_modeling False) and unmasked locals
-        koleo = args.koleo_loss_weight > 0
-        s_out = student(
-            globals_,
-            locals_,
-            masks,
-            predict_patches=predict_patches,
-            hide=args.use_masked_im_modeling,
-            **({"return_pooled": True} if koleo else {}),
+        s_logits, s_patch, s_pooled = student(
+            globals_, locals_, masks, predict_patches=predict_patches, hide=args.use_masked_im_modeling
         )
-    s_logits, s_patch = s_out[:2]
     parts = {"dino_loss": dino_loss(s_logits, t_logits, teacher_temp)}
     loss = args.lambda1 * parts["dino_loss"]
-    if koleo:  # DINOv2: on each global crop's batch of image vectors
-        parts["koleo_loss"] = sum(koleo_loss(p) for p in s_out[2].chunk(args.global_crops_number))
+    if args.koleo_loss_weight > 0:  # DINOv2: on each global crop's batch of image vectors
+        parts["koleo_loss"] = sum(koleo_loss(p) for p in s_pooled.chunk(args.global_crops_number))
         loss = loss + args.koleo_loss_weight * parts["koleo_loss"]
     if predict_patches:  # iBOT: the student predicts the teacher's tokens where it saw the mask token
         parts["patch_loss"] = patch_loss(s_patch, t_patch, masks.nonzero()[:, 0], masks.shape[0], patch_temp)

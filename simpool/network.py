@@ -32,7 +32,9 @@ class MultiCropNetwork(nn.Module):
     """Backbone + head over view-major crop batches: the global crops (optionally
     masked) and the local crops run as two backbone calls, the head sees all pooled
     vectors at once, and the patch tokens at the masks' positions go through the patch
-    head (``hide=False``: the masks choose those tokens without hiding them)."""
+    head (``hide=False``: the masks choose those tokens without hiding them). Returns the head's
+    logits of every crop, the patch logits (None without masks or ``predict_patches``) and the
+    global crops' image vectors (for KoLeo)."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
         super().__init__()
@@ -45,8 +47,7 @@ class MultiCropNetwork(nn.Module):
         masks: torch.Tensor | None = None,
         predict_patches: bool = True,
         hide: bool = True,
-        return_pooled: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         out = self.backbone.forward_features(globals_, mask=masks if hide else None)
         pooled = out["pooled"]
         if locals_ is not None:
@@ -54,9 +55,7 @@ class MultiCropNetwork(nn.Module):
         patch_logits = None
         if masks is not None and predict_patches:
             patch_logits = self.head.forward_patches(out["patch_tokens"][masks])
-        if return_pooled:  # the global crops' image vectors too (KoLeo)
-            return self.head(pooled), patch_logits, out["pooled"]
-        return self.head(pooled), patch_logits
+        return self.head(pooled), patch_logits, out["pooled"]
 
 
 def patch_logit_dim(args: argparse.Namespace) -> int:
